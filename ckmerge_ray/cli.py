@@ -1,0 +1,114 @@
+"""Command line: a thin layer over the library.
+
+    ckmerge-ray demo
+    ckmerge-ray tune ckpts/checkpoint-900 ckpts/checkpoint-1000 \\
+        --objective loss:heldout.jsonl --alpha 0.5 --trials 12 \\
+        --cpus-per-trial 1 --gpus-per-trial 0 --output runs/x
+
+Exit codes: 0 on success, 2 on bad input or a failed run (one line on stderr), 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from ckmerge_ray.errors import CkmergeError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ckmerge-ray",
+        description="Tune the linear merge λ·Θ(t) + (1-λ)·Θ(t-1) of two pretraining checkpoints "
+        "with Bayesian optimization on Ray Tune.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("tune", help="tune the merge of two checkpoints",
+                       description="Tune λ for EARLIER and LATER (Hugging Face model directories).")
+    t.add_argument("earlier", help="the earlier checkpoint Θ(t-1)")
+    t.add_argument("later", help="the later checkpoint Θ(t); λ weights this one")
+    t.add_argument("--objective", required=True,
+                   help="what to minimize/maximize, e.g. loss:heldout.jsonl (jsonl, parquet, txt)")
+    t.add_argument("--text-field", default="text", help="JSON field / parquet column (default text)")
+    t.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    t.add_argument("--max-tokens", type=int, default=65536,
+                   help="held-out tokens scored per trial (default 65536)")
+    t.add_argument("--eval-batch-size", type=int, default=8, help="windows per forward (default 8)")
+    t.add_argument("--alpha", type=float, default=0.5, help="search λ in [alpha, 1] (default 0.5)")
+    t.add_argument("--trials", type=int, default=10,
+                   help="distinct λ values to evaluate in [alpha, 1] (default 10)")
+    t.add_argument("--max-concurrent", type=int, default=None,
+                   help="trials at once (default: what the cluster fits)")
+    t.add_argument("--cpus-per-trial", type=float, default=1.0, help="default 1")
+    t.add_argument("--gpus-per-trial", type=float, default=0.0, help="default 0; fractions allowed")
+    t.add_argument("--acquisition", choices=["ucb", "ei", "pi"], default="ucb",
+                   help="GP acquisition function (default ucb)")
+    t.add_argument("--kappa", type=float, default=2.576, help="UCB exploration (default 2.576)")
+    t.add_argument("--xi", type=float, default=0.0, help="EI/PI margin (default 0)")
+    t.add_argument("--gp-noise", type=float, default=1e-6, help="GP noise variance (default 1e-6)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--output", default="ckmerge_runs/latest", help="output directory")
+    t.add_argument("--overwrite", action="store_true", help="reuse an output directory with a run")
+    t.add_argument("--no-export", action="store_true", help="do not write the best model")
+    t.add_argument("--allow-pickle", action="store_true",
+                   help="accept pytorch_model.bin (loaded with torch.load(weights_only=True))")
+    t.add_argument("--storage-path", default=None,
+                   help="Ray Tune storage path (shared filesystem or URI on multi-node clusters)")
+    t.add_argument("--quiet", action="store_true", help="no progress output")
+
+    d = sub.add_parser("demo", help="make a small trajectory from the stdlib and tune its last pair")
+    d.add_argument("--workdir", default="ckmerge_demo", help="where checkpoints and results go")
+    d.add_argument("--trials", type=int, default=8)
+    d.add_argument("--max-concurrent", type=int, default=2)
+    d.add_argument("--steps", type=int, default=None, help="training steps (default 400)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "tune":
+            return _tune(args)
+        if args.command == "demo":
+            return _demo(args)
+    except CkmergeError as e:
+        print(f"ckmerge-ray: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ckmerge-ray: interrupted", file=sys.stderr)
+        return 130
+    return 2
+
+
+def _tune(args) -> int:
+    from ckmerge_ray.tuner import tune_merge
+
+    tune_merge(
+        (args.earlier, args.later),
+        {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial},
+        objective=args.objective,
+        objective_options={
+            "text_field": args.text_field, "seq_len": args.seq_len,
+            "max_tokens": args.max_tokens, "batch_size": args.eval_batch_size,
+        },
+        alpha=args.alpha, num_trials=args.trials, max_concurrent=args.max_concurrent,
+        output_dir=args.output, seed=args.seed, acquisition=args.acquisition, kappa=args.kappa,
+        xi=args.xi, gp_noise=args.gp_noise, allow_pickle=args.allow_pickle,
+        export_best=not args.no_export, overwrite=args.overwrite,
+        storage_path=args.storage_path, progress=not args.quiet,
+    )
+    return 0
+
+
+def _demo(args) -> int:
+    from ckmerge_ray.demo import TrajectoryConfig, run_demo
+
+    cfg = TrajectoryConfig() if args.steps is None else TrajectoryConfig(steps=args.steps)
+    run_demo(args.workdir, trials=args.trials, max_concurrent=args.max_concurrent, cfg=cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

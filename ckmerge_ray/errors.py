@@ -1,0 +1,21 @@
+"""The exception family: every error a user can fix is a CkmergeError with a one-line message."""
+
+
+class CkmergeError(Exception):
+    """Base of every error ckmerge-ray raises for bad input or a failed run."""
+
+
+class CheckpointError(CkmergeError):
+    """A checkpoint directory is missing, unreadable, unsafe or does not match its pair."""
+
+
+class ConfigError(CkmergeError, ValueError):
+    """An argument is out of range or inconsistent (e.g. alpha outside [0, 1))."""
+
+
+class ObjectiveError(CkmergeError):
+    """The objective's data or settings are unusable (missing file, unknown field, ...)."""
+
+
+class RunError(CkmergeError):
+    """The tuning run itself failed (every trial failed, output directory in use, ...)."""

@@ -1,0 +1,169 @@
+"""The Ray Tune trainable: merge the stored shards into a resident model, then evaluate it.
+
+A worker builds its model once per run (from the config, without random init) and keeps it in
+`_RESIDENT`; with Tune's `reuse_actors=True` the next trial on that worker only re-fills the
+weights in place. Trials receive object references, never file paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import ray
+import torch
+
+from ckmerge_ray.errors import CheckpointError
+from ckmerge_ray.merge import merge_shard_into_
+from ckmerge_ray.objectives.base import Objective
+from ckmerge_ray.store import StoredCheckpoint, shard_tensors
+
+
+@dataclass
+class TrialPlan:
+    """Everything a trial needs, shipped to workers once through `tune.with_parameters`."""
+
+    run_id: str
+    model_config: Dict  # config.json of the later checkpoint
+    dtypes: Dict[str, str]  # tensor name -> dtype in the checkpoints
+    earlier: StoredCheckpoint
+    later: StoredCheckpoint
+    objective: Objective
+
+
+# run_id -> (model, name -> tensor map); lives as long as the worker process.
+_RESIDENT: Dict[str, Tuple[torch.nn.Module, Dict[str, torch.Tensor]]] = {}
+
+
+def build_model(model_config: Dict, dtypes: Dict[str, str], device: torch.device | str = "cpu"):
+    """A causal LM from its config with uninitialized weights, each in its checkpoint dtype."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = dict(model_config)
+    cfg = AutoConfig.for_model(config.pop("model_type"), **config)
+    with _no_init_weights():
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
+    model.tie_weights()  # skipped by no_init_weights; shared embeddings must be one tensor
+    model.eval().requires_grad_(False)
+    for name, t in tensor_map(model).items():
+        want = getattr(torch, dtypes.get(name, str(t.dtype).replace("torch.", "")))
+        if t.dtype != want:
+            t.data = t.data.to(want)
+    return model.to(device)
+
+
+def tensor_map(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """State-dict names to the model's own tensors; tied weights appear under every name."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(model.named_buffers(remove_duplicate=False))
+    return named
+
+
+def check_model_covers(model: torch.nn.Module, names, shapes: Dict[str, Tuple[int, ...]]) -> None:
+    """Every checkpoint tensor must exist in the model with its shape, and every parameter
+    must be written by some checkpoint tensor (directly or through a tied weight)."""
+    tensors = tensor_map(model)
+    unknown = [n for n in names if n not in tensors]
+    if unknown:
+        raise CheckpointError(
+            f"checkpoint tensors unknown to {type(model).__name__}: {unknown[:3]}"
+            f"{' ...' if len(unknown) > 3 else ''}"
+        )
+    for n in names:
+        if tuple(tensors[n].shape) != tuple(shapes[n]):
+            raise CheckpointError(
+                f"tensor {n!r} has shape {list(shapes[n])} but {type(model).__name__} expects "
+                f"{list(tensors[n].shape)}"
+            )
+    covered = {id(tensors[n]) for n in names}
+    # Two names may hold the same Parameter object (tied weights): compare by identity.
+    missing = [n for n, p in model.named_parameters() if id(p) not in covered]
+    if missing:
+        raise CheckpointError(f"checkpoint lacks weights for parameters {missing[:3]}")
+
+
+def trial_device() -> torch.device:
+    """CUDA when Ray gave this trial a GPU, else CPU."""
+    if torch.cuda.is_available() and ray.is_initialized() and ray.get_gpu_ids():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def resident_model(plan: TrialPlan, device: torch.device):
+    """The worker's model for this run: built on first use, reused by later trials."""
+    built = False
+    if plan.run_id not in _RESIDENT:
+        _RESIDENT.clear()  # a model of an earlier run is no longer needed
+        model = build_model(plan.model_config, plan.dtypes, device)
+        _RESIDENT[plan.run_id] = (model, tensor_map(model))
+        built = True
+    model, tensors = _RESIDENT[plan.run_id]
+    return model, tensors, built
+
+
+def merge_into_model(plan: TrialPlan, tensors: Dict[str, torch.Tensor], lam: float) -> int:
+    """Stream shard pairs from the object store and lerp them into the model; returns bytes."""
+    written, done = 0, set()
+    for e_ref, l_ref in zip(plan.earlier.refs, plan.later.refs):
+        # One ray.get for both, so a remote node pulls them in parallel.
+        earlier, later = (shard_tensors(s) for s in ray.get([e_ref, l_ref]))
+        written += merge_shard_into_(tensors, earlier, later, lam, done)
+        del earlier, later  # release the shared-memory views shard by shard
+    if tensors and next(iter(tensors.values())).is_cuda:
+        torch.cuda.synchronize()
+    return written
+
+
+def store_digest(plan: TrialPlan) -> str:
+    """A short digest of the object IDs a trial read: equal digests mean the same stored objects."""
+    ids = ",".join(plan.earlier.object_ids + plan.later.object_ids)
+    return hashlib.sha1(ids.encode()).hexdigest()[:16]
+
+
+def evaluate_lambda(plan: TrialPlan, lam: float) -> Dict:
+    """Merge at λ into the resident model, score it, and return the trial's metrics."""
+    start = time.perf_counter()
+    device = trial_device()
+    model, tensors, built = resident_model(plan, device)
+    t_merge = time.perf_counter()
+    merge_into_model(plan, tensors, lam)
+    t_eval = time.perf_counter()
+    metrics = plan.objective.evaluate(model, device)
+    end = time.perf_counter()
+    score = float(metrics["score"])
+    if not math.isfinite(score):
+        raise FloatingPointError(f"objective returned a non-finite score {score} at λ={lam}")
+    return {
+        **metrics,
+        "lam": float(lam),
+        "build_s": t_merge - start,
+        "merge_s": t_eval - t_merge,
+        "eval_s": end - t_eval,
+        "model_built": built,
+        "worker": f"{socket.gethostname()}:{os.getpid()}",
+        "device": str(device),
+        "store_digest": store_digest(plan),
+    }
+
+
+def merge_trainable(config: Dict, plan: TrialPlan) -> None:
+    """Ray Tune function trainable: one merge-and-evaluate, reported once."""
+    from ray import tune
+
+    result = evaluate_lambda(plan, float(config["lam"]))
+    result["acquisition"] = config.get("acquisition", "")
+    tune.report(result)
+
+
+def _no_init_weights():
+    """transformers' context that skips random init (weights are overwritten by the merge)."""
+    try:
+        from transformers.initialization import no_init_weights  # transformers >= 5
+    except ImportError:  # pragma: no cover - transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()

@@ -1,0 +1,443 @@
+"""`tune_merge`: validate the pair, put its shards into the object store once, run the Tune
+experiment, and write the results (trials table, summary, best model).
+
+Example::
+
+    from ckmerge_ray import tune_merge
+    result = tune_merge(("ckpts/step900", "ckpts/step1000"), {"cpu": 1},
+                        objective="loss:heldout.jsonl", num_trials=10, output_dir="runs/x")
+    print(result.best_lambda, result.best_score, result.endpoint_scores)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import pyarrow as pa
+import ray
+from ray import tune
+
+from ckmerge_ray.checkpoints import (
+    load_checkpoint_info,
+    plan_shards,
+    tokenizer_files,
+    validate_pair,
+)
+from ckmerge_ray.errors import ConfigError, RunError
+from ckmerge_ray.objectives import Objective, parse_objective
+from ckmerge_ray.results import (
+    BEST_DIR,
+    SUMMARY_FILE,
+    TRIALS_FILE,
+    export_merged,
+    rows_to_table,
+    write_json_atomic,
+    write_table_atomic,
+)
+from ckmerge_ray.search import LAMBDA, MergeSearch, initial_points
+from ckmerge_ray.store import put_checkpoint
+from ckmerge_ray.trial import TrialPlan, build_model, check_model_covers, merge_trainable
+
+
+@dataclass
+class TuneMergeResult:
+    """What a tuning run produced; everything here is also on disk under `output_dir`."""
+
+    best_lambda: float
+    best_score: float
+    endpoint_scores: Dict[float, float]  # {0.0: score of Θ(t-1), 1.0: score of Θ(t)}
+    mode: str  # "min" or "max": how scores compare
+    table: pa.Table  # one row per trial, also in trials.parquet
+    output_dir: Path
+    best_model_path: Optional[Path]
+    result_grid: Any  # ray.tune.ResultGrid
+    summary: Dict = field(default_factory=dict)
+
+    def gain_over(self, lam: float) -> float:
+        """How much better the best merge is than the endpoint at λ (positive = better)."""
+        diff = self.endpoint_scores[lam] - self.best_score
+        return diff if self.mode == "min" else -diff
+
+
+def tune_merge(
+    pair: Sequence[str | os.PathLike],
+    resources: Optional[Mapping[str, float]] = None,
+    objective: str | Objective = "",
+    alpha: float = 0.5,
+    num_trials: int = 10,
+    max_concurrent: Optional[int] = None,
+    output_dir: str | os.PathLike = "ckmerge_runs/latest",
+    seed: int = 0,
+    acquisition: str = "ucb",
+    kappa: float = 2.576,
+    xi: float = 0.0,
+    gp_noise: float = 1e-6,
+    objective_options: Optional[Mapping[str, Any]] = None,
+    allow_pickle: bool = False,
+    max_shard_bytes: int = 1 << 30,
+    export_best: bool = True,
+    overwrite: bool = False,
+    storage_path: Optional[str] = None,
+    progress: bool = True,
+) -> TuneMergeResult:
+    """Find the λ whose merge λ·Θ(t) + (1-λ)·Θ(t-1) scores best, with concurrent Ray Tune trials.
+
+    Args:
+        pair: (earlier, later) Hugging Face model directories; λ weights the later one.
+        resources: per trial, e.g. ``{"cpu": 2, "gpu": 0.5}`` (default ``{"cpu": 1}``).
+        objective: an `Objective` or a string such as ``"loss:heldout.jsonl"``.
+        alpha: λ is searched in [alpha, 1] (default 0.5, the paper's space).
+        num_trials: distinct λ values evaluated in [alpha, 1], endpoints included (default 10).
+            When alpha > 0 one more trial scores Θ(t-1) alone (λ = 0).
+        max_concurrent: trials at once (default: as many as the cluster's CPUs/GPUs allow).
+        output_dir: gets trials.parquet (rewritten after every trial), summary.json and best/.
+        seed: makes the search deterministic given the same scores.
+        acquisition, kappa, xi, gp_noise: the GP search (see `MergeSearch`).
+        objective_options: passed to the objective made from a string (e.g. ``seq_len``).
+        allow_pickle: accept ``pytorch_model.bin`` checkpoints (loaded with weights_only=True).
+        max_shard_bytes: object-store shard size for single-file checkpoints (default 1 GiB).
+        export_best: write the best merged model to ``output_dir/best``.
+        overwrite: reuse an output_dir that already holds a run.
+        storage_path: Ray Tune's storage path (default ``output_dir/ray``); use a shared
+            filesystem or object-store URI on a multi-node cluster.
+        progress: print one line per stored shard and per finished trial.
+
+    Returns:
+        A `TuneMergeResult`.
+
+    Raises:
+        CkmergeError (one of its subclasses) for bad input, before any trial starts.
+    """
+    started = time.perf_counter()
+    log = _printer(progress)
+    resources = _normalize_resources(resources)
+    _check_arguments(pair, alpha, num_trials, max_concurrent)
+    out = Path(output_dir).resolve()
+    _claim_output_dir(out, overwrite)
+
+    # 1. Checkpoints: headers only, then the architecture check on a meta-device model.
+    earlier_info = load_checkpoint_info(pair[0], allow_pickle=allow_pickle)
+    later_info = load_checkpoint_info(pair[1], allow_pickle=allow_pickle)
+    validate_pair(earlier_info, later_info)
+    dtypes = {n: str(s.dtype).replace("torch.", "") for n, s in later_info.specs.items()}
+    _check_architecture(later_info)
+
+    # 2. Objective: read and tokenize the data now, so bad input fails before Ray starts.
+    objective = parse_objective(objective, **dict(objective_options or {}))
+    objective.prepare(later_info.path)
+    log(f"objective {objective!r} ready ({objective.mode}imize)")
+
+    started_ray = _ensure_ray()
+    try:
+        q = _concurrency(resources, max_concurrent, num_trials)
+
+        # 3. Object store: each checkpoint read once, one object per shard.
+        plan = plan_shards(later_info, max_shard_bytes)
+        reference: Dict = {}
+        t0 = time.perf_counter()
+        earlier = put_checkpoint(earlier_info, plan, reference=reference, progress=log)
+        later = put_checkpoint(later_info, plan, reference=reference, progress=log)
+        load_s = time.perf_counter() - t0
+        log(
+            f"stored {len(plan)} shard(s) per checkpoint: {earlier.total_bytes / 2**20:.1f} MiB "
+            f"each, {load_s:.1f}s"
+        )
+
+        # 4. Tune experiment.
+        run_id = uuid.uuid4().hex[:12]
+        trial_plan = TrialPlan(
+            run_id, later_info.config, dtypes, earlier, later, objective
+        )
+        searcher = MergeSearch(
+            alpha=alpha, mode=objective.mode, acquisition=acquisition, kappa=kappa, xi=xi,
+            gp_noise=gp_noise, seed=seed,
+        )
+        num_samples = num_trials + (len(initial_points(alpha)) - 2)
+        writer = TrialTableWriter(out / TRIALS_FILE, num_samples, objective.mode, progress)
+        trainable = tune.with_resources(
+            tune.with_parameters(merge_trainable, plan=trial_plan),
+            {"cpu": resources["cpu"], "gpu": resources["gpu"]},
+        )
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher,
+                num_samples=num_samples,
+                max_concurrent_trials=q,
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name=f"ckmerge-{run_id}",
+                storage_path=storage_path or str(out / "ray"),
+                callbacks=[writer],
+                verbose=0,
+            ),
+        )
+        log(f"tuning λ in [{alpha}, 1]: {num_samples} trials, {q} at a time, {resources}/trial")
+        t_fit = time.perf_counter()
+        grid = tuner.fit()
+        fit_s = time.perf_counter() - t_fit
+
+        rows = writer.rows
+        ok = [r for r in rows if r["status"] == "ok"]
+        if not ok:
+            first = next((r["error"] for r in rows if r.get("error")), "no trial reported a result")
+            raise RunError(f"every trial failed; first error: {first}")
+        in_space = [r for r in ok if r[LAMBDA] >= alpha - 1e-12]
+        pick = min if objective.mode == "min" else max
+        best = pick(in_space, key=lambda r: r["score"])
+        endpoint_scores = {
+            lam: next((r["score"] for r in ok if abs(r[LAMBDA] - lam) < 1e-12), math.nan)
+            for lam in (0.0, 1.0)
+        }
+
+        best_path = None
+        if export_best:
+            files = tokenizer_files(later_info.path)
+            best_path = export_merged(
+                earlier, later, best[LAMBDA], (later_info.path / "config.json").read_bytes(),
+                files, out / BEST_DIR, progress=None,
+            )
+            log(f"best merged model written to {best_path}")
+
+        summary = {
+            "earlier": str(earlier_info.path),
+            "later": str(later_info.path),
+            "objective": repr(objective),
+            "mode": objective.mode,
+            "alpha": alpha,
+            "best_lambda": best[LAMBDA],
+            "best_score": best["score"],
+            "endpoint_scores": {str(k): v for k, v in endpoint_scores.items()},
+            "trials": len(rows),
+            "trials_ok": len(ok),
+            "distinct_lambdas_in_space": len({round(r[LAMBDA], 9) for r in in_space}),
+            "max_concurrent": q,
+            "resources_per_trial": resources,
+            "object_store": {
+                "shards_per_checkpoint": len(plan),
+                "bytes_per_checkpoint": earlier.total_bytes,
+                "puts_per_checkpoint": len(earlier.refs),
+            },
+            "seconds": {
+                "load": load_s,
+                "tune": fit_s,
+                "total": time.perf_counter() - started,
+            },
+            "best_model_path": str(best_path) if best_path else None,
+            "search": {"acquisition": acquisition, "kappa": kappa, "xi": xi, "gp_noise": gp_noise,
+                       "seed": seed},
+        }
+        write_json_atomic(out / SUMMARY_FILE, summary)
+        result = TuneMergeResult(
+            best_lambda=best[LAMBDA], best_score=best["score"], endpoint_scores=endpoint_scores,
+            mode=objective.mode, table=rows_to_table(rows), output_dir=out,
+            best_model_path=best_path, result_grid=grid, summary=summary,
+        )
+        log(format_result(result))
+        return result
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+class TrialTableWriter(tune.Callback):
+    """Appends a row per finished or failed trial and rewrites trials.parquet atomically."""
+
+    def __init__(self, path: Path, total: int, mode: str, progress: bool):
+        self.path = Path(path)
+        self.total = total
+        self.mode = mode
+        self.progress = progress
+        self.rows: List[Dict] = []
+
+    def on_trial_complete(self, iteration: int, trials, trial, **info):
+        r = dict(trial.last_result or {})
+        row = {
+            "trial_id": trial.trial_id,
+            LAMBDA: float(trial.config.get(LAMBDA, r.get(LAMBDA, math.nan))),
+            "acquisition": trial.config.get("acquisition", ""),
+            "status": "ok" if "score" in r else "error",
+            "score": r.get("score"),
+        }
+        for key, value in r.items():
+            if key in row or key in _TUNE_BOOKKEEPING or isinstance(value, (dict, list)):
+                continue
+            row[key] = value
+        row["duration_s"] = r.get("time_total_s")
+        row["error"] = None
+        self._add(row)
+
+    def on_trial_error(self, iteration: int, trials, trial, **info):
+        self._add({
+            "trial_id": trial.trial_id,
+            LAMBDA: float(trial.config.get(LAMBDA, math.nan)),
+            "acquisition": trial.config.get("acquisition", ""),
+            "status": "error",
+            "score": None,
+            "error": _trial_error(trial),
+        })
+
+    def _add(self, row: Dict) -> None:
+        self.rows.append(row)
+        write_table_atomic(self.path, self.rows)
+        if self.progress:
+            if row["status"] == "ok":
+                timing = f"merge {row.get('merge_s', 0):.2f}s, eval {row.get('eval_s', 0):.2f}s"
+                what = f"score={row['score']:.5f} ({timing})"
+            else:
+                what = f"FAILED: {row['error']}"
+            print(
+                f"[ckmerge] trial {len(self.rows)}/{self.total} λ={row[LAMBDA]:.4f} "
+                f"[{row['acquisition']}] {what}",
+                flush=True,
+            )
+
+
+_TUNE_BOOKKEEPING = {
+    "timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date",
+    "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "time_since_restore",
+    "iterations_since_restore", "config", "should_checkpoint", "experiment_tag",
+}
+
+
+def format_result(result: TuneMergeResult) -> str:
+    """The final table: every λ with its score and gain over both endpoints."""
+    e0, e1 = result.endpoint_scores[0.0], result.endpoint_scores[1.0]
+    sign = 1 if result.mode == "min" else -1
+    lines = [
+        f"{'λ':>8}  {'score':>10}  {'gain vs λ=0':>12}  {'gain vs λ=1':>12}  acquisition",
+    ]
+    rows = sorted(result.table.to_pylist(), key=lambda r: r[LAMBDA])
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"{r[LAMBDA]:8.4f}  {'failed':>10}  {'':>12}  {'':>12}  {r['acquisition']}")
+            continue
+        g0, g1 = sign * (e0 - r["score"]), sign * (e1 - r["score"])
+        mark = "  <- best" if r[LAMBDA] == result.best_lambda else ""
+        lines.append(
+            f"{r[LAMBDA]:8.4f}  {r['score']:10.5f}  {g0:+12.5f}  {g1:+12.5f}  {r['acquisition']}{mark}"
+        )
+    lines.append(
+        f"best λ={result.best_lambda:.4f} score={result.best_score:.5f}; gain over Θ(t) "
+        f"{result.gain_over(1.0):+.5f}, over Θ(t-1) {result.gain_over(0.0):+.5f}"
+    )
+    if result.best_model_path:
+        lines.append(f"best model: {result.best_model_path}")
+    return "\n".join(lines)
+
+
+def _printer(enabled: bool):
+    def log(msg: str) -> None:
+        if enabled:
+            print(f"[ckmerge] {msg}", flush=True)
+    return log
+
+
+def _normalize_resources(resources: Optional[Mapping[str, float]]) -> Dict[str, float]:
+    res = {"cpu": 1.0, "gpu": 0.0}
+    for key, value in dict(resources or {}).items():
+        k = key.lower()
+        if k not in res:
+            raise ConfigError(f"resources keys must be 'cpu' and 'gpu', got {key!r}")
+        if not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"resources[{key!r}] must be a non-negative number, got {value!r}")
+        res[k] = float(value)
+    if res["cpu"] == 0 and res["gpu"] == 0:
+        raise ConfigError("resources must ask for at least some CPU or GPU, got cpu=0, gpu=0")
+    return res
+
+
+def _check_arguments(pair, alpha, num_trials, max_concurrent) -> None:
+    if isinstance(pair, (str, os.PathLike)) or len(pair) != 2:
+        raise ConfigError(f"pair must be (earlier, later) checkpoint directories, got {pair!r}")
+    if not isinstance(alpha, (int, float)) or not 0.0 <= alpha < 1.0:
+        raise ConfigError(f"alpha must be in [0, 1), got {alpha!r}")
+    if not isinstance(num_trials, int) or num_trials < 2:
+        raise ConfigError(
+            f"num_trials must be at least 2 (the initial points λ=alpha and λ=1), got {num_trials!r}"
+        )
+    if max_concurrent is not None and (not isinstance(max_concurrent, int) or max_concurrent < 1):
+        raise ConfigError(f"max_concurrent must be a positive integer, got {max_concurrent!r}")
+
+
+def _claim_output_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir is a file: {out}")
+    if out.exists() and not overwrite:
+        if (out / SUMMARY_FILE).exists() or (out / TRIALS_FILE).exists():
+            raise ConfigError(
+                f"output directory {out} already holds a run; pass overwrite=True "
+                "(CLI: --overwrite) or choose another directory"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for name in (TRIALS_FILE, SUMMARY_FILE):
+            if (out / name).exists():
+                (out / name).unlink()
+
+
+def _check_architecture(info) -> None:
+    """Build the model class on the meta device and check the checkpoint fits it, at no cost."""
+    import torch
+
+    dtypes = {n: str(s.dtype).replace("torch.", "") for n, s in info.specs.items()}
+    with torch.device("meta"):
+        model = build_model(info.config, dtypes, device="meta")
+    check_model_covers(model, list(info.specs), {n: s.shape for n, s in info.specs.items()})
+
+
+def _ensure_ray() -> bool:
+    """Connect to Ray: the running instance, RAY_ADDRESS's cluster, or a new local one.
+
+    Returns whether this call started Ray (and so should shut it down).
+    """
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()  # joins the cluster; resource counts belong to the cluster, not to us
+    else:
+        ray.init(include_dashboard=False, logging_level="WARNING")
+    return True
+
+
+def _concurrency(resources: Dict[str, float], requested: Optional[int], num_trials: int) -> int:
+    """Trials at once: what was asked, else what the cluster fits; refuse what no node fits."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    fits = [
+        n for n in nodes
+        if n.get("CPU", 0) >= resources["cpu"] and n.get("GPU", 0) >= resources["gpu"]
+    ]
+    if not fits:
+        biggest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
+        raise ConfigError(
+            f"per-trial resources cpu={resources['cpu']:g}, gpu={resources['gpu']:g} fit on no "
+            f"node of this Ray cluster (largest: {biggest.get('CPU', 0):g} CPU, "
+            f"{biggest.get('GPU', 0):g} GPU)"
+        )
+    if requested:
+        return requested
+    slots = 0
+    for n in fits:
+        per_node = [n.get("CPU", 0) // resources["cpu"]] if resources["cpu"] else []
+        if resources["gpu"]:
+            per_node.append(n.get("GPU", 0) // resources["gpu"])
+        slots += int(min(per_node))
+    return max(1, min(slots, num_trials))
+
+
+def _trial_error(trial) -> str:
+    """The last line of a failed trial's error (Ray keeps the full traceback in error.txt)."""
+    try:
+        path = getattr(trial, "error_file", None)
+        text = Path(path).read_text() if path and Path(path).exists() else str(trial.status)
+    except Exception as e:  # the error file may live on another node's disk
+        text = f"trial failed ({e})"
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "trial failed"
