@@ -1,0 +1,156 @@
+"""Reading and validating checkpoint directories: each bad input gets its own message."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ckmerge_ray.checkpoints import load_checkpoint_info, plan_shards, validate_pair
+from ckmerge_ray.errors import CheckpointError
+from tests.conftest import tiny_llama
+
+
+def test_reads_single_file_headers(tiny_pair):
+    info = load_checkpoint_info(tiny_pair[0])
+    assert info.format == "safetensors"
+    assert info.specs["model.embed_tokens.weight"].shape == (64, 16)
+    assert info.nbytes == sum(t.numel() * 4 for t in load_file(tiny_pair[0] / "model.safetensors").values())
+
+
+def test_reads_sharded_checkpoint(tmp_path):
+    tiny_llama(0).save_pretrained(tmp_path / "s", max_shard_size="10KB")
+    info = load_checkpoint_info(tmp_path / "s")
+    assert len(info.shard_files) > 1
+    tensors = info.read_tensors(list(info.specs))
+    assert set(tensors) == set(info.specs)
+
+
+def test_valid_pair_passes(tiny_pair):
+    validate_pair(load_checkpoint_info(tiny_pair[0]), load_checkpoint_info(tiny_pair[1]))
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint directory does not exist: .*nope"):
+        load_checkpoint_info(tmp_path / "nope")
+
+
+def test_directory_without_weights(tmp_path, tiny_pair):
+    (tmp_path / "empty").mkdir()
+    shutil.copy(tiny_pair[0] / "config.json", tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="no weights in .*empty: expected model.safetensors"):
+        load_checkpoint_info(tmp_path / "empty")
+
+
+def test_directory_without_config(tmp_path):
+    (tmp_path / "noconf").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json in"):
+        load_checkpoint_info(tmp_path / "noconf")
+
+
+def test_missing_shard_named_in_index(tmp_path):
+    tiny_llama(0).save_pretrained(tmp_path / "s", max_shard_size="10KB")
+    index = json.loads((tmp_path / "s/model.safetensors.index.json").read_text())
+    victim = sorted(set(index["weight_map"].values()))[1]
+    (tmp_path / "s" / victim).unlink()
+    with pytest.raises(CheckpointError, match=f"shard {victim} named in .* is missing"):
+        load_checkpoint_info(tmp_path / "s")
+
+
+def test_truncated_safetensors(tiny_pair):
+    f = tiny_pair[0] / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cannot read .*model.safetensors \\(truncated or corrupt"):
+        load_checkpoint_info(tiny_pair[0])
+
+
+def test_corrupt_safetensors_header(tiny_pair):
+    (tiny_pair[0] / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint_info(tiny_pair[0])
+
+
+def _rewrite(path, fn):
+    f = path / "model.safetensors"
+    tensors = load_file(f)
+    fn(tensors)
+    save_file(tensors, f, metadata={"format": "pt"})
+
+
+def test_tensor_name_mismatch(tiny_pair):
+    _rewrite(tiny_pair[1], lambda t: t.__setitem__("extra.weight", torch.zeros(2)))
+    with pytest.raises(CheckpointError, match=r"tensor names differ: 0 only in .*, 1 only in .*\['extra.weight'\]"):
+        validate_pair(load_checkpoint_info(tiny_pair[0]), load_checkpoint_info(tiny_pair[1]))
+
+
+def test_shape_mismatch(tiny_pair):
+    name = "model.norm.weight"
+    _rewrite(tiny_pair[1], lambda t: t.__setitem__(name, torch.zeros(17)))
+    with pytest.raises(CheckpointError, match=r"tensor 'model.norm.weight' has shape \[16\] in .* but \[17\]"):
+        validate_pair(load_checkpoint_info(tiny_pair[0]), load_checkpoint_info(tiny_pair[1]))
+
+
+def test_dtype_mismatch(tiny_pair):
+    name = "model.norm.weight"
+    _rewrite(tiny_pair[1], lambda t: t.__setitem__(name, t[name].to(torch.bfloat16)))
+    with pytest.raises(CheckpointError, match="tensor 'model.norm.weight' has dtype float32 in .* but bfloat16"):
+        validate_pair(load_checkpoint_info(tiny_pair[0]), load_checkpoint_info(tiny_pair[1]))
+
+
+def test_different_architectures(tmp_path, tiny_pair):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "g")
+    with pytest.raises(CheckpointError, match="checkpoints have different model_type: 'llama' .* vs 'gpt2'"):
+        validate_pair(load_checkpoint_info(tiny_pair[0]), load_checkpoint_info(tmp_path / "g"))
+
+
+def test_config_field_that_shapes_weights(tiny_pair):
+    cfg = json.loads((tiny_pair[1] / "config.json").read_text())
+    cfg["num_key_value_heads"] = 1
+    (tiny_pair[1] / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="config field 'num_key_value_heads' differs: 2 in .* vs 1"):
+        validate_pair(load_checkpoint_info(tiny_pair[0]), load_checkpoint_info(tiny_pair[1]))
+
+
+def test_pickle_checkpoint_needs_opt_in(tmp_path):
+    d = tmp_path / "p"
+    tiny_llama(0).save_pretrained(d)
+    sd = load_file(d / "model.safetensors")
+    (d / "model.safetensors").unlink()
+    torch.save(sd, d / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="holds only a pickle checkpoint .*pass allow_pickle=True"):
+        load_checkpoint_info(d)
+    info = load_checkpoint_info(d, allow_pickle=True)
+    assert info.format == "pickle"
+    got = info.read_tensors(["model.norm.weight"])["model.norm.weight"]
+    assert torch.equal(got, sd["model.norm.weight"])
+
+
+class _Exploit:
+    def __reduce__(self):
+        import os
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_pickle_with_code_is_refused_even_with_opt_in(tmp_path):
+    d = tmp_path / "evil"
+    tiny_llama(0).save_pretrained(d)
+    (d / "model.safetensors").unlink()
+    torch.save({"w": torch.zeros(1), "x": _Exploit()}, d / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"cannot load .* with torch.load\(weights_only=True\)"):
+        load_checkpoint_info(d, allow_pickle=True)
+
+
+def test_plan_shards_bounds_size_and_follows_files(tiny_pair, tmp_path):
+    info = load_checkpoint_info(tiny_pair[0])
+    plan = plan_shards(info, max_shard_bytes=4096)
+    assert sorted(n for g in plan for n in g) == sorted(info.specs)
+    for group in plan:
+        size = sum(info.specs[n].nbytes for n in group)
+        assert size <= 4096 or len(group) == 1
+    tiny_llama(0).save_pretrained(tmp_path / "s", max_shard_size="10KB")
+    sharded = load_checkpoint_info(tmp_path / "s")
+    assert len(plan_shards(sharded, 1 << 30)) == len(sharded.shard_files)

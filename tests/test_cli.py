@@ -1,0 +1,46 @@
+"""The CLI driven for real, in a subprocess with its own Ray instance."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "ckmerge_ray.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_help():
+    r = cli("tune", "--help")
+    assert r.returncode == 0
+    for flag in ("--objective", "--alpha", "--trials", "--cpus-per-trial", "--gpus-per-trial", "--output"):
+        assert flag in r.stdout
+
+
+def test_missing_checkpoint_is_one_line_and_nonzero(tmp_path):
+    r = cli("tune", tmp_path / "a", tmp_path / "b", "--objective", "loss:x.jsonl", "--output", tmp_path / "o")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"ckmerge-ray: error: checkpoint directory does not exist: {tmp_path / 'a'}"]
+
+
+def test_bad_alpha_is_refused_before_reading_checkpoints(trajectory, tmp_path):
+    r = cli("tune", trajectory[-2], trajectory[-1], "--objective", "loss:x.jsonl", "--alpha", "1.5",
+            "--output", tmp_path / "o")
+    assert r.returncode == 2
+    assert "alpha must be in [0, 1), got 1.5" in r.stderr
+
+
+def test_tune_end_to_end(trajectory, tmp_path):
+    out = tmp_path / "run"
+    r = cli("tune", trajectory[-2], trajectory[-1], "--objective", f"loss:{trajectory[-1].parent / 'heldout.jsonl'}",
+            "--seq-len", 64, "--max-tokens", 2048, "--trials", 4, "--cpus-per-trial", 1,
+            "--gpus-per-trial", 0, "--max-concurrent", 2, "--output", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert f"best λ={summary['best_lambda']:.4f}" in r.stdout
+    assert "gain vs λ=0" in r.stdout and "best model: " in r.stdout
+    assert r.stdout.count("[ckmerge] trial ") == 5  # progress line per trial (4 + λ=0)
+    again = cli("tune", trajectory[-2], trajectory[-1], "--objective", "loss:x.jsonl", "--output", out)
+    assert again.returncode == 2 and "already holds a run" in again.stderr

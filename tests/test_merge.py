@@ -1,0 +1,81 @@
+"""The merge arithmetic against an independent fp32 computation."""
+
+import pytest
+import torch
+
+from ckmerge_ray.merge import lerp_into_, merge_shard_into_, merge_state_dicts
+
+
+def checkpoint_like(dtype, n=200_000, seed=0):
+    """Two tensors that differ by a little more than bf16 rounding, as adjacent checkpoints do."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, generator=g) * 0.02
+    b = a + torch.randn(n, generator=g) * 0.0005
+    return a.to(dtype), b.to(dtype)
+
+
+def ulp_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Distance in units in the last place, for same-sign 16-bit floats (bit patterns differ)."""
+    bits = torch.int16
+    return (x.view(bits).to(torch.int32) - y.view(bits).to(torch.int32)).abs()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lam", [0.5, 0.6180339, 0.9, 1.0])
+def test_half_precision_merge_is_fp32_formula_rounded_once(dtype, lam):
+    a, b = checkpoint_like(dtype)
+    out = torch.empty_like(a)
+    lerp_into_(out, a, b, lam)
+    exact = (lam * b.double() + (1 - lam) * a.double()).to(dtype)  # one rounding from exact
+    d = ulp_distance(out, exact)
+    assert int(d.max()) <= 1, "more than one rounding away from the exact merge"
+    assert float((d == 0).float().mean()) > 0.99
+    # The check discriminates: three bf16 roundings (λ*b + (1-λ)*a in bf16) fail it.
+    naive = lam * b + (1 - lam) * a
+    if lam not in (0.5, 1.0):
+        assert float((ulp_distance(naive, exact) == 0).float().mean()) < 0.95
+
+
+def test_fp32_merge_matches_formula():
+    a, b = checkpoint_like(torch.float32)
+    out = torch.empty_like(a)
+    lerp_into_(out, a, b, 0.7)
+    torch.testing.assert_close(out, 0.7 * b + 0.3 * a, rtol=0, atol=1e-7)
+
+
+def test_endpoints_reproduce_checkpoints_exactly():
+    a, b = checkpoint_like(torch.bfloat16)
+    out = torch.empty_like(a)
+    assert torch.equal(lerp_into_(out, a, b, 1.0), b)
+    assert torch.equal(lerp_into_(out, a, b, 0.0), a)
+
+
+def test_non_float_tensors_are_copied():
+    dst = torch.zeros(4, dtype=torch.int64)
+    lerp_into_(dst, torch.arange(4), torch.arange(4), 0.3)
+    assert dst.tolist() == [0, 1, 2, 3]
+
+
+def test_mixed_dtype_rounds_once_into_destination():
+    a, b = checkpoint_like(torch.float32)
+    dst = torch.empty(a.shape, dtype=torch.bfloat16)
+    lerp_into_(dst, a, b, 0.3)
+    assert torch.equal(dst, torch.lerp(a, b, 0.3).to(torch.bfloat16))
+
+
+def test_tied_weight_is_merged_once():
+    shared = torch.zeros(3)
+    params = {"embed.weight": shared, "lm_head.weight": shared}
+    earlier = {"embed.weight": torch.ones(3), "lm_head.weight": torch.ones(3) * 100}
+    later = {"embed.weight": torch.ones(3) * 3, "lm_head.weight": torch.ones(3) * 300}
+    written = merge_shard_into_(params, earlier, later, 0.5, done=set())
+    assert shared.tolist() == [2.0, 2.0, 2.0]  # from the first name only
+    assert written == 3 * 4
+
+
+def test_merge_state_dicts_keeps_inputs():
+    a, b = checkpoint_like(torch.bfloat16, n=10)
+    a0, b0 = a.clone(), b.clone()
+    out = merge_state_dicts({"w": a}, {"w": b}, 0.25)
+    assert torch.equal(a, a0) and torch.equal(b, b0)
+    assert out["w"].dtype == torch.bfloat16
