@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from ckmerge_ray.errors import CkmergeError
+from ckmerge_ray.errors import CkmergeError, ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,8 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trials at once (default: what the cluster fits)")
     t.add_argument("--cpus-per-trial", type=float, default=1.0, help="default 1")
     t.add_argument("--gpus-per-trial", type=float, default=0.0, help="default 0; fractions allowed")
-    t.add_argument("--acquisition", choices=["ucb", "ei", "pi"], default="ucb",
-                   help="GP acquisition function (default ucb)")
+    t.add_argument("--acquisitions", default="ei,pi,ucb",
+                   help="GP-Hedge portfolio, a comma list of ei, pi, ucb (default all; one alone "
+                   "disables the hedge)")
+    t.add_argument("--eta", type=float, default=1.0, help="hedge learning rate (default 1)")
+    t.add_argument("--initial", default="",
+                   help="extra λ values to evaluate after the endpoints, e.g. 0.75,0.9")
     t.add_argument("--kappa", type=float, default=2.576, help="UCB exploration (default 2.576)")
     t.add_argument("--xi", type=float, default=0.0, help="EI/PI margin (default 0)")
     t.add_argument("--gp-noise", type=float, default=1e-6, help="GP noise variance (default 1e-6)")
@@ -94,12 +98,20 @@ def _tune(args) -> int:
             "max_tokens": args.max_tokens, "batch_size": args.eval_batch_size,
         },
         alpha=args.alpha, num_trials=args.trials, max_concurrent=args.max_concurrent,
-        output_dir=args.output, seed=args.seed, acquisition=args.acquisition, kappa=args.kappa,
+        output_dir=args.output, seed=args.seed, acquisitions=_csv(args.acquisitions, str),
+        eta=args.eta, initial_lambdas=_csv(args.initial, float), kappa=args.kappa,
         xi=args.xi, gp_noise=args.gp_noise, allow_pickle=args.allow_pickle,
         export_best=not args.no_export, overwrite=args.overwrite,
         storage_path=args.storage_path, progress=not args.quiet,
     )
     return 0
+
+
+def _csv(text: str, kind):
+    try:
+        return [kind(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise ConfigError(f"cannot parse list {text!r}: {e}") from e
 
 
 def _demo(args) -> int:

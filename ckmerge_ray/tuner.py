@@ -40,7 +40,7 @@ from ckmerge_ray.results import (
     write_json_atomic,
     write_table_atomic,
 )
-from ckmerge_ray.search import LAMBDA, MergeSearch, initial_points
+from ckmerge_ray.search import ACQUISITIONS, LAMBDA, initial_points, merge_searcher
 from ckmerge_ray.store import put_checkpoint
 from ckmerge_ray.trial import TrialPlan, build_model, check_model_covers, merge_trainable
 
@@ -74,10 +74,12 @@ def tune_merge(
     max_concurrent: Optional[int] = None,
     output_dir: str | os.PathLike = "ckmerge_runs/latest",
     seed: int = 0,
-    acquisition: str = "ucb",
+    acquisitions: Sequence[str] = ACQUISITIONS,
+    eta: float = 1.0,
     kappa: float = 2.576,
     xi: float = 0.0,
     gp_noise: float = 1e-6,
+    initial_lambdas: Sequence[float] = (),
     objective_options: Optional[Mapping[str, Any]] = None,
     allow_pickle: bool = False,
     max_shard_bytes: int = 1 << 30,
@@ -98,7 +100,11 @@ def tune_merge(
         max_concurrent: trials at once (default: as many as the cluster's CPUs/GPUs allow).
         output_dir: gets trials.parquet (rewritten after every trial), summary.json and best/.
         seed: makes the search deterministic given the same scores.
-        acquisition, kappa, xi, gp_noise: the GP search (see `MergeSearch`).
+        acquisitions: the GP-Hedge portfolio, any non-empty subset of ("ei", "pi", "ucb")
+            (default all three; one alone disables the hedge).
+        eta, kappa, xi, gp_noise: hedge learning rate, UCB exploration, EI/PI margin and GP
+            observation noise (see `GPHedgeSearch`).
+        initial_lambdas: extra λ values to evaluate right after the endpoints.
         objective_options: passed to the objective made from a string (e.g. ``seq_len``).
         allow_pickle: accept ``pytorch_model.bin`` checkpoints (loaded with weights_only=True).
         max_shard_bytes: object-store shard size for single-file checkpoints (default 1 GiB).
@@ -118,6 +124,11 @@ def tune_merge(
     log = _printer(progress)
     resources = _normalize_resources(resources)
     _check_arguments(pair, alpha, num_trials, max_concurrent)
+    try:  # the searcher checks its own arguments; do it now, before any expensive work
+        merge_searcher(alpha, "min", 1, initial_lambdas, acquisitions=acquisitions, eta=eta,
+                       kappa=kappa, xi=xi, gp_noise=gp_noise, seed=seed)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     out = Path(output_dir).resolve()
     _claim_output_dir(out, overwrite)
 
@@ -154,11 +165,11 @@ def tune_merge(
         trial_plan = TrialPlan(
             run_id, later_info.config, dtypes, earlier, later, objective
         )
-        searcher = MergeSearch(
-            alpha=alpha, mode=objective.mode, acquisition=acquisition, kappa=kappa, xi=xi,
-            gp_noise=gp_noise, seed=seed,
+        searcher = merge_searcher(
+            alpha, objective.mode, batch_size=q, extra_initial=initial_lambdas,
+            acquisitions=acquisitions, eta=eta, kappa=kappa, xi=xi, gp_noise=gp_noise, seed=seed,
         )
-        num_samples = num_trials + (len(initial_points(alpha)) - 2)
+        num_samples = num_trials + (1 if alpha > 0 else 0)
         writer = TrialTableWriter(out / TRIALS_FILE, num_samples, objective.mode, progress)
         trainable = tune.with_resources(
             tune.with_parameters(merge_trainable, plan=trial_plan),
@@ -231,8 +242,12 @@ def tune_merge(
                 "total": time.perf_counter() - started,
             },
             "best_model_path": str(best_path) if best_path else None,
-            "search": {"acquisition": acquisition, "kappa": kappa, "xi": xi, "gp_noise": gp_noise,
-                       "seed": seed},
+            "search": {
+                "searcher": "GPHedgeSearch", "acquisitions": list(searcher.acquisitions),
+                "eta": eta, "kappa": kappa, "xi": xi, "gp_noise": gp_noise, "seed": seed,
+                "batch_size": q, "batches": searcher.batch_index + 1,
+                "final_gains": searcher.gains, "final_probabilities": searcher.probabilities(),
+            },
         }
         write_json_atomic(out / SUMMARY_FILE, summary)
         result = TuneMergeResult(
@@ -262,7 +277,7 @@ class TrialTableWriter(tune.Callback):
         row = {
             "trial_id": trial.trial_id,
             LAMBDA: float(trial.config.get(LAMBDA, r.get(LAMBDA, math.nan))),
-            "acquisition": trial.config.get("acquisition", ""),
+            **_search_info(trial.config),
             "status": "ok" if "score" in r else "error",
             "score": r.get("score"),
         }
@@ -278,7 +293,7 @@ class TrialTableWriter(tune.Callback):
         self._add({
             "trial_id": trial.trial_id,
             LAMBDA: float(trial.config.get(LAMBDA, math.nan)),
-            "acquisition": trial.config.get("acquisition", ""),
+            **_search_info(trial.config),
             "status": "error",
             "score": None,
             "error": _trial_error(trial),
@@ -298,6 +313,13 @@ class TrialTableWriter(tune.Callback):
                 f"[{row['acquisition']}] {what}",
                 flush=True,
             )
+
+
+def _search_info(config: Dict) -> Dict:
+    """The searcher's record of a trial: acquisition, batch index and hedge probabilities."""
+    info = {"acquisition": config.get("acquisition", ""), "batch": config.get("batch")}
+    info.update({k: v for k, v in config.items() if k.startswith("p_")})
+    return info
 
 
 _TUNE_BOOKKEEPING = {

@@ -1,76 +1,167 @@
-"""MergeSearch: endpoints first, no repeated λ, no hang or early stop, state survives save."""
+"""GPHedgeSearch: hedge update, batch spreading, pending points, failures, save/restore."""
 
+import math
+
+import numpy as np
 import pytest
 
-from ckmerge_ray.search import MergeSearch, initial_points, widest_gap_midpoint
+from ckmerge_ray.search import GPHedgeSearch, initial_points, merge_searcher
 
 
-def test_widest_gap_midpoint():
-    assert widest_gap_midpoint([0.5, 1.0], 0.5, 1.0) == 0.75
-    assert widest_gap_midpoint([0.0, 0.5, 1.0, 0.6], 0.5, 1.0) == 0.8
+def drive(searcher, f, n, concurrent=1, fail=lambda lam: False):
+    """Run the searcher as Tune does: up to `concurrent` pending, oldest finishes first."""
+    done, pending, i = [], [], 0
+    while len(done) < n:
+        while len(pending) < concurrent and len(done) + len(pending) < n:
+            cfg = searcher.suggest(f"t{i}")
+            assert cfg is not None and cfg != GPHedgeSearch.FINISHED
+            pending.append((f"t{i}", cfg))
+            i += 1
+        tid, cfg = pending.pop(0)
+        if fail(cfg["lam"]):
+            searcher.on_trial_complete(tid, None, error=True)
+        else:
+            searcher.on_trial_complete(tid, {"score": f(cfg["lam"])})
+        done.append(cfg)
+    return done
+
+
+def bowl(lam):
+    return (lam - 0.71) ** 2 + 3.0
 
 
 def test_initial_points_are_the_endpoints():
     assert initial_points(0.5) == [{"lam": 0.0}, {"lam": 0.5}, {"lam": 1.0}]
-    assert initial_points(0.0) == [{"lam": 0.0}, {"lam": 1.0}]
+    assert initial_points(0.0, extra=[0.3, 1.0]) == [{"lam": 0.0}, {"lam": 1.0}, {"lam": 0.3}]
 
 
-def _run(searcher, f, n, concurrent=1):
-    """Drive the searcher as Tune would: up to `concurrent` pending, results in order."""
-    seen, pending, i = [], [], 0
-    while len(seen) + len(pending) < n or pending:
-        while len(pending) < concurrent and len(seen) + len(pending) < n:
-            cfg = searcher.suggest(f"t{i}")
-            if cfg is None:
-                break
-            assert cfg != searcher.FINISHED
-            pending.append((f"t{i}", cfg))
-            i += 1
-        tid, cfg = pending.pop(0)
-        searcher.on_trial_complete(tid, {"score": f(cfg["lam"])})
-        seen.append(cfg)
-    return seen
-
-
-def test_endpoints_first_then_distinct_points_without_early_stop():
-    s = MergeSearch(alpha=0.5, mode="min", seed=0)
-    flat = lambda lam: 1.0  # a flat landscape makes the GP repeat itself: stock patience would stop
-    seen = _run(s, flat, 12, concurrent=2)
+def test_endpoints_first_then_distinct_points_on_a_flat_landscape():
+    s = merge_searcher(0.5, "min", batch_size=2, seed=0)
+    seen = drive(s, lambda lam: 1.0, 12, concurrent=2)  # stock BayesOptSearch would stop early
     lams = [c["lam"] for c in seen]
-    assert lams[:3] == [0.0, 0.5, 1.0]
-    assert [c["acquisition"] for c in seen[:3]] == ["initial"] * 3
-    assert len(lams) == 12
-    assert min(abs(a - b) for i, a in enumerate(lams) for b in lams[i + 1:]) >= s.min_spacing
-    assert all(0.5 <= x <= 1.0 for x in lams[1:])
+    assert lams[:3] == [0.0, 0.5, 1.0] and [c["acquisition"] for c in seen[:3]] == ["initial"] * 3
+    assert len(set(lams)) == 12
+    gaps = np.diff(sorted(lams[1:]))
+    assert gaps.min() >= s.min_spacing * 0.5 - 1e-12
 
 
-def test_finds_interior_minimum():
-    s = MergeSearch(alpha=0.5, mode="min", seed=0)
-    seen = _run(s, lambda lam: (lam - 0.71) ** 2, 10)
-    best = min(seen, key=lambda c: (c["lam"] - 0.71) ** 2)["lam"]
-    assert abs(best - 0.71) < 0.03
+def test_finds_interior_minimum_quickly():
+    s = merge_searcher(0.5, "min", batch_size=1, seed=0)
+    seen = drive(s, bowl, 7)
+    assert min(abs(c["lam"] - 0.71) for c in seen) < 0.02
 
 
-def test_failed_initial_trial_does_not_stall():
-    s = MergeSearch(alpha=0.5, mode="min", seed=0)
-    s.suggest("a"), s.suggest("b"), s.suggest("c")
+@pytest.mark.parametrize("q", [2, 4])
+def test_batch_is_spread_and_respects_pending(q):
+    s = merge_searcher(0.5, "min", batch_size=q, seed=1)
+    drive(s, bowl, 4)  # some history, nothing pending
+    batch = [s.suggest(f"b{i}") for i in range(q)]  # all pending at once
+    assert len({c["batch"] for c in batch}) == 1
+    lams = sorted(c["lam"] for c in batch)
+    assert np.diff(lams).min() >= s.min_spacing * 0.5  # min_spacing is relative to [0.5, 1]
+    evaluated = [float(x[0]) for x in s.optimizer.space.params]
+    assert all(min(abs(l - e) for e in evaluated) >= s.min_spacing * 0.5 for l in lams)
+
+
+def test_rows_record_batch_acquisition_and_probabilities():
+    s = merge_searcher(0.5, "min", batch_size=2, seed=0)
+    seen = drive(s, bowl, 8, concurrent=2)
+    assert [c["batch"] for c in seen] == [0, 0, 1, 1, 2, 2, 3, 3]
+    for c in seen:
+        assert math.isclose(c["p_ei"] + c["p_pi"] + c["p_ucb"], 1.0)
+        assert c["acquisition"] in {"initial", "explore", "ei", "pi", "ucb"}
+    assert {c["acquisition"] for c in seen[3:]} <= {"ei", "pi", "ucb", "explore"}
+
+
+def test_hedge_moves_toward_the_acquisition_with_better_nominees():
+    # UCB with a huge kappa nominates the most uncertain point, whatever its mean; EI nominates
+    # where the mean is good. On a smooth bowl EI's nominees have the better posterior mean.
+    s = GPHedgeSearch(space={"lam": (0.0, 1.0)}, metric="score", mode="min",
+                      points_to_evaluate=[{"lam": 0.0}, {"lam": 1.0}], acquisitions=("ei", "ucb"),
+                      kappa=50.0, eta=1.0, batch_size=1, seed=0)
+    drive(s, bowl, 14)
+    p = s.probabilities()
+    assert s.gains["ei"] > s.gains["ucb"]
+    assert p["ei"] > 0.7 > p["ucb"]
+
+
+def test_single_acquisition_disables_the_hedge():
+    s = merge_searcher(0.5, "min", batch_size=1, acquisitions=("ei",), seed=0)
+    seen = drive(s, bowl, 6)
+    assert all(c["p_ei"] == 1.0 for c in seen)
+    assert {c["acquisition"] for c in seen[3:]} == {"ei"}
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="acquisitions must be a non-empty subset"):
+        merge_searcher(0.5, "min", 1, acquisitions=("lcb",))
+    with pytest.raises(ValueError, match="acquisitions must be a non-empty subset"):
+        merge_searcher(0.5, "min", 1, acquisitions=())
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        merge_searcher(0.5, "min", 0)
+
+
+def test_failed_initial_trial_does_not_stall_and_is_not_resuggested():
+    s = merge_searcher(0.5, "min", batch_size=3, seed=0)
+    a, b, c = (s.suggest(t) for t in "abc")
     s.on_trial_complete("a", {"score": 2.0})
     s.on_trial_complete("b", None, error=True)  # λ = 0.5 failed
-    s.on_trial_complete("c", {"score": 1.0})
-    nxt = s.suggest("d")
-    assert nxt is not None, "the searcher must not wait for a result that will never come"
-    assert abs(nxt["lam"] - 0.5) >= s.min_spacing  # never re-suggests the failed λ
+    s.on_trial_complete("c", {"score": float("nan")})  # λ = 1 returned NaN: failed too
+    nxt = [s.suggest(t) for t in "def"]
+    assert all(x is not None for x in nxt), "the searcher must not wait for results that never come"
+    assert all(min(abs(x["lam"] - 0.5), abs(x["lam"] - 1.0)) >= 0.5 * s.min_spacing * 0.5 for x in nxt)
 
 
-def test_save_restore_keeps_pending_and_sequence(tmp_path):
-    a = MergeSearch(alpha=0.5, mode="min", seed=3)
-    f = lambda lam: (lam - 0.6) ** 2
-    _run(a, f, 5)
-    a.suggest("p1")  # pending at save time
-    a.save(str(tmp_path / "s.pkl"))
-    b = MergeSearch(alpha=0.5, mode="min", seed=3)
-    b.restore(str(tmp_path / "s.pkl"))
-    assert "p1" in b._live_trial_mapping
-    a.on_trial_complete("p1", {"score": 0.5})
-    b.on_trial_complete("p1", {"score": 0.5})
-    assert a.suggest("n")["lam"] == pytest.approx(b.suggest("n")["lam"])
+def test_same_seed_same_sequence():
+    a = drive(merge_searcher(0.5, "min", 2, seed=7), bowl, 9, concurrent=2)
+    b = drive(merge_searcher(0.5, "min", 2, seed=7), bowl, 9, concurrent=2)
+    assert a == b
+
+
+def test_save_restore_keeps_pending_and_continues_the_same_sequence(tmp_path):
+    ref = merge_searcher(0.5, "min", 2, seed=3)
+    drive(ref, bowl, 5, concurrent=2)
+    live = merge_searcher(0.5, "min", 2, seed=3)
+    drive(live, bowl, 5, concurrent=2)
+    for s in (ref, live):
+        s.suggest("p1")
+        s.suggest("p2")
+    live.on_trial_complete("p1", {"score": bowl(live._live_trial_mapping["p1"]["lam"])})
+    ref.on_trial_complete("p1", {"score": bowl(ref._live_trial_mapping["p1"]["lam"])})
+    live.save(str(tmp_path / "s.pkl"))
+    restored = merge_searcher(0.5, "min", 2, seed=3)
+    restored.restore(str(tmp_path / "s.pkl"))
+    assert "p2" in restored._live_trial_mapping  # pending trial still tracked
+    assert restored.gains == ref.gains and restored.batch_index == ref.batch_index
+    for s in (ref, restored):
+        s.on_trial_complete("p2", {"score": bowl(s._live_trial_mapping["p2"]["lam"])})
+    assert drive(restored, bowl, 4, concurrent=2) == drive(ref, bowl, 4, concurrent=2)
+
+
+def test_restore_refuses_unknown_state_version(tmp_path):
+    import pickle
+
+    s = merge_searcher(0.5, "min", 1)
+    state = s.get_state()
+    state["state_version"] = 99
+    (tmp_path / "s.pkl").write_bytes(pickle.dumps(state))
+    with pytest.raises(ValueError, match="state version 99 cannot be restored"):
+        merge_searcher(0.5, "min", 1).restore(str(tmp_path / "s.pkl"))
+
+
+def test_drives_a_users_own_tuner_with_param_space(ray_session, tmp_path):
+    from ray import tune
+
+    def objective(config):  # self-contained: workers cannot import this test module
+        tune.report({"score": (config["lam"] - 0.71) ** 2 + 3.0})
+
+    searcher = GPHedgeSearch(metric="score", mode="min", batch_size=2, seed=0,
+                             points_to_evaluate=[{"lam": 0.5}, {"lam": 1.0}])
+    tuner = tune.Tuner(objective, param_space={"lam": tune.uniform(0.5, 1.0)},
+                       tune_config=tune.TuneConfig(search_alg=searcher, num_samples=8,
+                                                   max_concurrent_trials=2),
+                       run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0))
+    grid = tuner.fit()
+    lams = [r.config["lam"] for r in grid]
+    assert len(grid) == 8 and not grid.errors and len(set(lams)) == 8
+    assert min(abs(l - 0.71) for l in lams) < 0.03

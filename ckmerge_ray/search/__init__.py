@@ -1,0 +1,28 @@
+"""Choosing λ: the GP-Hedge searcher and the merge-specific search space."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+from ckmerge_ray.search.hedge import ACQUISITIONS, GPHedgeSearch
+
+LAMBDA = "lam"
+
+__all__ = ["GPHedgeSearch", "ACQUISITIONS", "LAMBDA", "initial_points", "merge_searcher"]
+
+
+def initial_points(alpha: float, extra: Sequence[float] = ()) -> List[Dict[str, float]]:
+    """λ = 0 (Θ(t-1) alone, when alpha > 0), then the paper's λ = α and λ = 1, then `extra`."""
+    lams = ([0.0] if alpha > 0 else []) + [float(alpha), 1.0]
+    lams += [float(x) for x in extra if all(abs(float(x) - y) > 1e-12 for y in lams)]
+    return [{LAMBDA: lam} for lam in lams]
+
+
+def merge_searcher(
+    alpha: float, mode: str, batch_size: int, extra_initial: Sequence[float] = (), **kwargs
+) -> GPHedgeSearch:
+    """The searcher `tune_merge` uses: GP-Hedge over λ ∈ [α, 1], endpoints first."""
+    return GPHedgeSearch(
+        space={LAMBDA: (float(alpha), 1.0)}, metric="score", mode=mode,
+        points_to_evaluate=initial_points(alpha, extra_initial), batch_size=batch_size, **kwargs,
+    )

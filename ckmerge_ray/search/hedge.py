@@ -1,0 +1,354 @@
+"""GP-Hedge over EI, PI and UCB for Ray Tune, in batches of concurrent trials, pending-aware.
+
+GP-Hedge (Brochu, Hoffman and de Freitas, 2011) keeps a portfolio of acquisition functions.
+Each nominates a point; one nominee is run, chosen with probability ∝ exp(η·gain); once the GP is
+refitted, every function's gain grows by the posterior mean at its own nominee, so functions
+whose nominees turn out good are chosen more often. The paper on checkpoint merging runs it one
+trial at a time; here trials run concurrently, so suggestions come in batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+from ray.tune.search.bayesopt import BayesOptSearch
+from ray.tune.utils.util import unflatten_dict
+
+logger = logging.getLogger(__name__)
+
+ACQUISITIONS = ("ei", "pi", "ucb")
+_BYO_KIND = {"ei": "ei", "pi": "poi", "ucb": "ucb"}
+
+
+class GPHedgeSearch(BayesOptSearch):
+    """GP-Hedge portfolio (EI/PI/UCB) around Ray Tune's `BayesOptSearch`, batch- and pending-aware.
+
+    It keeps Ray's searcher for everything but the choice of the next point: search-space
+    conversion (a space passed in, or Tune's ``param_space``), the bayesian-optimization GP and
+    its observations, ``save``/``restore`` and ``register_analysis``.
+
+    **Batches, one acquisition per slot.** With ``batch_size = q`` (set it to Tune's
+    ``max_concurrent_trials``), q consecutive suggestions form a batch and share the hedge
+    probabilities of that moment; each slot draws its own acquisition. Per slot rather than per
+    batch because (a) a batch then mixes exploiting and exploring nominees, which spreads it, and
+    (b) the hedge gets q sets of nominees to learn from per batch instead of one. Batches are
+    asynchronous: a slot is filled as soon as Tune frees it, never waiting for the whole batch.
+
+    **Pending points.** Every nominee is chosen on a GP conditioned on the pending points (running
+    trials and earlier slots of this batch) at their posterior mean, the "kriging believer", so
+    the acquisitions stop pointing where a trial is already running; in addition no point closer
+    than ``min_spacing`` (as a fraction of each dimension's range) to an evaluated, pending or
+    failed point is ever suggested. So a run never repeats a point and never ends early.
+
+    **Gains.** When every trial of a batch has finished, the GP is refitted and each function's
+    gain grows by the posterior mean at each of its nominees of that batch, standardized by the
+    observed scores' mean and spread so that ``eta`` does not depend on the metric's scale.
+
+    **Initial points.** ``points_to_evaluate`` run first (for merging: λ = α and λ = 1, as in
+    the paper, and λ = 0). Until two results are in, extra slots go to the point farthest from
+    everything taken ("explore").
+
+    A failed trial (error, missing or non-finite metric) is recorded: its point is never
+    suggested again, and nothing waits for it.
+
+    Args:
+        space: bayesian-optimization bounds ``{"name": (low, high)}`` or Tune domains; or None to
+            take it from Tune's ``param_space``.
+        metric, mode: what to optimize, as in every Tune searcher.
+        points_to_evaluate: configurations to run first, in order.
+        batch_size: suggestions per batch (default 1: classic sequential GP-Hedge).
+        acquisitions: any non-empty subset of ("ei", "pi", "ucb") (default all three); a single
+            one disables the hedge.
+        eta: hedge learning rate (default 1.0). xi: EI/PI improvement margin, in the metric's
+            units (default 0.0). kappa: UCB exploration weight (default 2.576).
+        gp_noise: the GP's ``alpha``, observation noise variance added to the kernel diagonal
+            on the normalized target scale (default 1e-6: deterministic objectives). Raise it
+            (e.g. 1e-2) for noisy objectives so the GP does not interpolate noise.
+        min_spacing: smallest allowed distance between two suggested points, as a fraction of
+            the range (default 0.01).
+        seed: seeds the GP fits, the candidate sets and the hedge draws; same seed and same
+            results give the same sequence, also across save/restore.
+        n_candidates: random candidates per acquisition maximization (default 2000), refined
+            with L-BFGS-B.
+
+    Example::
+
+        from ray import tune
+        from ckmerge_ray import GPHedgeSearch
+
+        searcher = GPHedgeSearch(metric="score", mode="min", batch_size=2, seed=0)
+        tuner = tune.Tuner(objective, param_space={"lam": tune.uniform(0.5, 1.0)},
+                           tune_config=tune.TuneConfig(search_alg=searcher, num_samples=12,
+                                                       max_concurrent_trials=2))
+
+    .. warning:: Set ``batch_size`` equal to the number of concurrent trials; a smaller value
+       only makes batches shorter, a larger one lets probabilities lag behind results.
+    """
+
+    STATE_VERSION = 1
+
+    def __init__(
+        self,
+        space: Optional[Dict] = None,
+        metric: Optional[str] = None,
+        mode: Optional[str] = None,
+        points_to_evaluate: Optional[List[Dict]] = None,
+        batch_size: int = 1,
+        acquisitions: Sequence[str] = ACQUISITIONS,
+        eta: float = 1.0,
+        xi: float = 0.0,
+        kappa: float = 2.576,
+        gp_noise: float = 1e-6,
+        min_spacing: float = 0.01,
+        seed: int = 0,
+        n_candidates: int = 2000,
+        analysis=None,
+    ):
+        acquisitions = tuple(dict.fromkeys(acquisitions))
+        if not acquisitions or any(a not in ACQUISITIONS for a in acquisitions):
+            raise ValueError(
+                f"acquisitions must be a non-empty subset of {ACQUISITIONS}, got {acquisitions!r}"
+            )
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if eta < 0:
+            raise ValueError(f"eta must be non-negative, got {eta}")
+        if gp_noise <= 0:
+            raise ValueError(f"gp_noise must be positive, got {gp_noise}")
+        if not 0 <= min_spacing < 0.5:
+            raise ValueError(f"min_spacing must be in [0, 0.5), got {min_spacing}")
+        self.state_version = self.STATE_VERSION
+        self.batch_size = batch_size
+        self.acquisitions = acquisitions
+        self.eta, self.xi, self.kappa = float(eta), float(xi), float(kappa)
+        self.gp_noise = float(gp_noise)
+        self.min_spacing = float(min_spacing)
+        self.seed = int(seed)
+        self.n_candidates = int(n_candidates)
+        self.gains: Dict[str, float] = {a: 0.0 for a in acquisitions}
+        self.batch_index = -1
+        self._slot = batch_size  # the first suggestion opens batch 0
+        self._batch_probs: Dict[str, float] = {}
+        self._nominees: Dict[int, List[Dict[str, List[float]]]] = {}
+        self._outstanding: Dict[int, List[str]] = {}
+        self._trial_info: Dict[str, Dict] = {}
+        self._failed: List[List[float]] = []
+        super().__init__(
+            space=space, metric=metric, mode=mode,
+            points_to_evaluate=[dict(p) for p in (points_to_evaluate or [])],
+            random_state=seed, random_search_steps=0, patience=10**9, skip_duplicate=False,
+            analysis=analysis,
+        )
+
+    # --- Searcher contract -------------------------------------------------------------------
+
+    def _setup_optimizer(self):
+        super()._setup_optimizer()
+        self.optimizer.set_gp_params(alpha=self.gp_noise, random_state=self.seed)
+        self._keys = list(self.optimizer.space.keys)
+        self._bounds = np.asarray(self.optimizer.space.bounds, dtype=float)  # (d, 2)
+
+    def suggest(self, trial_id: str) -> Optional[Dict]:
+        if not self.optimizer:
+            return super().suggest(trial_id)  # raises Ray's "no search space" error
+        if not self._metric or not self._mode:
+            return super().suggest(trial_id)  # raises Ray's "no metric/mode" error
+        if self._slot >= self.batch_size:
+            self._open_batch()
+        if self._points_to_evaluate:
+            params = {k: float(v) for k, v in self._points_to_evaluate.pop(0).items()}
+            x, source = self._to_array(params), "initial"
+        else:
+            x, source = self._propose(trial_id)
+            params = self._to_params(x)
+        self._slot += 1
+        self._live_trial_mapping[trial_id] = params
+        info = {"batch": self.batch_index, "acquisition": source}
+        info.update({f"p_{a}": self._batch_probs[a] for a in self.acquisitions})
+        self._trial_info[trial_id] = info
+        self._outstanding[self.batch_index].append(trial_id)
+        return {**unflatten_dict(dict(params)), **info}
+
+    def on_trial_complete(
+        self, trial_id: str, result: Optional[Dict] = None, error: bool = False
+    ) -> None:
+        params = self._live_trial_mapping.pop(trial_id, None)
+        if params is None:
+            return  # unknown or already processed: idempotent
+        value = (result or {}).get(self._metric)
+        finite = isinstance(value, (int, float)) and math.isfinite(value)
+        if error or not finite:
+            self._failed.append(self._to_array(params).tolist())
+        else:
+            self._register_result(params, result)
+        batch = self._trial_info.get(trial_id, {}).get("batch")
+        if batch is not None and trial_id in self._outstanding.get(batch, []):
+            self._outstanding[batch].remove(trial_id)
+            self._credit_if_complete(batch)
+
+    def _register_result(self, params, result):
+        params = {k: float(params[k]) for k in self._keys}
+        with warnings.catch_warnings():
+            # Initial points may lie outside the bounds on purpose (λ = 0 informs the GP).
+            warnings.filterwarnings("ignore", message="(?s).*outside the bounds")
+            try:
+                super()._register_result(params, result)
+            except KeyError as e:  # bayes_opt's NotUniqueError: the point is already known
+                logger.info("GPHedgeSearch: not registering a repeated point: %s", e)
+
+    def get_state(self) -> Dict:
+        state = super().get_state()
+        state["state_version"] = self.STATE_VERSION
+        return state
+
+    def set_state(self, state: Dict) -> None:
+        version = state.get("state_version")
+        if version != self.STATE_VERSION:
+            raise ValueError(
+                f"GPHedgeSearch state version {version!r} cannot be restored by version "
+                f"{self.STATE_VERSION}"
+            )
+        super().set_state(state)
+
+    # --- Hedge ---------------------------------------------------------------------------------
+
+    def probabilities(self) -> Dict[str, float]:
+        """Current hedge probabilities, ∝ exp(η·gain)."""
+        g = np.array([self.gains[a] for a in self.acquisitions])
+        w = np.exp(self.eta * (g - g.max()))
+        return dict(zip(self.acquisitions, (w / w.sum()).tolist()))
+
+    def trial_info(self, trial_id: str) -> Dict:
+        """Batch index, acquisition and hedge probabilities recorded for a trial."""
+        return dict(self._trial_info.get(trial_id, {}))
+
+    def _open_batch(self) -> None:
+        self.batch_index += 1
+        self._slot = 0
+        self._batch_probs = self.probabilities()
+        self._nominees[self.batch_index] = []
+        self._outstanding[self.batch_index] = []
+
+    def _credit_if_complete(self, batch: int) -> None:
+        closed = batch < self.batch_index or self._slot >= self.batch_size
+        if not closed or self._outstanding[batch] or not self._nominees.get(batch):
+            return
+        X, y = self._observations()
+        if len(y) < 2:
+            return
+        gp = self._fit_gp(X, y)
+        mu_y, sd_y = float(y.mean()), float(y.std()) or 1.0
+        for nominees in self._nominees.pop(batch):
+            for acq, x in nominees.items():
+                mu = float(gp.predict(np.asarray([x]))[0])
+                self.gains[acq] += (mu - mu_y) / sd_y
+
+    # --- Proposals -----------------------------------------------------------------------------
+
+    def _propose(self, trial_id: str):
+        rng = np.random.default_rng([self.seed, self.batch_index, self._slot])
+        X, y = self._observations()
+        pending = [self._to_array(p) for t, p in self._live_trial_mapping.items() if t != trial_id]
+        taken = [*X, *pending, *(np.asarray(f) for f in self._failed)]
+        if len(y) < 2:
+            return self._farthest(taken, rng), "explore"
+        gp = self._fit_gp(X, y)
+        if pending:
+            gp = _kriging_believer(gp, X, y, np.asarray(pending))
+        y_max = float(y.max())
+        nominees = {a: self._maximize(a, gp, y_max, taken, rng) for a in self.acquisitions}
+        self._nominees[self.batch_index].append({a: x.tolist() for a, x in nominees.items()})
+        probs = [self._batch_probs[a] for a in self.acquisitions]
+        chosen = self.acquisitions[int(rng.choice(len(self.acquisitions), p=probs))]
+        return nominees[chosen], chosen
+
+    def _maximize(self, acq: str, gp, y_max: float, taken, rng) -> np.ndarray:
+        """Argmax of the acquisition over points at least `min_spacing` from every taken point.
+
+        Written here because bayes_opt's `acq_max` cannot exclude neighbourhoods of pending
+        points: random candidates (plus a grid in 1-D), then L-BFGS-B from the best few.
+        """
+        from bayes_opt import UtilityFunction
+        from scipy.optimize import minimize
+
+        util = UtilityFunction(kind=_BYO_KIND[acq], kappa=self.kappa, xi=self.xi)
+        cands = self._candidates(rng)
+        ok = self._far_enough(cands, taken)
+        if not ok.any():
+            return self._farthest(taken, rng)
+        cands = cands[ok]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            values = util.utility(cands, gp=gp, y_max=y_max)
+            best = cands[int(np.argmax(values))]
+            best_value = float(values.max())
+            for start in cands[np.argsort(values)[-3:]]:
+                res = minimize(lambda x: -float(util.utility(x.reshape(1, -1), gp=gp, y_max=y_max)[0]),
+                               start, bounds=self._bounds, method="L-BFGS-B")
+                x = np.clip(res.x, self._bounds[:, 0], self._bounds[:, 1])
+                if res.success and -res.fun > best_value and self._far_enough(x[None], taken)[0]:
+                    best, best_value = x, float(-res.fun)
+        return best
+
+    def _candidates(self, rng) -> np.ndarray:
+        lo, hi = self._bounds[:, 0], self._bounds[:, 1]
+        cands = lo + (hi - lo) * rng.random((self.n_candidates, len(lo)))
+        if len(lo) == 1:
+            cands = np.vstack([cands, np.linspace(lo, hi, 1001)])
+        return cands
+
+    def _far_enough(self, cands: np.ndarray, taken) -> np.ndarray:
+        if not len(taken) or self.min_spacing == 0:
+            return np.ones(len(cands), dtype=bool)
+        scale = self._bounds[:, 1] - self._bounds[:, 0]
+        d = np.abs(cands[:, None, :] - np.asarray(taken)[None, :, :]) / scale  # (n, t, dim)
+        return d.max(axis=2).min(axis=1) >= self.min_spacing
+
+    def _farthest(self, taken, rng) -> np.ndarray:
+        """The candidate farthest from every taken point (space filling)."""
+        cands = self._candidates(rng)
+        if not len(taken):
+            return cands[0]
+        scale = self._bounds[:, 1] - self._bounds[:, 0]
+        d = np.abs(cands[:, None, :] - np.asarray(taken)[None, :, :]) / scale
+        return cands[int(np.argmax(d.max(axis=2).min(axis=1)))]
+
+    # --- GP helpers ----------------------------------------------------------------------------
+
+    def _observations(self):
+        space = self.optimizer.space
+        return np.asarray(space.params, dtype=float), np.asarray(space.target, dtype=float)
+
+    def _fit_gp(self, X: np.ndarray, y: np.ndarray):
+        from sklearn.base import clone
+
+        gp = clone(self.optimizer._gp)  # same kernel, noise and seed as bayes_opt's own GP
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gp.fit(X, y)
+        return gp
+
+    def _to_array(self, params: Dict) -> np.ndarray:
+        return np.asarray([float(params[k]) for k in self._keys])
+
+    def _to_params(self, x: np.ndarray) -> Dict[str, float]:
+        return {k: float(v) for k, v in zip(self._keys, x)}
+
+
+def _kriging_believer(gp, X: np.ndarray, y: np.ndarray, pending: np.ndarray):
+    """The GP conditioned on pending points as if they returned their posterior mean.
+
+    Kernel hyperparameters stay those fitted on real data (fantasies must not reshape them).
+    """
+    from sklearn.base import clone
+
+    fantasy = clone(gp).set_params(kernel=gp.kernel_, optimizer=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fantasy.fit(np.vstack([X, pending]), np.concatenate([y, gp.predict(pending)]))
+    return fantasy
+
