@@ -133,6 +133,7 @@ def evaluate_lambda(plan: TrialPlan, lam: float) -> Dict:
     t_merge = time.perf_counter()
     merge_into_model(plan, tensors, lam)
     t_eval = time.perf_counter()
+    memory = worker_memory_mb()  # after the merge, before evaluation allocates activations
     metrics = plan.objective.evaluate(model, device)
     end = time.perf_counter()
     score = float(metrics["score"])
@@ -145,10 +146,22 @@ def evaluate_lambda(plan: TrialPlan, lam: float) -> Dict:
         "merge_s": t_eval - t_merge,
         "eval_s": end - t_eval,
         "model_built": built,
+        **memory,
         "worker": f"{socket.gethostname()}:{os.getpid()}",
         "device": str(device),
         "store_digest": store_digest(plan),
     }
+
+
+def worker_memory_mb() -> Dict[str, float]:
+    """This process's memory: peak RSS so far (counts the object-store pages it has read, which
+    are shared, not copied) and USS (private memory only: the model and any temporaries)."""
+    import resource
+
+    import psutil
+
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"rss_peak_mb": peak_kb / 1024, "uss_mb": psutil.Process().memory_full_info().uss / 2**20}
 
 
 def merge_trainable(config: Dict, plan: TrialPlan) -> None:

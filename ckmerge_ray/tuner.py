@@ -144,7 +144,9 @@ def tune_merge(
     objective.prepare(later_info.path)
     log(f"objective {objective!r} ready ({objective.mode}imize)")
 
+    t_ray = time.perf_counter()
     started_ray = _ensure_ray()
+    ray_start_s = time.perf_counter() - t_ray
     try:
         q = _concurrency(resources, max_concurrent, num_trials)
 
@@ -237,7 +239,11 @@ def tune_merge(
                 "puts_per_checkpoint": len(earlier.refs),
             },
             "seconds": {
+                "ray_start": ray_start_s,
                 "load": load_s,
+                "search": searcher.suggest_seconds,
+                "merge_sum": sum(r.get("merge_s") or 0.0 for r in ok),
+                "eval_sum": sum(r.get("eval_s") or 0.0 for r in ok),
                 "tune": fit_s,
                 "total": time.perf_counter() - started,
             },

@@ -165,3 +165,17 @@ def test_drives_a_users_own_tuner_with_param_space(ray_session, tmp_path):
     lams = [r.config["lam"] for r in grid]
     assert len(grid) == 8 and not grid.errors and len(set(lams)) == 8
     assert min(abs(l - 0.71) for l in lams) < 0.03
+
+
+def test_tune_checkpoint_round_trip_into_a_blank_searcher(tmp_path):
+    # Tuner.restore rebuilds the searcher through save_to_dir / restore_from_dir.
+    live = merge_searcher(0.5, "min", 2, seed=5)
+    drive(live, bowl, 5, concurrent=2)
+    live.suggest("pending")
+    live.save_to_dir(str(tmp_path), session_str="s")
+    blank = GPHedgeSearch()
+    blank.restore_from_dir(str(tmp_path))
+    assert "pending" in blank._live_trial_mapping and blank.gains == live.gains
+    for s in (live, blank):
+        s.on_trial_complete("pending", {"score": 3.1})
+    assert drive(blank, bowl, 3, concurrent=2) == drive(live, bowl, 3, concurrent=2)

@@ -21,7 +21,14 @@ def initial_points(alpha: float, extra: Sequence[float] = ()) -> List[Dict[str, 
 def merge_searcher(
     alpha: float, mode: str, batch_size: int, extra_initial: Sequence[float] = (), **kwargs
 ) -> GPHedgeSearch:
-    """The searcher `tune_merge` uses: GP-Hedge over λ ∈ [α, 1], endpoints first."""
+    """The searcher `tune_merge` uses: GP-Hedge over λ ∈ [α, 1], endpoints first.
+
+    The GP's length scale is kept at least 0.4 of the range: λ landscapes of adjacent
+    checkpoints are smooth with one interior optimum, and with the three initial points a free
+    length scale collapses (measured in benchmarks/sample_efficiency.py: median trials to reach
+    1 % of the available gain, q = 1, fell from 5 to 4 on [0.5, 1] and from 7.5 to 6 on [0, 1]).
+    """
+    kwargs.setdefault("min_length_scale", 0.4)
     return GPHedgeSearch(
         space={LAMBDA: (float(alpha), 1.0)}, metric="score", mode=mode,
         points_to_evaluate=initial_points(alpha, extra_initial), batch_size=batch_size, **kwargs,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import warnings
 from typing import Dict, List, Optional, Sequence
 
@@ -70,6 +71,11 @@ class GPHedgeSearch(BayesOptSearch):
             (e.g. 1e-2) for noisy objectives so the GP does not interpolate noise.
         min_spacing: smallest allowed distance between two suggested points, as a fraction of
             the range (default 0.01).
+        min_length_scale: lower bound of the GP kernel's length scale, as a fraction of the
+            smallest range (default None: bayes_opt's Matern kernel, bounds 1e-5 to 1e5). With
+            a handful of points a free length scale often collapses, the GP mean reverts to the
+            prior between observations, and the acquisitions cling to the best observed point;
+            a bound encodes "the landscape is smooth at the scale of the space".
         seed: seeds the GP fits, the candidate sets and the hedge draws; same seed and same
             results give the same sequence, also across save/restore.
         n_candidates: random candidates per acquisition maximization (default 2000), refined
@@ -104,6 +110,7 @@ class GPHedgeSearch(BayesOptSearch):
         kappa: float = 2.576,
         gp_noise: float = 1e-6,
         min_spacing: float = 0.01,
+        min_length_scale: Optional[float] = None,
         seed: int = 0,
         n_candidates: int = 2000,
         analysis=None,
@@ -127,6 +134,9 @@ class GPHedgeSearch(BayesOptSearch):
         self.eta, self.xi, self.kappa = float(eta), float(xi), float(kappa)
         self.gp_noise = float(gp_noise)
         self.min_spacing = float(min_spacing)
+        if min_length_scale is not None and min_length_scale <= 0:
+            raise ValueError(f"min_length_scale must be positive, got {min_length_scale}")
+        self.min_length_scale = min_length_scale
         self.seed = int(seed)
         self.n_candidates = int(n_candidates)
         self.gains: Dict[str, float] = {a: 0.0 for a in acquisitions}
@@ -137,6 +147,7 @@ class GPHedgeSearch(BayesOptSearch):
         self._outstanding: Dict[int, List[str]] = {}
         self._trial_info: Dict[str, Dict] = {}
         self._failed: List[List[float]] = []
+        self.suggest_seconds = 0.0  # time spent choosing points, for the run's time budget
         super().__init__(
             space=space, metric=metric, mode=mode,
             points_to_evaluate=[dict(p) for p in (points_to_evaluate or [])],
@@ -151,8 +162,22 @@ class GPHedgeSearch(BayesOptSearch):
         self.optimizer.set_gp_params(alpha=self.gp_noise, random_state=self.seed)
         self._keys = list(self.optimizer.space.keys)
         self._bounds = np.asarray(self.optimizer.space.bounds, dtype=float)  # (d, 2)
+        if self.min_length_scale is not None:
+            from sklearn.gaussian_process.kernels import Matern
+
+            low = self.min_length_scale * float((self._bounds[:, 1] - self._bounds[:, 0]).min())
+            self.optimizer.set_gp_params(
+                kernel=Matern(nu=2.5, length_scale=max(1.0, low), length_scale_bounds=(low, 1e5))
+            )
 
     def suggest(self, trial_id: str) -> Optional[Dict]:
+        start = time.perf_counter()
+        try:
+            return self._suggest(trial_id)
+        finally:
+            self.suggest_seconds += time.perf_counter() - start
+
+    def _suggest(self, trial_id: str) -> Optional[Dict]:
         if not self.optimizer:
             return super().suggest(trial_id)  # raises Ray's "no search space" error
         if not self._metric or not self._mode:

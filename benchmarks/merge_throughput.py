@@ -1,0 +1,129 @@
+"""Merge throughput against the machine's memory bandwidth (issue 7, benchmark 1).
+
+For Llama-shaped checkpoint pairs of ~14 M, ~134 M and ~953 M parameters, in fp32 and bf16,
+times the product's in-place merge from object-store shards into a resident model (the trial
+path: `ray.get` of the shard pairs, zero-copy views, `torch.lerp(..., out=param)`), and in the
+same run a plain `copy_` of one tensor as large as the model. Both are counted as bytes read plus
+bytes written: a merge reads two copies and writes one (3 × model bytes), a copy reads one and
+writes one (2 × model bytes). The ratio (merge bytes/s) ÷ (copy bytes/s) is the headline; the
+target is ≥ 0.8 on CPU.
+
+    python benchmarks/merge_throughput.py            # all sizes that fit; writes BENCHMARKS.md
+    python benchmarks/merge_throughput.py --quick    # 14M only, prints, writes nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import psutil
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SIZES, headline, machine, make_pair, median_time, write_section  # noqa: E402
+
+
+def bench_one(root: Path, size: str, dtype: str, repeat: int) -> dict:
+    import ray
+
+    from ckmerge_ray.checkpoints import load_checkpoint_info, plan_shards
+    from ckmerge_ray.store import put_checkpoint
+    from ckmerge_ray.trial import TrialPlan, build_model, merge_into_model, tensor_map
+
+    earlier_dir, later_dir = make_pair(root, size, dtype)
+    a, b = load_checkpoint_info(earlier_dir), load_checkpoint_info(later_dir)
+    plan = plan_shards(b, 1 << 30)
+    ref = {}
+    stored = [put_checkpoint(i, plan, reference=ref) for i in (a, b)]
+    dtypes = {n: str(s.dtype).replace("torch.", "") for n, s in b.specs.items()}
+    model = build_model(b.config, dtypes)
+    tensors = tensor_map(model)
+    trial_plan = TrialPlan("bench", b.config, dtypes, stored[0], stored[1], objective=None)
+    nbytes = b.nbytes
+
+    merge_s = median_time(lambda: merge_into_model(trial_plan, tensors, 0.6180339), repeat)
+    n = nbytes // torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    src = torch.empty(n, dtype=getattr(torch, dtype)).normal_()
+    dst = torch.empty_like(src)
+    copy_s = median_time(lambda: dst.copy_(src), repeat)
+    del src, dst, model, tensors
+    stored.clear()  # dropping the last references frees the objects
+    merge_bw = 3 * nbytes / merge_s
+    copy_bw = 2 * nbytes / copy_s
+    return {
+        "size": size, "dtype": dtype, "params": sum(_numel(s.shape) for s in b.specs.values()),
+        "model_MB": nbytes / 1e6, "shards": len(plan), "merge_ms": merge_s * 1e3,
+        "copy_ms": copy_s * 1e3, "merge_GBps": merge_bw / 1e9, "copy_GBps": copy_bw / 1e9,
+        "ratio": merge_bw / copy_bw,
+    }
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ckmerge-bench")
+    args = p.parse_args(argv)
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+    store_bytes = ray.cluster_resources().get("object_store_memory", 0)
+    sizes = ["14M"] if args.quick else list(SIZES)
+    rows, skipped = [], []
+    for size in sizes:
+        for dtype in ("float32", "bfloat16"):
+            est = _estimate_bytes(size, dtype)
+            if 2 * est > 0.8 * store_bytes or 5 * est > psutil.virtual_memory().available:
+                skipped.append(f"{size} {dtype} ({est / 1e9:.1f} GB per checkpoint: two do not fit "
+                               f"in the {store_bytes / 1e9:.1f} GB object store or in free RAM)")
+                continue
+            row = bench_one(args.cache, size, dtype, args.repeat if not args.quick else 3)
+            rows.append(row)
+            print(f"{size:>5} {dtype:>8}: merge {row['merge_ms']:.1f} ms = {row['merge_GBps']:.1f} GB/s, "
+                  f"copy {row['copy_GBps']:.1f} GB/s, ratio {row['ratio']:.2f}", flush=True)
+    ray.shutdown()
+    table = ["| size | dtype | params | MB | shards | merge ms | merge GB/s | copy GB/s | ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        table.append(f"| {r['size']} | {r['dtype']} | {r['params'] / 1e6:.1f} M | {r['model_MB']:.0f} | "
+                     f"{r['shards']} | {r['merge_ms']:.1f} | {r['merge_GBps']:.1f} | {r['copy_GBps']:.1f} | "
+                     f"{r['ratio']:.2f} |")
+    body = (f"Command: `python benchmarks/merge_throughput.py`. Machine: {machine()}.\n\n"
+            "Merge: in-place merge from object-store shards into a resident model (median of "
+            f"{args.repeat}); bytes = 3 × model bytes. Copy: `dst.copy_(src)` of one tensor as large "
+            "as the model; bytes = 2 × model bytes. Ratio = merge GB/s ÷ copy GB/s (target ≥ 0.8).\n\n"
+            + "\n".join(table) + ("\n\nSkipped: " + "; ".join(skipped) if skipped else ""))
+    print("\n".join(table))
+    if not args.quick:
+        write_section("Merge throughput vs memory bandwidth", body)
+    worst = min(r["ratio"] for r in rows)
+    print(headline(merge_bw_ratio_min=worst, merge_bw_ratio_bf16=_pick(rows, "bfloat16"),
+                   merge_bw_ratio_fp32=_pick(rows, "float32")))
+    return 0
+
+
+def _pick(rows, dtype):
+    vals = [r["ratio"] for r in rows if r["dtype"] == dtype]
+    return vals[-1] if vals else float("nan")
+
+
+def _estimate_bytes(size: str, dtype: str) -> int:
+    c = SIZES[size]
+    h, i, L, v = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    params = 2 * v * h + L * (4 * h * h + 3 * h * i + 2 * h) + h
+    return params * (4 if dtype == "float32" else 2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

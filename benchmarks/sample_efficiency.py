@@ -1,0 +1,234 @@
+"""Sample efficiency of λ searchers on real merge landscapes (issue 3's benchmark).
+
+Each landscape f(λ) is the held-out loss of the merge of a real adjacent checkpoint pair (the
+demo trajectory: a small Llama pretrained on the standard library), computed once on a dense grid
+of λ and cached in `benchmarks/landscapes.json`. Searchers then query the cached landscape
+(linear interpolation, optional Gaussian noise), so many seeds run in seconds. Every searcher is
+driven through the Ray Tune Searcher API (`suggest` / `on_trial_complete`) with q trials pending
+at once, oldest finishing first, exactly as Tune calls it.
+
+    python benchmarks/sample_efficiency.py                      # full: 20 seeds, writes BENCHMARKS.md
+    python benchmarks/sample_efficiency.py --quick              # a few seconds, no file written
+    python benchmarks/sample_efficiency.py --trajectory DIR     # landscapes from your checkpoints
+
+Counting: a "trial" is an evaluation inside the search space [α, 1]. tune_merge also scores
+λ = 0 (Θ(t-1) alone) for every run to report the gain over it; GP-Hedge feeds that score to its
+GP, the other searchers ignore it; it is not counted for anyone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import headline as format_headline, machine as machine_facts, write_section  # noqa: E402
+
+CACHE = HERE / "landscapes.json"
+BUDGET = 12
+TARGET = 0.01  # within 1 % of the available gain
+
+
+def compute_landscapes(trajectory: Path, grid: int, seq_len: int, max_tokens: int) -> Dict:
+    """Held-out loss on a λ grid in [0, 1] for every adjacent pair of `trajectory`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ckmerge_ray.merge import merge_state_dicts
+    from ckmerge_ray.objectives import HeldoutLoss
+
+    ckpts = sorted(trajectory.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    lams = np.linspace(0.0, 1.0, grid)
+    out = {"lambdas": lams.tolist(), "pairs": {}}
+    for earlier, later in zip(ckpts, ckpts[1:]):
+        a = AutoModelForCausalLM.from_pretrained(earlier).state_dict()
+        model = AutoModelForCausalLM.from_pretrained(later).eval()
+        b = {k: v.clone() for k, v in model.state_dict().items()}
+        obj = HeldoutLoss(trajectory / "heldout.jsonl", seq_len=seq_len, max_tokens=max_tokens)
+        obj.prepare(later)
+        scores = []
+        for lam in lams:
+            model.load_state_dict(merge_state_dicts(a, b, float(lam)))
+            scores.append(obj.evaluate(model, torch.device("cpu"))["score"])
+        out["pairs"][f"{earlier.name}->{later.name}"] = scores
+        print(f"landscape {earlier.name}->{later.name}: min {min(scores):.4f} at "
+              f"λ={lams[int(np.argmin(scores))]:.3f}, f(0)={scores[0]:.4f}, f(1)={scores[-1]:.4f}",
+              flush=True)
+    return out
+
+
+# --- searchers, all driven through the Tune Searcher API -----------------------------------------
+
+def hedge(alpha: float, q: int, seed: int):
+    from ckmerge_ray.search import merge_searcher
+
+    return merge_searcher(alpha, "min", batch_size=q, seed=seed)
+
+
+def stock_bayesopt(alpha: float, q: int, seed: int):
+    import logging
+
+    from ray.tune.search.bayesopt import BayesOptSearch
+
+    logging.getLogger("ray.tune.search.bayesopt.bayesopt_search").setLevel(logging.ERROR)
+
+    # Ray's defaults (UCB, kappa 2.576, patience 5, skip_duplicate) but 3 random steps, not 10,
+    # so that it can use its GP within a 12-trial budget.
+    return BayesOptSearch(space={"lam": (alpha, 1.0)}, metric="score", mode="min",
+                          random_state=seed, random_search_steps=3)
+
+
+class RandomSearch:
+    def __init__(self, alpha, q, seed):
+        self.rng, self.alpha = np.random.default_rng(seed), alpha
+
+    def suggest(self, trial_id):
+        return {"lam": float(self.rng.uniform(self.alpha, 1.0))}
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        pass
+
+
+class GridSearch:
+    """A uniform grid of BUDGET points over [α, 1], visited coarse to fine (endpoints, middle,
+    quarters, ...), the sensible order for a sequential grid."""
+
+    def __init__(self, alpha, q, seed):
+        grid = np.linspace(alpha, 1.0, BUDGET)
+        order, seen = [0, BUDGET - 1], {0, BUDGET - 1}
+        step = BUDGET - 1
+        while len(order) < BUDGET:
+            step = max(1, step // 2)
+            for i in range(0, BUDGET, step):
+                if i not in seen:
+                    order.append(i)
+                    seen.add(i)
+        self.points = [float(grid[i]) for i in order]
+
+    def suggest(self, trial_id):
+        return {"lam": self.points.pop(0)} if self.points else None
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        pass
+
+
+def run_one(make, landscape: Callable[[float], float], noise: float, alpha: float, q: int,
+            seed: int) -> List[float]:
+    """True f of each in-space evaluation, in the order suggested (λ = 0 not counted)."""
+    searcher = make(alpha, q, seed)
+    rng = np.random.default_rng(10_000 + seed)
+    values, pending, i, idle = [], [], 0, 0
+    while len(values) < BUDGET:
+        while len(pending) < q and len(values) + len(pending) < BUDGET + 1:
+            cfg = searcher.suggest(f"t{i}")
+            i += 1
+            if not isinstance(cfg, dict) or "lam" not in cfg:
+                break  # None (waiting / duplicate skipped) or FINISHED
+            pending.append((f"t{i - 1}", float(cfg["lam"])))
+        if not pending:
+            idle += 1
+            if idle > 10:  # the searcher stopped for good (e.g. BayesOptSearch patience)
+                break
+            continue
+        tid, lam = pending.pop(0)
+        f = landscape(lam)
+        searcher.on_trial_complete(tid, {"score": f + noise * rng.standard_normal()})
+        if lam >= alpha - 1e-12:
+            values.append(f)
+    return values
+
+
+def summarize(values: List[float], f_star: float, f_one: float):
+    gain = f_one - f_star
+    best = np.minimum.accumulate(values) if values else np.array([])
+    hit = [k + 1 for k, v in enumerate(best) if v <= f_star + TARGET * gain]
+    regret = lambda n: (best[min(n, len(best)) - 1] - f_star) / gain * 100 if len(best) else np.inf
+    return (hit[0] if hit else np.inf), regret(4), regret(8), regret(12)
+
+
+def median_iqr(xs) -> str:
+    xs = np.asarray(xs, dtype=float)
+    q1, med, q3 = np.percentile(xs, [25, 50, 75], method="nearest")  # no interpolation with inf
+    fmt = lambda v: ">12" if np.isinf(v) else (f"{v:.0f}" if float(v).is_integer() else f"{v:.1f}")
+    return f"{fmt(med)} [{fmt(q1)}–{fmt(q3)}]"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="3 seeds, q=1 hedge vs random; writes nothing")
+    p.add_argument("--seeds", type=int, default=20)
+    p.add_argument("--noise", type=float, default=0.0, help="std of Gaussian noise on observations")
+    p.add_argument("--trajectory", type=Path, default=None,
+                   help="recompute landscapes from this directory of checkpoint-<step>/ + heldout.jsonl")
+    p.add_argument("--grid", type=int, default=41)
+    p.add_argument("--write", type=Path, default=HERE.parent / "BENCHMARKS.md")
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+
+    if args.trajectory:
+        data = compute_landscapes(args.trajectory, args.grid, seq_len=128, max_tokens=16384)
+        CACHE.write_text(json.dumps(data, indent=1) + "\n")
+    if not CACHE.exists():
+        print(f"no cached landscapes at {CACHE}; run with --trajectory DIR first", file=sys.stderr)
+        return 2
+    data = json.loads(CACHE.read_text())
+    lams = np.asarray(data["lambdas"])
+
+    searchers = {
+        "GP-Hedge q=1": (hedge, 1), "GP-Hedge q=2": (hedge, 2), "GP-Hedge q=4": (hedge, 4),
+        "BayesOptSearch (stock)": (stock_bayesopt, 1), "random": (RandomSearch, 1),
+        "grid (coarse to fine)": (GridSearch, 1),
+    }
+    seeds = range(args.seeds)
+    if args.quick:
+        searchers = {k: searchers[k] for k in ("GP-Hedge q=1", "random")}
+        seeds = range(3)
+    lines, headline = [], {}
+    for alpha in (0.5, 0.0):
+        inside = lams >= alpha - 1e-12
+        pairs = {}
+        for name, scores in data["pairs"].items():
+            s = np.asarray(scores)
+            f_star, f_one = float(s[inside].min()), float(s[-1])
+            if f_one - f_star > 1e-4 * abs(f_one):  # an interior optimum: something to find
+                pairs[name] = (s, f_star, f_one)
+        lines.append(f"\n**λ ∈ [{alpha}, 1]**, landscapes: {', '.join(pairs)}; noise σ = {args.noise}\n")
+        lines.append("| searcher | trials to within 1 % of the gain | regret @4 (% of gain) | regret @8 | regret @12 |")
+        lines.append("|---|---|---|---|---|")
+        for label, (make, q) in searchers.items():
+            rows = []
+            for name, (s, f_star, f_one) in pairs.items():
+                f = lambda lam, s=s: float(np.interp(lam, lams, s))
+                for seed in seeds:
+                    rows.append(summarize(run_one(make, f, args.noise, alpha, q, seed), f_star, f_one))
+            cols = list(zip(*rows))
+            print(f"  done: {label} on [{alpha}, 1] ({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
+            lines.append(f"| {label} | " + " | ".join(median_iqr(c) for c in cols) + " |")
+            key = re.sub(r"[^a-z0-9]+", "_", f"{label} a{alpha}".lower()).strip("_")
+            headline[key] = float(np.median(cols[0]))
+    table = "\n".join(lines)
+    print(table)
+    machine = machine_facts()
+    print(f"elapsed {time.perf_counter() - start:.0f}s on {machine}")
+    if not args.quick:
+        cmd = "python benchmarks/sample_efficiency.py" + (f" --noise {args.noise}" if args.noise else "")
+        write_section(f"Sample efficiency of λ searchers (noise {args.noise})",
+                       f"Command: `{cmd}` ({args.seeds} seeds per landscape; median [IQR]; "
+                       f"'>12' = not reached within 12 trials). Machine: {machine}. Landscapes: "
+                       f"held-out loss of merges of the demo trajectory's adjacent pairs, "
+                       f"{len(lams)}-point grid, cached in `benchmarks/landscapes.json`.\n" + table,
+                      path=args.write)
+    print(format_headline(**headline))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

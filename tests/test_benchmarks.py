@@ -1,0 +1,44 @@
+"""Benchmarks stay runnable: each --quick mode runs and ends with key=value headline figures.
+
+These check that the scripts work, not how fast anything is: timings live in BENCHMARKS.md.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_quick(script, tmp_path, *extra):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", *extra],
+                       capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    last = r.stdout.strip().splitlines()[-1]
+    return dict(kv.split("=", 1) for kv in last.split())
+
+
+def test_sample_efficiency_quick(tmp_path):
+    if not (ROOT / "benchmarks" / "landscapes.json").exists():
+        pytest.skip("benchmarks/landscapes.json is not present")
+    figures = run_quick("sample_efficiency.py", tmp_path)
+    assert {"gp_hedge_q_1_a0_5", "random_a0_5", "gp_hedge_q_1_a0_0"} <= set(figures)
+    assert all(float(v) >= 1 for v in figures.values())
+
+
+def test_merge_throughput_quick(tmp_path):
+    figures = run_quick("merge_throughput.py", tmp_path, "--cache", str(tmp_path))
+    assert 0 < float(figures["merge_bw_ratio_fp32"]) and 0 < float(figures["merge_bw_ratio_bf16"])
+
+
+def test_trial_overhead_quick(tmp_path):
+    figures = run_quick("trial_overhead.py", tmp_path, "--cache", str(tmp_path))
+    assert 0 < float(figures["overhead_ratio"]) < 1
+    assert float(figures["store_growth"]) >= 1
+
+
+def test_end_to_end_quick(tmp_path):
+    figures = run_quick("end_to_end.py", tmp_path, "--cache", str(tmp_path))
+    assert float(figures["wall_q1"]) > 0 and float(figures["wall_q2"]) > 0
