@@ -184,7 +184,8 @@ def main(argv=None) -> int:
 
     searchers = {
         "GP-Hedge q=1": (hedge, 1), "GP-Hedge q=2": (hedge, 2), "GP-Hedge q=4": (hedge, 4),
-        "BayesOptSearch (stock)": (stock_bayesopt, 1), "random": (RandomSearch, 1),
+        "BayesOptSearch (stock)": (stock_bayesopt, 1), "BayesOptSearch (stock) q=4": (stock_bayesopt, 4),
+        "random": (RandomSearch, 1),
         "grid (coarse to fine)": (GridSearch, 1),
     }
     seeds = range(args.seeds)

@@ -189,6 +189,7 @@ def tune_merge(
                 name=f"ckmerge-{run_id}",
                 storage_path=storage_path or str(out / "ray"),
                 callbacks=[writer],
+                stop=StopWhenAllFail(writer, after=min(num_samples, 3)),
                 verbose=0,
             ),
         )
@@ -319,6 +320,22 @@ class TrialTableWriter(tune.Callback):
                 f"[{row['acquisition']}] {what}",
                 flush=True,
             )
+
+
+class StopWhenAllFail(tune.stopper.Stopper):
+    """Ends the experiment once `after` trials have ended and every one of them failed: a broken
+    objective or model fails every λ alike, and the run should say so, not spin through all."""
+
+    def __init__(self, writer: TrialTableWriter, after: int):
+        self.writer = writer
+        self.after = after
+
+    def __call__(self, trial_id: str, result: Dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        rows = self.writer.rows
+        return len(rows) >= self.after and all(r["status"] != "ok" for r in rows)
 
 
 def _search_info(config: Dict) -> Dict:

@@ -50,8 +50,10 @@ class GPHedgeSearch(BayesOptSearch):
     observed scores' mean and spread so that ``eta`` does not depend on the metric's scale.
 
     **Initial points.** ``points_to_evaluate`` run first (for merging: λ = α and λ = 1, as in
-    the paper, and λ = 0). Until two results are in, extra slots go to the point farthest from
-    everything taken ("explore").
+    the paper, and λ = 0), and no other point is suggested until all of them have returned:
+    ``suggest`` returns None meanwhile and Tune asks again when a trial ends. Blind exploration
+    would cost trials, an idle slot costs nothing. If fewer than two initial points succeed, the
+    next points go where nothing has been tried ("explore", farthest from every taken point).
 
     A failed trial (error, missing or non-finite metric) is recorded: its point is never
     suggested again, and nothing waits for it.
@@ -182,6 +184,11 @@ class GPHedgeSearch(BayesOptSearch):
             return super().suggest(trial_id)  # raises Ray's "no search space" error
         if not self._metric or not self._mode:
             return super().suggest(trial_id)  # raises Ray's "no metric/mode" error
+        if not self._points_to_evaluate and self._initial_pending():
+            # The GP's first choices are only as good as the initial points it has seen: wait
+            # for them (Tune asks again when a trial ends) rather than spend trials exploring
+            # blind. Idle slots cost nothing; a trial costs an evaluation.
+            return None
         if self._slot >= self.batch_size:
             self._open_batch()
         if self._points_to_evaluate:
@@ -250,6 +257,10 @@ class GPHedgeSearch(BayesOptSearch):
     def trial_info(self, trial_id: str) -> Dict:
         """Batch index, acquisition and hedge probabilities recorded for a trial."""
         return dict(self._trial_info.get(trial_id, {}))
+
+    def _initial_pending(self) -> bool:
+        return any(self._trial_info.get(t, {}).get("acquisition") == "initial"
+                   for t in self._live_trial_mapping)
 
     def _open_batch(self) -> None:
         self.batch_index += 1
