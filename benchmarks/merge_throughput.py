@@ -32,7 +32,7 @@ def bench_one(root: Path, size: str, dtype: str, repeat: int) -> dict:
 
     from ckmerge_ray.checkpoints import load_checkpoint_info, plan_shards
     from ckmerge_ray.store import put_checkpoint
-    from ckmerge_ray.trial import TrialPlan, build_model, merge_into_model, tensor_map
+    from ckmerge_ray.trial import Resident, TrialPlan, build_model, merge_into_model, tensor_map
 
     earlier_dir, later_dir = make_pair(root, size, dtype)
     a, b = load_checkpoint_info(earlier_dir), load_checkpoint_info(later_dir)
@@ -45,12 +45,13 @@ def bench_one(root: Path, size: str, dtype: str, repeat: int) -> dict:
     trial_plan = TrialPlan("bench", b.config, dtypes, stored[0], stored[1], objective=None)
     nbytes = b.nbytes
 
-    merge_s = median_time(lambda: merge_into_model(trial_plan, tensors, 0.6180339), repeat)
+    resident = Resident(model, tensors, 0.0)  # the worker's cache of shard views, as in a trial
+    merge_s = median_time(lambda: merge_into_model(trial_plan, tensors, 0.6180339, cache=resident), repeat)
     n = nbytes // torch.empty((), dtype=getattr(torch, dtype)).element_size()
     src = torch.empty(n, dtype=getattr(torch, dtype)).normal_()
     dst = torch.empty_like(src)
     copy_s = median_time(lambda: dst.copy_(src), repeat)
-    del src, dst, model, tensors
+    del src, dst, model, tensors, resident
     stored.clear()  # dropping the last references frees the objects
     merge_bw = 3 * nbytes / merge_s
     copy_bw = 2 * nbytes / copy_s
@@ -60,6 +61,45 @@ def bench_one(root: Path, size: str, dtype: str, repeat: int) -> dict:
         "copy_ms": copy_s * 1e3, "merge_GBps": merge_bw / 1e9, "copy_GBps": copy_bw / 1e9,
         "ratio": merge_bw / copy_bw,
     }
+
+
+def bench_gpu(root: Path, size: str, repeat: int) -> dict:
+    """GPU path (issue 7, benchmark 5): merge on the device from pinned host shards.
+
+    Reports the on-device lerp against a device-to-device copy of the same bytes, and the
+    host-to-device transfer a trial pays when its shards live in (pinned) host memory.
+    """
+    from ckmerge_ray.checkpoints import load_checkpoint_info
+
+    earlier_dir, later_dir = make_pair(root, size, "bfloat16")
+    a, b = load_checkpoint_info(earlier_dir), load_checkpoint_info(later_dir)
+    names = list(b.specs)
+    ha = {k: v.pin_memory() for k, v in a.read_tensors(names).items()}
+    hb = {k: v.pin_memory() for k, v in b.read_tensors(names).items()}
+    dev = torch.device("cuda")
+    da = {k: v.to(dev) for k, v in ha.items()}
+    db = {k: v.to(dev) for k, v in hb.items()}
+    out = {k: torch.empty_like(v) for k, v in db.items()}
+
+    def timed(fn):
+        def run():
+            fn()
+            torch.cuda.synchronize()
+        return median_time(run, repeat)
+
+    lerp_s = timed(lambda: [torch.lerp(da[k], db[k], 0.618, out=out[k]) for k in names])
+    copy_s = timed(lambda: [out[k].copy_(db[k]) for k in names])
+    h2d_s = timed(lambda: [(da[k].copy_(ha[k], non_blocking=True), db[k].copy_(hb[k], non_blocking=True)) for k in names])
+    def ulps(k):
+        want = (0.618 * db[k].double() + 0.382 * da[k].double()).to(torch.bfloat16)
+        return int((out[k].view(torch.int16).int() - want.view(torch.int16).int()).abs().max())
+
+    exact = all(ulps(k) <= 1 for k in names[:8])
+    nbytes = b.nbytes
+    return {"size": size, "model_MB": nbytes / 1e6, "lerp_ms": lerp_s * 1e3,
+            "ratio": (3 * nbytes / lerp_s) / (2 * nbytes / copy_s), "h2d_ms": h2d_s * 1e3,
+            "h2d_GBps": 2 * nbytes / h2d_s / 1e9, "within_one_rounding": exact,
+            "device": torch.cuda.get_device_name()}
 
 
 def _numel(shape) -> int:
@@ -93,6 +133,14 @@ def main(argv=None) -> int:
             print(f"{size:>5} {dtype:>8}: merge {row['merge_ms']:.1f} ms = {row['merge_GBps']:.1f} GB/s, "
                   f"copy {row['copy_GBps']:.1f} GB/s, ratio {row['ratio']:.2f}", flush=True)
     ray.shutdown()
+    gpu_line = "GPU: skipped (no CUDA device on this machine)."
+    if torch.cuda.is_available():
+        g = bench_gpu(args.cache, "14M" if args.quick else "134M", args.repeat)
+        gpu_line = (f"GPU ({g['device']}), {g['size']} bf16: on-device lerp {g['lerp_ms']:.2f} ms, "
+                    f"ratio vs device copy {g['ratio']:.2f}; host-to-device of both checkpoints "
+                    f"from pinned memory {g['h2d_ms']:.1f} ms ({g['h2d_GBps']:.1f} GB/s) per trial; "
+                    f"result within one bf16 rounding of the exact formula: {g['within_one_rounding']}.")
+    print(gpu_line)
     table = ["| size | dtype | params | MB | shards | merge ms | merge GB/s | copy GB/s | ratio |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -103,7 +151,8 @@ def main(argv=None) -> int:
             "Merge: in-place merge from object-store shards into a resident model (median of "
             f"{args.repeat}); bytes = 3 × model bytes. Copy: `dst.copy_(src)` of one tensor as large "
             "as the model; bytes = 2 × model bytes. Ratio = merge GB/s ÷ copy GB/s (target ≥ 0.8).\n\n"
-            + "\n".join(table) + ("\n\nSkipped: " + "; ".join(skipped) if skipped else ""))
+            + "\n".join(table) + ("\n\nSkipped: " + "; ".join(skipped) if skipped else "")
+            + "\n\n" + gpu_line)
     print("\n".join(table))
     if not args.quick:
         write_section("Merge throughput vs memory bandwidth", body)

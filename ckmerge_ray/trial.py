@@ -13,7 +13,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import ray
 import torch
@@ -36,8 +36,21 @@ class TrialPlan:
     objective: Objective
 
 
-# run_id -> (model, name -> tensor map); lives as long as the worker process.
-_RESIDENT: Dict[str, Tuple[torch.nn.Module, Dict[str, torch.Tensor]]] = {}
+@dataclass
+class Resident:
+    """What a worker keeps between trials of one run."""
+
+    model: torch.nn.Module
+    tensors: Dict[str, torch.Tensor]  # state-dict name -> the model's own tensor
+    uss_before_build_mb: float  # private memory before the model existed, to measure its cost
+    # Zero-copy views of the shard pairs, fetched on the first trial. Keeping them mapped costs
+    # no private memory (they are the object store's pages) and spares every later trial the
+    # deserialization and the page faults of mapping ~2x the model's bytes again.
+    shards: Optional[List[Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]]] = None
+
+
+# run_id -> Resident; lives as long as the worker process.
+_RESIDENT: Dict[str, Resident] = {}
 
 
 def build_model(model_config: Dict, dtypes: Dict[str, str], device: torch.device | str = "cpu"):
@@ -94,26 +107,40 @@ def trial_device() -> torch.device:
     return torch.device("cpu")
 
 
-def resident_model(plan: TrialPlan, device: torch.device):
+def resident_model(plan: TrialPlan, device: torch.device) -> Tuple[Resident, bool]:
     """The worker's model for this run: built on first use, reused by later trials."""
     built = False
     if plan.run_id not in _RESIDENT:
         _RESIDENT.clear()  # a model of an earlier run is no longer needed
+        before = worker_memory_mb()["uss_mb"]
         model = build_model(plan.model_config, plan.dtypes, device)
-        _RESIDENT[plan.run_id] = (model, tensor_map(model))
+        _RESIDENT[plan.run_id] = Resident(model, tensor_map(model), before)
         built = True
-    model, tensors = _RESIDENT[plan.run_id]
-    return model, tensors, built
+    return _RESIDENT[plan.run_id], built
 
 
-def merge_into_model(plan: TrialPlan, tensors: Dict[str, torch.Tensor], lam: float) -> int:
-    """Stream shard pairs from the object store and lerp them into the model; returns bytes."""
-    written, done = 0, set()
+def iter_shard_pairs(plan: TrialPlan, cache: Optional[Resident] = None):
+    """(earlier, later) tensor views per shard, fetched from the object store on first use."""
+    if cache is not None and cache.shards is not None:
+        yield from cache.shards
+        return
+    fetched = []
     for e_ref, l_ref in zip(plan.earlier.refs, plan.later.refs):
         # One ray.get for both, so a remote node pulls them in parallel.
-        earlier, later = (shard_tensors(s) for s in ray.get([e_ref, l_ref]))
+        pair = tuple(shard_tensors(s) for s in ray.get([e_ref, l_ref]))
+        fetched.append(pair)
+        yield pair
+    if cache is not None:
+        cache.shards = fetched
+
+
+def merge_into_model(
+    plan: TrialPlan, tensors: Dict[str, torch.Tensor], lam: float, cache: Optional[Resident] = None
+) -> int:
+    """Lerp the shard pairs into the model's tensors, shard by shard; returns bytes written."""
+    written, done = 0, set()
+    for earlier, later in iter_shard_pairs(plan, cache):
         written += merge_shard_into_(tensors, earlier, later, lam, done)
-        del earlier, later  # release the shared-memory views shard by shard
     if tensors and next(iter(tensors.values())).is_cuda:
         torch.cuda.synchronize()
     return written
@@ -129,12 +156,13 @@ def evaluate_lambda(plan: TrialPlan, lam: float) -> Dict:
     """Merge at λ into the resident model, score it, and return the trial's metrics."""
     start = time.perf_counter()
     device = trial_device()
-    model, tensors, built = resident_model(plan, device)
+    resident, built = resident_model(plan, device)
     t_merge = time.perf_counter()
-    merge_into_model(plan, tensors, lam)
+    merge_into_model(plan, resident.tensors, lam, cache=resident)
     t_eval = time.perf_counter()
     memory = worker_memory_mb()  # after the merge, before evaluation allocates activations
-    metrics = plan.objective.evaluate(model, device)
+    memory["model_uss_mb"] = memory["uss_mb"] - resident.uss_before_build_mb
+    metrics = plan.objective.evaluate(resident.model, device)
     end = time.perf_counter()
     score = float(metrics["score"])
     if not math.isfinite(score):

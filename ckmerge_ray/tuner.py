@@ -173,6 +173,10 @@ def tune_merge(
         )
         num_samples = num_trials + (1 if alpha > 0 else 0)
         writer = TrialTableWriter(out / TRIALS_FILE, num_samples, objective.mode, progress)
+        # Known limitation: Tune pickles `with_parameters` references into its trainable
+        # registry, which pins the plan, and so both checkpoints' shards, in the object store
+        # until this driver process exits. One run per process (the CLI, a job) is unaffected;
+        # several tune_merge calls in one process accumulate (see BENCHMARKS.md).
         trainable = tune.with_resources(
             tune.with_parameters(merge_trainable, plan=trial_plan),
             {"cpu": resources["cpu"], "gpu": resources["gpu"]},

@@ -146,3 +146,31 @@ def test_mismatched_pair_fails_before_any_trial(trajectory, tiny_pair, tmp_path)
     with pytest.raises(CheckpointError, match="config field"):
         tune_merge((tiny_pair[0], trajectory[-1]), {"cpu": 1}, objective=heldout(trajectory[-1]),
                    output_dir=tmp_path, progress=False)
+
+
+def object_store_bytes_used() -> int:
+    """Bytes in this node's object store (Ray's internal memory-info call; no public API)."""
+    import ray
+    from ray._private import internal_api
+
+    addr = ray.get_runtime_context().gcs_address
+    return internal_api.get_memory_info_reply(internal_api.get_state_from_address(addr)).store_stats.object_store_bytes_used
+
+
+@pytest.mark.xfail(strict=True, reason="known limitation: tune.with_parameters pins the shards "
+                   "until the driver exits (measured in BENCHMARKS.md, per-trial overhead section)")
+def test_shards_are_released_when_the_run_ends(ray_session, trajectory, tmp_path):
+    import gc
+    import time
+
+    pair = (trajectory[-2], trajectory[-1])
+    before = object_store_bytes_used()
+    result = tune_merge(pair, {"cpu": 1}, objective=heldout(pair[1]), objective_options=SEQ,
+                        num_trials=2, max_concurrent=2, output_dir=tmp_path, progress=False,
+                        export_best=False)
+    checkpoint_bytes = result.summary["object_store"]["bytes_per_checkpoint"]
+    gc.collect()
+    deadline = time.time() + 20
+    while object_store_bytes_used() - before >= checkpoint_bytes and time.time() < deadline:
+        time.sleep(0.5)  # frees are asynchronous
+    assert object_store_bytes_used() - before < checkpoint_bytes, "checkpoint shards still pinned"
