@@ -59,8 +59,13 @@ def build_model(model_config: Dict, dtypes: Dict[str, str], device: torch.device
 
     config = dict(model_config)
     cfg = AutoConfig.for_model(config.pop("model_type"), **config)
+    # Build in the checkpoint's main dtype: building in fp32 and casting would leave the fp32
+    # allocation behind in the allocator (measured: 1.7x the model's bytes of private memory).
+    main = max(set(dtypes.values()), key=list(dtypes.values()).count) if dtypes else "float32"
     with _no_init_weights():
-        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_config(
+            cfg, trust_remote_code=False, dtype=getattr(torch, main)
+        )
     model.tie_weights()  # skipped by no_init_weights; shared embeddings must be one tensor
     model.eval().requires_grad_(False)
     for name, t in tensor_map(model).items():
