@@ -89,6 +89,7 @@ def write_section(title: str, body: str, path: Path = BENCHMARKS_MD) -> None:
         text = pattern.sub(lambda m: section.rstrip("\n"), text)
     else:
         text = text.rstrip("\n") + "\n\n" + section
+    text = re.sub(r"([^\n])\n## ", r"\1\n\n## ", text)  # a blank line before every section
     path.write_text(text if text.endswith("\n") else text + "\n")
 
 

@@ -59,8 +59,8 @@ def build_model(model_config: Dict, dtypes: Dict[str, str], device: torch.device
 
     config = dict(model_config)
     cfg = AutoConfig.for_model(config.pop("model_type"), **config)
-    # Build in the checkpoint's main dtype: building in fp32 and casting would leave the fp32
-    # allocation behind in the allocator (measured: 1.7x the model's bytes of private memory).
+    # Build in the checkpoint's main dtype: building in fp32 and casting would first allocate
+    # a full fp32 copy of the model.
     main = max(set(dtypes.values()), key=list(dtypes.values()).count) if dtypes else "float32"
     with _no_init_weights():
         model = AutoModelForCausalLM.from_config(
