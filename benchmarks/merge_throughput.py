@@ -28,7 +28,6 @@ from common import SIZES, headline, machine, make_pair, median_time, write_secti
 
 
 def bench_one(root: Path, size: str, dtype: str, repeat: int) -> dict:
-    import ray
 
     from ckmerge_ray.checkpoints import load_checkpoint_info, plan_shards
     from ckmerge_ray.store import put_checkpoint

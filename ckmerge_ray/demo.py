@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import sysconfig
 import time
 from dataclasses import dataclass

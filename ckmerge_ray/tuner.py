@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import pyarrow as pa
 import ray
@@ -40,7 +40,7 @@ from ckmerge_ray.results import (
     write_json_atomic,
     write_table_atomic,
 )
-from ckmerge_ray.search import ACQUISITIONS, LAMBDA, initial_points, merge_searcher
+from ckmerge_ray.search import ACQUISITIONS, LAMBDA, merge_searcher
 from ckmerge_ray.store import put_checkpoint
 from ckmerge_ray.trial import TrialPlan, build_model, check_model_covers, merge_trainable
 

@@ -11,7 +11,6 @@ import torch
 from ckmerge_ray.errors import ObjectiveError
 from ckmerge_ray.objectives import HeldoutLoss, parse_objective
 from ckmerge_ray.objectives.heldout import read_texts
-from ckmerge_ray.trial import build_model
 
 
 def test_reads_jsonl_parquet_txt(tmp_path):
