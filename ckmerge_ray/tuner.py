@@ -208,6 +208,9 @@ def tune_merge(
             first = next((r["error"] for r in rows if r.get("error")), "no trial reported a result")
             raise RunError(f"every trial failed; first error: {first}")
         in_space = [r for r in ok if r[LAMBDA] >= alpha - 1e-12]
+        if not in_space:
+            first = next((r["error"] for r in rows if r.get("error")), "none reported a score")
+            raise RunError(f"no trial with λ in [{alpha}, 1] succeeded; first error: {first}")
         pick = min if objective.mode == "min" else max
         best = pick(in_space, key=lambda r: r["score"])
         endpoint_scores = {
