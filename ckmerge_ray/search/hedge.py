@@ -67,7 +67,11 @@ class GPHedgeSearch(BayesOptSearch):
         acquisitions: any non-empty subset of ("ei", "pi", "ucb") (default all three); a single
             one disables the hedge.
         eta: hedge learning rate (default 1.0). xi: EI/PI improvement margin, in the metric's
-            units (default 0.0). kappa: UCB exploration weight (default 2.576).
+            units (default 0.0). kappa: UCB exploration weight (default 1.0, not
+            bayes_opt's 2.576, which is tuned for long runs: within a budget of about ten trials
+            on a smooth 1-D landscape, UCB at 2.576 σ spends trials on the edges. On the
+            benchmark landscapes, median trials to 1 % of the gain went from 4 to 3 at q = 1 on
+            [0.5, 1] and from 7 to 5 at q = 4).
         gp_noise: the GP's ``alpha``, observation noise variance added to the kernel diagonal
             on the normalized target scale (default 1e-6: deterministic objectives). Raise it
             (e.g. 1e-2) for noisy objectives so the GP does not interpolate noise.
@@ -109,7 +113,7 @@ class GPHedgeSearch(BayesOptSearch):
         acquisitions: Sequence[str] = ACQUISITIONS,
         eta: float = 1.0,
         xi: float = 0.0,
-        kappa: float = 2.576,
+        kappa: float = 1.0,
         gp_noise: float = 1e-6,
         min_spacing: float = 0.01,
         min_length_scale: Optional[float] = None,
