@@ -27,10 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tune", help="tune the merge of two checkpoints",
                        description="Tune λ for EARLIER and LATER (Hugging Face model directories).")
-    t.add_argument("earlier", help="the earlier checkpoint Θ(t-1)")
-    t.add_argument("later", help="the later checkpoint Θ(t); λ weights this one")
-    t.add_argument("--objective", required=True,
+    t.add_argument("earlier", nargs="?", help="the earlier checkpoint Θ(t-1)")
+    t.add_argument("later", nargs="?", help="the later checkpoint Θ(t); λ weights this one")
+    t.add_argument("--objective",
                    help="what to minimize/maximize, e.g. loss:heldout.jsonl (jsonl, parquet, txt)")
+    t.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue the run in RUN_DIR (after a killed driver or a preempted job) "
+                   "with its own arguments; finished evaluations are not redone")
     t.add_argument("--text-field", default="text", help="JSON field / parquet column (default text)")
     t.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     t.add_argument("--max-tokens", type=int, default=65536,
@@ -49,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eta", type=float, default=1.0, help="hedge learning rate (default 1)")
     t.add_argument("--initial", default="",
                    help="extra λ values to evaluate after the endpoints, e.g. 0.75,0.9")
-    t.add_argument("--kappa", type=float, default=2.576, help="UCB exploration (default 2.576)")
+    t.add_argument("--kappa", type=float, default=1.0, help="UCB exploration (default 1.0)")
     t.add_argument("--xi", type=float, default=0.0, help="EI/PI margin (default 0)")
     t.add_argument("--gp-noise", type=float, default=1e-6, help="GP noise variance (default 1e-6)")
     t.add_argument("--seed", type=int, default=0)
@@ -87,8 +90,16 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _tune(args) -> int:
-    from ckmerge_ray.tuner import tune_merge
+    from ckmerge_ray.tuner import resume_run, tune_merge
 
+    if args.resume:
+        if args.earlier or args.objective:
+            raise ConfigError("--resume RUN_DIR takes the run's own arguments; give no checkpoints "
+                              "or --objective with it")
+        resume_run(args.resume, export_best=not args.no_export, progress=not args.quiet)
+        return 0
+    if not (args.earlier and args.later and args.objective):
+        raise ConfigError("tune needs EARLIER LATER --objective SPEC (or --resume RUN_DIR)")
     tune_merge(
         (args.earlier, args.later),
         {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial},

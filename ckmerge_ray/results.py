@@ -25,6 +25,8 @@ from ckmerge_ray.store import StoredCheckpoint, shard_tensors
 TRIALS_FILE = "trials.parquet"
 SUMMARY_FILE = "summary.json"
 BEST_DIR = "best"
+RUN_FILE = "run.json"  # the run's arguments and Tune experiment path, for resume
+JOURNAL_DIR = "evaluations"  # one JSON per finished evaluation, written by the worker
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -52,6 +54,12 @@ def rows_to_table(rows: List[Dict]) -> pa.Table:
     for row in rows:
         columns.extend(k for k in row if k not in columns)
     return pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows])
+
+
+def read_rows(path: Path) -> List[Dict]:
+    """The rows of a trials table on disk, or [] when there is none yet."""
+    path = Path(path)
+    return pq.read_table(path).to_pylist() if path.exists() else []
 
 
 def write_table_atomic(path: Path, rows: List[Dict]) -> pa.Table:

@@ -8,11 +8,13 @@ weights in place. Trials receive object references, never file paths.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import ray
@@ -34,6 +36,7 @@ class TrialPlan:
     earlier: StoredCheckpoint
     later: StoredCheckpoint
     objective: Objective
+    journal_dir: Optional[str] = None  # where workers record finished evaluations (resume)
 
 
 @dataclass
@@ -198,12 +201,52 @@ def worker_memory_mb() -> Dict[str, float]:
 
 
 def merge_trainable(config: Dict, plan: TrialPlan) -> None:
-    """Ray Tune function trainable: one merge-and-evaluate, reported once."""
+    """Ray Tune function trainable: one merge-and-evaluate, recorded in the journal, reported.
+
+    An evaluation already in the run's journal (it finished while the driver was down, or before
+    a restore re-queued its trial) is reported again, not recomputed. An objective that fails at
+    this λ is an answer about λ, not a worker fault: it is reported as a result with score NaN
+    and the error, so Tune keeps the worker and does not retry it (FailureConfig retries are for
+    dead worker processes).
+    """
     from ray import tune
 
-    result = evaluate_lambda(plan, float(config["lam"]))
+    lam = float(config["lam"])
+    done = read_journal(plan.journal_dir, lam)
+    if done is not None:
+        tune.report({**done, "from_journal": True})
+        return
+    try:
+        result = evaluate_lambda(plan, lam)
+    except Exception as e:  # noqa: BLE001 - any failure of the merge or objective at this λ
+        result = {"score": math.nan, "lam": lam, "error": f"{type(e).__name__}: {e}"}
     result["acquisition"] = config.get("acquisition", "")
+    write_journal(plan.journal_dir, lam, result)
     tune.report(result)
+
+
+def journal_file(journal_dir: str, lam: float) -> Path:
+    """One file per evaluated λ, named by the exact float (Tune restores configs exactly)."""
+    return Path(journal_dir) / f"lam={float(lam)!r}.json"
+
+
+def write_journal(journal_dir: Optional[str], lam: float, result: Dict) -> None:
+    """Record a finished evaluation from the worker, before Tune hears of it."""
+    if journal_dir:
+        from ckmerge_ray.results import write_json_atomic
+
+        write_json_atomic(journal_file(journal_dir, lam), result)
+
+
+def read_journal(journal_dir: Optional[str], lam: float) -> Optional[Dict]:
+    if not journal_dir:
+        return None
+    path = journal_file(journal_dir, lam)
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    result["score"] = float(result["score"])  # NaN of a failed evaluation round-trips as NaN
+    return result
 
 
 def _no_init_weights():

@@ -11,8 +11,10 @@ Example::
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -33,9 +35,12 @@ from ckmerge_ray.errors import ConfigError, RunError
 from ckmerge_ray.objectives import Objective, parse_objective
 from ckmerge_ray.results import (
     BEST_DIR,
+    JOURNAL_DIR,
+    RUN_FILE,
     SUMMARY_FILE,
     TRIALS_FILE,
     export_merged,
+    read_rows,
     rows_to_table,
     write_json_atomic,
     write_table_atomic,
@@ -76,7 +81,7 @@ def tune_merge(
     seed: int = 0,
     acquisitions: Sequence[str] = ACQUISITIONS,
     eta: float = 1.0,
-    kappa: float = 2.576,
+    kappa: float = 1.0,
     xi: float = 0.0,
     gp_noise: float = 1e-6,
     initial_lambdas: Sequence[float] = (),
@@ -87,6 +92,8 @@ def tune_merge(
     overwrite: bool = False,
     storage_path: Optional[str] = None,
     progress: bool = True,
+    resume: bool = False,
+    max_failures: int = 2,
 ) -> TuneMergeResult:
     """Find the λ whose merge λ·Θ(t) + (1-λ)·Θ(t-1) scores best, with concurrent Ray Tune trials.
 
@@ -113,6 +120,14 @@ def tune_merge(
         storage_path: Ray Tune's storage path (default ``output_dir/ray``); use a shared
             filesystem or object-store URI on a multi-node cluster.
         progress: print one line per stored shard and per finished trial.
+        resume: continue the run in ``output_dir`` (after a killed driver, a preempted job):
+            the Tune experiment and the searcher state are restored, and no finished evaluation
+            is redone, not even one that finished while the driver was down (workers record
+            each evaluation in ``output_dir/evaluations`` before reporting it). The arguments
+            that define the search must equal the run's (see run.json). A finished run is just
+            reported.
+        max_failures: retries of a trial whose worker process died (default 2). An objective
+            that raises is not retried: that λ is recorded as failed.
 
     Returns:
         A `TuneMergeResult`.
@@ -130,7 +145,12 @@ def tune_merge(
     except ValueError as e:
         raise ConfigError(str(e)) from e
     out = Path(output_dir).resolve()
-    _claim_output_dir(out, overwrite)
+    run_args = _run_arguments(pair, objective, objective_options, alpha, num_trials, seed,
+                              acquisitions, eta, kappa, xi, gp_noise, initial_lambdas)
+    previous = _claim_output_dir(out, overwrite, resume, run_args)
+    if previous and (out / SUMMARY_FILE).exists():
+        log(f"{out} holds a finished run; reporting it")
+        return load_result(out, log)
 
     # 1. Checkpoints: headers only, then the architecture check on a meta-device model.
     earlier_info = load_checkpoint_info(pair[0], allow_pickle=allow_pickle)
@@ -140,6 +160,7 @@ def tune_merge(
     _check_architecture(later_info)
 
     # 2. Objective: read and tokenize the data now, so bad input fails before Ray starts.
+    objective_arg = objective
     objective = parse_objective(objective, **dict(objective_options or {}))
     objective.prepare(later_info.path)
     log(f"objective {objective!r} ready ({objective.mode}imize)")
@@ -165,7 +186,8 @@ def tune_merge(
         # 4. Tune experiment.
         run_id = uuid.uuid4().hex[:12]
         trial_plan = TrialPlan(
-            run_id, later_info.config, dtypes, earlier, later, objective
+            run_id, later_info.config, dtypes, earlier, later, objective,
+            journal_dir=str(out / JOURNAL_DIR),
         )
         searcher = merge_searcher(
             alpha, objective.mode, batch_size=q, extra_initial=initial_lambdas,
@@ -181,28 +203,45 @@ def tune_merge(
             tune.with_parameters(merge_trainable, plan=trial_plan),
             {"cpu": resources["cpu"], "gpu": resources["gpu"]},
         )
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                search_alg=searcher,
-                num_samples=num_samples,
-                max_concurrent_trials=q,
-                reuse_actors=True,
-            ),
-            run_config=tune.RunConfig(
-                name=f"ckmerge-{run_id}",
-                storage_path=storage_path or str(out / "ray"),
-                callbacks=[writer],
-                stop=StopWhenAllFail(writer, after=min(num_samples, 3)),
-                verbose=0,
-            ),
-        )
+        if previous:
+            experiment = previous["experiment"]
+            # The writer and stopper come back from the experiment's own state (Tune pickles its
+            # RunConfig); the writer reloads the rows already on disk.
+            tuner = tune.Tuner.restore(experiment, trainable=trainable, restart_errored=True)
+            log(f"resuming {experiment}: {_count_rows(out)} trial(s) already recorded")
+        else:
+            storage = storage_path or str(out / "ray")
+            experiment = _join(storage, f"ckmerge-{run_id}")
+            write_json_atomic(out / RUN_FILE, {**run_args, "experiment": experiment,
+                                               "resources": resources, "max_concurrent": q,
+                                               "allow_pickle": allow_pickle,
+                                               "objective_is_spec": isinstance(objective_arg, str)})
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=searcher,
+                    num_samples=num_samples,
+                    max_concurrent_trials=q,
+                    reuse_actors=True,
+                ),
+                run_config=tune.RunConfig(
+                    name=f"ckmerge-{run_id}",
+                    storage_path=storage,
+                    callbacks=[writer],
+                    stop=StopWhenAllFail(writer, after=min(num_samples, 3)),
+                    failure_config=tune.FailureConfig(max_failures=max_failures),
+                    verbose=0,
+                ),
+            )
         log(f"tuning λ in [{alpha}, 1]: {num_samples} trials, {q} at a time, {resources}/trial")
         t_fit = time.perf_counter()
         grid = tuner.fit()
         fit_s = time.perf_counter() - t_fit
+        if previous:  # the searcher that ran is the one Tune restored: read its final state
+            searcher = merge_searcher(alpha, objective.mode, batch_size=q)
+            searcher.restore_from_dir(experiment)
 
-        rows = writer.rows
+        rows = read_rows(out / TRIALS_FILE)
         ok = [r for r in rows if r["status"] == "ok"]
         if not ok:
             first = next((r["error"] for r in rows if r.get("error")), "no trial reported a result")
@@ -256,6 +295,7 @@ def tune_merge(
                 "total": time.perf_counter() - started,
             },
             "best_model_path": str(best_path) if best_path else None,
+            "resumed": bool(previous),
             "search": {
                 "searcher": "GPHedgeSearch", "acquisitions": list(searcher.acquisitions),
                 "eta": eta, "kappa": kappa, "xi": xi, "gp_noise": gp_noise, "seed": seed,
@@ -286,21 +326,42 @@ class TrialTableWriter(tune.Callback):
         self.progress = progress
         self.rows: List[Dict] = []
 
+    def setup(self, **info):
+        # On a restored experiment this object comes back from Tune's pickled state, rows and
+        # all as of the run's start: the table on disk is the record, so start from it.
+        self.rows = read_rows(self.path)
+        self._reconciled = False
+
+    def on_step_begin(self, iteration: int, trials, **info):
+        # After a restore, drop rows of trials that Tune's last experiment snapshot did not hold
+        # (they finished after it): the restored searcher proposes them again and the journal
+        # answers without recomputing, under a new trial ID. Without this they would count twice.
+        if getattr(self, "_reconciled", True):
+            return
+        self._reconciled = True
+        known = {t.trial_id for t in trials}
+        kept = [r for r in self.rows if r["trial_id"] in known]
+        if len(kept) != len(self.rows):
+            self.rows = kept
+            write_table_atomic(self.path, self.rows)
+
     def on_trial_complete(self, iteration: int, trials, trial, **info):
         r = dict(trial.last_result or {})
+        score = r.get("score")
+        ok = r.get("error") is None and isinstance(score, (int, float)) and math.isfinite(score)
         row = {
             "trial_id": trial.trial_id,
             LAMBDA: float(trial.config.get(LAMBDA, r.get(LAMBDA, math.nan))),
             **_search_info(trial.config),
-            "status": "ok" if "score" in r else "error",
-            "score": r.get("score"),
+            "status": "ok" if ok else "error",
+            "score": score if ok else None,
         }
         for key, value in r.items():
             if key in row or key in _TUNE_BOOKKEEPING or isinstance(value, (dict, list)):
                 continue
             row[key] = value
         row["duration_s"] = r.get("time_total_s")
-        row["error"] = None
+        row["error"] = None if ok else (r.get("error") or "no finite score reported")
         self._add(row)
 
     def on_trial_error(self, iteration: int, trials, trial, **info):
@@ -314,7 +375,8 @@ class TrialTableWriter(tune.Callback):
         })
 
     def _add(self, row: Dict) -> None:
-        self.rows.append(row)
+        # A trial re-run after a restore keeps its trial_id: one row per trial, never two.
+        self.rows = [r for r in self.rows if r["trial_id"] != row["trial_id"]] + [row]
         write_table_atomic(self.path, self.rows)
         if self.progress:
             if row["status"] == "ok":
@@ -322,6 +384,8 @@ class TrialTableWriter(tune.Callback):
                 what = f"score={row['score']:.5f} ({timing})"
             else:
                 what = f"FAILED: {row['error']}"
+            if row.get("from_journal"):
+                what += " (from the run's journal, not recomputed)"
             print(
                 f"[ckmerge] trial {len(self.rows)}/{self.total} λ={row[LAMBDA]:.4f} "
                 f"[{row['acquisition']}] {what}",
@@ -419,20 +483,95 @@ def _check_arguments(pair, alpha, num_trials, max_concurrent) -> None:
         raise ConfigError(f"max_concurrent must be a positive integer, got {max_concurrent!r}")
 
 
-def _claim_output_dir(out: Path, overwrite: bool) -> None:
+def _run_arguments(pair, objective, objective_options, alpha, num_trials, seed, acquisitions,
+                   eta, kappa, xi, gp_noise, initial_lambdas) -> Dict:
+    """What defines a run's search, as stored in run.json and compared on resume."""
+    return {
+        "pair": [str(Path(p).resolve()) for p in pair],
+        "objective": objective if isinstance(objective, str) else repr(objective),
+        "objective_options": dict(objective_options or {}),
+        "alpha": alpha, "num_trials": num_trials, "seed": seed,
+        "acquisitions": list(acquisitions), "eta": eta, "kappa": kappa, "xi": xi,
+        "gp_noise": gp_noise, "initial_lambdas": [float(x) for x in initial_lambdas],
+    }
+
+
+def _claim_output_dir(out: Path, overwrite: bool, resume: bool, run_args: Dict) -> Optional[Dict]:
+    """Refuse a directory holding another run; return the stored run when resuming it."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir is a file: {out}")
-    if out.exists() and not overwrite:
-        if (out / SUMMARY_FILE).exists() or (out / TRIALS_FILE).exists():
-            raise ConfigError(
-                f"output directory {out} already holds a run; pass overwrite=True "
-                "(CLI: --overwrite) or choose another directory"
-            )
+    if overwrite and resume:
+        raise ConfigError("overwrite and resume exclude each other: choose one")
+    holds_run = any((out / name).exists() for name in (RUN_FILE, SUMMARY_FILE, TRIALS_FILE))
+    if resume:
+        if not (out / RUN_FILE).exists():
+            raise ConfigError(f"nothing to resume in {out}: no {RUN_FILE} (start it without resume)")
+        stored = json.loads((out / RUN_FILE).read_text())
+        diffs = [f"{k}={run_args[k]!r} (the run has {stored.get(k)!r})"
+                 for k in run_args if _jsonable(run_args[k]) != stored.get(k)]
+        if diffs:
+            raise ConfigError(f"cannot resume {out} with different arguments: " + "; ".join(diffs))
+        return stored
+    if holds_run and not overwrite:
+        raise ConfigError(
+            f"output directory {out} already holds a run; pass resume=True (CLI: --resume) to "
+            "continue it, overwrite=True (CLI: --overwrite) to replace it, or choose another directory"
+        )
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:
-        for name in (TRIALS_FILE, SUMMARY_FILE):
+        for name in (TRIALS_FILE, SUMMARY_FILE, RUN_FILE):
             if (out / name).exists():
                 (out / name).unlink()
+        shutil.rmtree(out / JOURNAL_DIR, ignore_errors=True)  # another run's evaluations
+    return None
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def _join(storage: str, name: str) -> str:
+    return f"{storage.rstrip('/')}/{name}" if "://" in storage else str(Path(storage) / name)
+
+
+def _count_rows(out: Path) -> int:
+    return len(read_rows(out / TRIALS_FILE))
+
+
+def resume_run(output_dir: str | os.PathLike, **overrides) -> TuneMergeResult:
+    """Resume the run in `output_dir` with the arguments stored in its run.json (the CLI's
+    ``--resume``); `overrides` may set what does not define the search (progress, export_best)."""
+    out = Path(output_dir)
+    if not (out / RUN_FILE).exists():
+        raise ConfigError(f"nothing to resume in {out}: no {RUN_FILE}")
+    run = json.loads((out / RUN_FILE).read_text())
+    if not run.get("objective_is_spec"):
+        raise ConfigError(
+            f"the run in {out} was given a Python objective ({run['objective']}); resume it from "
+            "Python: tune_merge(..., objective=<the same object>, resume=True)"
+        )
+    args = {k: run[k] for k in ("objective", "objective_options", "alpha", "num_trials", "seed",
+                                "acquisitions", "eta", "kappa", "xi", "gp_noise",
+                                "initial_lambdas", "max_concurrent", "allow_pickle")}
+    return tune_merge(run["pair"], run["resources"], output_dir=out, resume=True,
+                      **{**args, **overrides})
+
+
+def load_result(output_dir: str | os.PathLike, log=None) -> TuneMergeResult:
+    """A finished run, read back from its directory (summary.json and trials.parquet)."""
+    out = Path(output_dir)
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    rows = read_rows(out / TRIALS_FILE)
+    best = summary.get("best_model_path")
+    result = TuneMergeResult(
+        best_lambda=summary["best_lambda"], best_score=summary["best_score"],
+        endpoint_scores={float(k): v for k, v in summary["endpoint_scores"].items()},
+        mode=summary["mode"], table=rows_to_table(rows), output_dir=out,
+        best_model_path=Path(best) if best else None, result_grid=None, summary=summary,
+    )
+    if log:
+        log(format_result(result))
+    return result
 
 
 def _check_architecture(info) -> None:

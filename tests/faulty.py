@@ -7,6 +7,7 @@ import os
 
 from ckmerge_ray.objectives import HeldoutLoss
 
+
 class FailsFirstN(HeldoutLoss):
     """Raises on the first `n` evaluations of the run, counted across all workers through
     exclusive-create token files in `token_dir`, then scores normally."""
@@ -44,3 +45,21 @@ def ship_by_value() -> None:
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class KillsItsWorkerOnce(HeldoutLoss):
+    """SIGKILLs its own worker process in the middle of the run's first evaluation (a real
+    process death, as an OOM kill or a lost node would cause); later evaluations score."""
+
+    def __init__(self, path, token_dir, **kwargs):
+        super().__init__(path, **kwargs)
+        self.token_dir = str(token_dir)
+
+    def evaluate(self, model, device):
+        import signal
+
+        try:
+            os.close(os.open(os.path.join(self.token_dir, "killed"), os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return super().evaluate(model, device)
+        os.kill(os.getpid(), signal.SIGKILL)

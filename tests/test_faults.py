@@ -47,3 +47,17 @@ def test_every_trial_failing_stops_with_the_first_error(ray_session, trajectory,
 
     rows = pq.read_table(tmp_path / "trials.parquet").to_pylist()
     assert 3 <= len(rows) < 11, "the run must stop early, not spin through every trial"
+
+
+def test_a_killed_worker_is_retried_and_every_trial_is_recorded_once(ray_session, trajectory, tmp_path):
+    pair = (trajectory[-2], trajectory[-1])
+    (tmp_path / "tokens").mkdir()
+    obj = faulty.KillsItsWorkerOnce(pair[1].parent / "heldout.jsonl", tmp_path / "tokens", **SEQ)
+    result = tune_merge(pair, {"cpu": 1}, objective=obj, num_trials=5, max_concurrent=2,
+                        output_dir=tmp_path / "run", progress=False, export_best=False)
+    assert (tmp_path / "tokens" / "killed").exists(), "no worker was killed: the test tested nothing"
+    rows = result.table.to_pylist()
+    assert len(rows) == 6 and all(r["status"] == "ok" for r in rows)
+    assert len({r["trial_id"] for r in rows}) == 6 and len({r["lam"] for r in rows}) == 6
+    journal = sorted((tmp_path / "run" / "evaluations").glob("lam=*.json"))
+    assert len(journal) == 6

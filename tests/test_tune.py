@@ -137,7 +137,7 @@ def test_bad_input_fails_before_any_trial(ray_session, trajectory, tmp_path, kwa
 
 def test_output_dir_with_another_run_is_refused(run, trajectory):
     pair, result = run
-    with pytest.raises(ConfigError, match="already holds a run; pass overwrite=True"):
+    with pytest.raises(ConfigError, match="already holds a run; pass resume=True .* overwrite=True"):
         tune_merge(pair, {"cpu": 1}, objective=heldout(pair[1]), output_dir=result.output_dir,
                    progress=False)
 

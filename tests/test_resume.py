@@ -1,0 +1,186 @@
+"""Killed drivers, for real: Tuner.restore brings the GP-Hedge state back and the run goes on with
+the same sequence of λ an uninterrupted run produces; `tune_merge(resume=True)` and
+`ckmerge-ray tune --resume` redo no finished evaluation."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from ckmerge_ray.cli import main as cli
+from ckmerge_ray.search import GPHedgeSearch
+from tests.test_search import bowl, drive
+
+DRIVER = r'''
+import json, os, sys, time
+from pathlib import Path
+from ray import tune
+from ckmerge_ray import GPHedgeSearch
+
+LOG = Path(os.environ["LAM_LOG"])
+
+def objective(config):
+    lam = config["lam"]
+    with open(LOG, "a") as f:
+        f.write(f"{lam!r}\n")
+    if len(LOG.read_text().split()) == int(os.environ.get("HANG_AT", "0")):
+        Path(str(LOG) + ".hang").touch()
+        time.sleep(600)  # the test kills the driver while this trial runs
+    tune.report({"score": (lam - 0.71) ** 2 + 3.0})
+
+storage, mode = sys.argv[1], sys.argv[2]
+if mode == "fit":
+    searcher = GPHedgeSearch(metric="score", mode="min", batch_size=1, seed=11,
+                             points_to_evaluate=[{"lam": 0.0}, {"lam": 0.5}, {"lam": 1.0}])
+    tuner = tune.Tuner(objective, param_space={"lam": tune.uniform(0.5, 1.0)},
+                       tune_config=tune.TuneConfig(search_alg=searcher, num_samples=9,
+                                                   max_concurrent_trials=1),
+                       run_config=tune.RunConfig(name="exp", storage_path=storage, verbose=0))
+else:
+    tuner = tune.Tuner.restore(os.path.join(storage, "exp"), trainable=objective)
+grid = tuner.fit()
+rows = sorted((r.config["batch"], r.config["lam"]) for r in grid if r.metrics)  # q = 1: one per batch
+print("RESULT " + json.dumps({"lams": [lam for _, lam in rows], "errors": len(grid.errors)}))
+'''
+
+
+def run_driver(tmp_path, mode, env, **popen):
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    return subprocess.Popen([sys.executable, str(script), str(tmp_path / "runs"), mode],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **popen)
+
+
+def test_tuner_restore_after_driver_kill_continues_the_same_sequence(tmp_path):
+    log = tmp_path / "lams.log"
+    env = {**os.environ, "LAM_LOG": str(log), "HANG_AT": "6", "TUNE_GLOBAL_CHECKPOINT_S": "0",
+           "RAY_ADDRESS": "local"}
+    first = run_driver(tmp_path, "fit", env)
+    deadline = time.time() + 240
+    while not Path(str(log) + ".hang").exists():
+        assert first.poll() is None, first.stdout.read()
+        assert time.time() < deadline, "the driver never reached the sixth trial"
+        time.sleep(0.5)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+    first.wait()
+
+    env["HANG_AT"] = "0"
+    second = run_driver(tmp_path, "restore", env)
+    out, _ = second.communicate(timeout=300)
+    assert second.returncode == 0, out
+    result = json.loads(out.split("RESULT ", 1)[1].splitlines()[0])
+
+    reference = [c["lam"] for c in drive(
+        GPHedgeSearch(space={"lam": (0.5, 1.0)}, metric="score", mode="min", batch_size=1, seed=11,
+                      points_to_evaluate=[{"lam": 0.0}, {"lam": 0.5}, {"lam": 1.0}]),
+        bowl, 9)]
+    assert result["errors"] == 0
+    assert result["lams"] == reference
+    # The sixth trial was in flight when the driver died: it ran again after the restore.
+    started = [float(x) for x in log.read_text().split()]
+    assert started[:5] == reference[:5] and started[5] == reference[5]
+
+
+TUNE_DRIVER = r'''
+import os, sys, time
+from pathlib import Path
+from ckmerge_ray import tune_merge
+from ckmerge_ray.objectives import HeldoutLoss
+
+class CountsAndHangs(HeldoutLoss):
+    """Logs every finished evaluation; hangs in evaluation number HANG_AT (for the kill)."""
+
+    def evaluate(self, model, device):
+        log = Path(os.environ["EVAL_LOG"])
+        n = len(list(log.parent.glob("started-*")))
+        (log.parent / f"started-{n}-{os.getpid()}").touch()
+        if n + 1 == int(os.environ.get("HANG_AT", "0")):
+            Path(str(log) + ".hang").touch()
+            time.sleep(600)
+        out = super().evaluate(model, device)
+        with open(log, "a") as f:
+            f.write(f"{out['score']!r}\n")
+        return out
+
+earlier, later, out, resume = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "resume"
+objective = CountsAndHangs(Path(later).parent / "heldout.jsonl", seq_len=64, max_tokens=2048)
+r = tune_merge((earlier, later), {"cpu": 1}, objective=objective, num_trials=6, max_concurrent=2,
+               output_dir=out, seed=3, resume=resume, export_best=False)
+print("BEST", r.best_lambda)
+'''
+
+
+def test_killed_driver_resumes_without_redoing_finished_evaluations(trajectory, tmp_path):
+    script = tmp_path / "tune_driver.py"
+    script.write_text(TUNE_DRIVER)
+    (tmp_path / "evals").mkdir()
+    log = tmp_path / "evals" / "finished.log"
+    env = {**os.environ, "EVAL_LOG": str(log), "HANG_AT": "5", "RAY_ADDRESS": "local"}
+    args = [sys.executable, str(script), str(trajectory[-2]), str(trajectory[-1]), str(tmp_path / "run")]
+    first = subprocess.Popen(args + ["fit"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while not Path(str(log) + ".hang").exists():
+        assert first.poll() is None, first.stdout.read()
+        assert time.time() < deadline, "the driver never reached the fifth evaluation"
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # driver, Ray and workers, mid-evaluation
+    first.wait()
+    finished_before = log.read_text().split()
+    assert len(finished_before) >= 3
+
+    env["HANG_AT"] = "0"
+    second = subprocess.run(args + ["resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    rows = pq.read_table(tmp_path / "run" / "trials.parquet").to_pylist()
+    assert len(rows) == 7 and all(r["status"] == "ok" for r in rows)
+    assert len({r["trial_id"] for r in rows}) == 7 and len({r["lam"] for r in rows}) == 7
+    finished = log.read_text().split()
+    # Every evaluation that finished in the first run was reused, never recomputed: the two
+    # runs together finished exactly one evaluation per trial.
+    assert len(finished) == 7, (finished_before, finished)
+    assert "resuming" in second.stdout
+
+    # Resuming a finished run reports it and evaluates nothing.
+    third = subprocess.run(args + ["resume"], env=env, capture_output=True, text=True, timeout=120)
+    assert third.returncode == 0 and "holds a finished run" in third.stdout, third.stdout + third.stderr
+    assert len(log.read_text().split()) == 7
+
+
+def test_cli_resume_of_a_finished_run_reports_it(ray_session, trajectory, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--objective", f"loss:{trajectory[-1].parent / 'heldout.jsonl'}", "--seq-len", "64",
+              "--max-tokens", "2048", "--trials", "3", "--max-concurrent", "1", "--no-export"]
+    assert cli(["tune", str(trajectory[-2]), str(trajectory[-1]), *common, "--output", str(out)]) == 0
+    first = capsys.readouterr().out
+    assert cli(["tune", "--resume", str(out)]) == 0
+    again = capsys.readouterr().out
+    assert "holds a finished run" in again
+    assert first.strip().splitlines()[-1] in again  # the same final line: best λ and score
+
+
+def test_resume_refuses_different_arguments_and_missing_runs(ray_session, trajectory, tmp_path, capsys):
+    from ckmerge_ray import tune_merge
+    from ckmerge_ray.errors import ConfigError
+
+    out = tmp_path / "run"
+    kw = dict(objective=f"loss:{trajectory[-1].parent / 'heldout.jsonl'}",
+              objective_options={"seq_len": 64, "max_tokens": 2048}, num_trials=3,
+              max_concurrent=1, export_best=False, progress=False, output_dir=out)
+    tune_merge((trajectory[-2], trajectory[-1]), {"cpu": 1}, **kw)
+    with pytest.raises(ConfigError, match=r"cannot resume .* different arguments: num_trials=5 \(the run has 3\)"):
+        tune_merge((trajectory[-2], trajectory[-1]), {"cpu": 1}, **{**kw, "num_trials": 5}, resume=True)
+    with pytest.raises(ConfigError, match="already holds a run; pass resume=True"):
+        tune_merge((trajectory[-2], trajectory[-1]), {"cpu": 1}, **kw)
+    with pytest.raises(ConfigError, match="nothing to resume in .*: no run.json"):
+        tune_merge((trajectory[-2], trajectory[-1]), {"cpu": 1}, **{**kw, "output_dir": tmp_path / "x"},
+                   resume=True)
+    assert cli(["tune", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
