@@ -6,13 +6,13 @@ tuner (run on Ray Tune) -> results (tables, best model) -> cli.
 """
 
 from ckmerge_ray.errors import CheckpointError, CkmergeError, ConfigError, ObjectiveError, RunError
-from ckmerge_ray.objectives import HeldoutLoss, Objective, parse_objective
+from ckmerge_ray.objectives import HeldoutLoss, LmEvalObjective, Objective, parse_objective
 from ckmerge_ray.search import GPHedgeSearch
 from ckmerge_ray.tuner import TuneMergeResult, tune_merge
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "tune_merge", "TuneMergeResult", "GPHedgeSearch", "Objective", "HeldoutLoss", "parse_objective",
+    "tune_merge", "TuneMergeResult", "GPHedgeSearch", "Objective", "HeldoutLoss", "LmEvalObjective", "parse_objective",
     "CkmergeError", "CheckpointError", "ConfigError", "ObjectiveError", "RunError",
 ]

@@ -39,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-tokens", type=int, default=65536,
                    help="held-out tokens scored per trial (default 65536)")
     t.add_argument("--eval-batch-size", type=int, default=8, help="windows per forward (default 8)")
+    t.add_argument("--include-path", default=None,
+                   help="lmeval: a directory of local lm-eval task YAMLs")
+    t.add_argument("--metric", default="acc",
+                   help="lmeval: the metric of every task (default acc), e.g. acc_norm, word_perplexity")
+    t.add_argument("--limit", type=float, default=None,
+                   help="lmeval: documents per task (count, or fraction < 1), the same in every trial")
+    t.add_argument("--num-fewshot", type=int, default=None, help="lmeval: few-shot examples")
     t.add_argument("--alpha", type=float, default=0.5, help="search λ in [alpha, 1] (default 0.5)")
     t.add_argument("--trials", type=int, default=10,
                    help="distinct λ values to evaluate in [alpha, 1] (default 10)")
@@ -63,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept pytorch_model.bin (loaded with torch.load(weights_only=True))")
     t.add_argument("--storage-path", default=None,
                    help="Ray Tune storage path (shared filesystem or URI on multi-node clusters)")
+    t.add_argument("--allow-spilling", action="store_true",
+                   help="run even if the two checkpoints exceed a node's object store (slow)")
     t.add_argument("--quiet", action="store_true", help="no progress output")
 
     d = sub.add_parser("demo", help="make a small trajectory from the stdlib and tune its last pair")
@@ -104,18 +113,25 @@ def _tune(args) -> int:
         (args.earlier, args.later),
         {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial},
         objective=args.objective,
-        objective_options={
-            "text_field": args.text_field, "seq_len": args.seq_len,
-            "max_tokens": args.max_tokens, "batch_size": args.eval_batch_size,
-        },
+        objective_options=_objective_options(args),
         alpha=args.alpha, num_trials=args.trials, max_concurrent=args.max_concurrent,
         output_dir=args.output, seed=args.seed, acquisitions=_csv(args.acquisitions, str),
         eta=args.eta, initial_lambdas=_csv(args.initial, float), kappa=args.kappa,
         xi=args.xi, gp_noise=args.gp_noise, allow_pickle=args.allow_pickle,
         export_best=not args.no_export, overwrite=args.overwrite,
         storage_path=args.storage_path, progress=not args.quiet,
+        allow_spilling=args.allow_spilling,
     )
     return 0
+
+
+def _objective_options(args) -> dict:
+    if args.objective.startswith("lmeval:"):
+        limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
+        return {"include_path": args.include_path, "metrics": args.metric, "limit": limit,
+                "num_fewshot": args.num_fewshot, "batch_size": args.eval_batch_size}
+    return {"text_field": args.text_field, "seq_len": args.seq_len,
+            "max_tokens": args.max_tokens, "batch_size": args.eval_batch_size}
 
 
 def _csv(text: str, kind):

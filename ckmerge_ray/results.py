@@ -83,10 +83,13 @@ def export_merged(
 
     Shards come from the object store one pair at a time, so memory stays bounded by a shard.
     The directory is built under a temporary name beside `dest` and renamed into place; an
-    existing `dest` is replaced only after the new one is complete.
+    existing `dest` is replaced only after the new one is complete. Leftovers of an export that
+    was killed (temporary directories beside `dest`) are removed first.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    for stale in [*dest.parent.glob(f".{dest.name}-tmp-*"), *dest.parent.glob(f".{dest.name}-old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-tmp-"))
     try:
         n = len(later.refs)

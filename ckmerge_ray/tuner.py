@@ -17,6 +17,7 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -45,7 +46,7 @@ from ckmerge_ray.results import (
     write_json_atomic,
     write_table_atomic,
 )
-from ckmerge_ray.search import ACQUISITIONS, LAMBDA, merge_searcher
+from ckmerge_ray.search import ACQUISITIONS, LAMBDA, initial_points, merge_searcher
 from ckmerge_ray.store import put_checkpoint
 from ckmerge_ray.trial import TrialPlan, build_model, check_model_covers, merge_trainable
 
@@ -94,6 +95,7 @@ def tune_merge(
     progress: bool = True,
     resume: bool = False,
     max_failures: int = 2,
+    allow_spilling: bool = False,
 ) -> TuneMergeResult:
     """Find the λ whose merge λ·Θ(t) + (1-λ)·Θ(t-1) scores best, with concurrent Ray Tune trials.
 
@@ -128,6 +130,9 @@ def tune_merge(
             reported.
         max_failures: retries of a trial whose worker process died (default 2). An objective
             that raises is not retried: that λ is recorded as failed.
+        allow_spilling: run even when the two checkpoints do not fit in a node's object store
+            (Ray spills shards to disk and trials read them back, slowly); by default such a
+            run is refused before anything is stored, with the numbers.
 
     Returns:
         A `TuneMergeResult`.
@@ -139,6 +144,7 @@ def tune_merge(
     log = _printer(progress)
     resources = _normalize_resources(resources)
     _check_arguments(pair, alpha, num_trials, max_concurrent)
+    _check_initial_points(alpha, num_trials, initial_lambdas)
     try:  # the searcher checks its own arguments; do it now, before any expensive work
         merge_searcher(alpha, "min", 1, initial_lambdas, acquisitions=acquisitions, eta=eta,
                        kappa=kappa, xi=xi, gp_noise=gp_noise, seed=seed)
@@ -170,6 +176,7 @@ def tune_merge(
     ray_start_s = time.perf_counter() - t_ray
     try:
         q = _concurrency(resources, max_concurrent, num_trials)
+        _check_object_store(earlier_info.nbytes + later_info.nbytes, resources, allow_spilling, log)
 
         # 3. Object store: each checkpoint read once, one object per shard.
         plan = plan_shards(later_info, max_shard_bytes)
@@ -215,6 +222,7 @@ def tune_merge(
             write_json_atomic(out / RUN_FILE, {**run_args, "experiment": experiment,
                                                "resources": resources, "max_concurrent": q,
                                                "allow_pickle": allow_pickle,
+                                               "allow_spilling": allow_spilling,
                                                "objective_is_spec": isinstance(objective_arg, str)})
             tuner = tune.Tuner(
                 trainable,
@@ -496,6 +504,18 @@ def _run_arguments(pair, objective, objective_options, alpha, num_trials, seed, 
     }
 
 
+def _check_initial_points(alpha: float, num_trials: int, initial_lambdas: Sequence[float]) -> None:
+    outside = [x for x in initial_lambdas if not (isinstance(x, (int, float)) and alpha <= x <= 1)]
+    if outside:
+        raise ConfigError(f"initial_lambdas must lie in [alpha, 1] = [{alpha}, 1], got {outside}")
+    first = [p[LAMBDA] for p in initial_points(alpha, initial_lambdas) if p[LAMBDA] >= alpha]
+    if num_trials < len(first):
+        raise ConfigError(
+            f"num_trials={num_trials} is smaller than the {len(first)} initial points in "
+            f"[{alpha}, 1] (λ = {', '.join(f'{x:g}' for x in first)}); raise num_trials"
+        )
+
+
 def _claim_output_dir(out: Path, overwrite: bool, resume: bool, run_args: Dict) -> Optional[Dict]:
     """Refuse a directory holding another run; return the stored run when resuming it."""
     if out.exists() and not out.is_dir():
@@ -553,6 +573,7 @@ def resume_run(output_dir: str | os.PathLike, **overrides) -> TuneMergeResult:
     args = {k: run[k] for k in ("objective", "objective_options", "alpha", "num_trials", "seed",
                                 "acquisitions", "eta", "kappa", "xi", "gp_noise",
                                 "initial_lambdas", "max_concurrent", "allow_pickle")}
+    args["allow_spilling"] = run.get("allow_spilling", False)
     return tune_merge(run["pair"], run["resources"], output_dir=out, resume=True,
                       **{**args, **overrides})
 
@@ -596,6 +617,44 @@ def _ensure_ray() -> bool:
     else:
         ray.init(include_dashboard=False, logging_level="WARNING")
     return True
+
+
+def _check_object_store(need: int, resources: Dict[str, float], allow_spilling: bool, log) -> None:
+    """Both checkpoints live in the object store of the driver's node and of every node that
+    runs trials. If they do not fit, Ray spills shards to disk and every trial pays for reading
+    them back: refuse with the numbers, or (allow_spilling) warn and go on, unless even the
+    spill disk is too small."""
+    import shutil
+    import tempfile
+
+    me = ray.get_runtime_context().get_node_id()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    used = [n for n in nodes if n["NodeID"] == me or (
+        n["Resources"].get("CPU", 0) >= resources["cpu"]
+        and n["Resources"].get("GPU", 0) >= resources["gpu"])]
+    smallest = min(used, key=lambda n: n["Resources"].get("object_store_memory", 0))
+    store = int(smallest["Resources"].get("object_store_memory", 0))
+    if need <= store:
+        return
+    gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    where = f"node {smallest.get('NodeManagerAddress', '?')}"
+    if not allow_spilling:
+        raise ConfigError(
+            f"the two checkpoints need {gib(need)} of object store but {where} has {gib(store)}: "
+            "start Ray with a larger store (ray start --object-store-memory BYTES, or "
+            "ray.init(object_store_memory=...)), or pass allow_spilling=True (CLI: "
+            "--allow-spilling) to let Ray spill shards to disk, slowly"
+        )
+    free = shutil.disk_usage(tempfile.gettempdir()).free
+    if need - store > 0.9 * free:
+        raise ConfigError(
+            f"the two checkpoints need {gib(need)}; {where} has {gib(store)} of object store "
+            f"and {gib(free)} free for spilling in {tempfile.gettempdir()}: not enough for both"
+        )
+    msg = (f"the two checkpoints ({gib(need)}) exceed the object store of {where} "
+           f"({gib(store)}); Ray will spill {gib(need - store)} to disk and trials will read it back")
+    warnings.warn(msg, ResourceWarning, stacklevel=3)
+    log(f"warning: {msg}")
 
 
 def _concurrency(resources: Dict[str, float], requested: Optional[int], num_trials: int) -> int:

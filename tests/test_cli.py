@@ -43,3 +43,11 @@ def test_tune_end_to_end(trajectory, tmp_path):
     assert r.stdout.count("[ckmerge] trial ") == 5  # progress line per trial (4 + λ=0)
     again = cli("tune", trajectory[-2], trajectory[-1], "--objective", "loss:x.jsonl", "--output", out)
     assert again.returncode == 2 and "already holds a run" in again.stderr
+
+
+def test_unknown_lmeval_task_is_one_line_exit_2(trajectory, tmp_path):
+    r = cli("tune", trajectory[-2], trajectory[-1], "--objective", "lmeval:ckmerge_no_such_task",
+            "--include-path", tmp_path, "--output", tmp_path / "run")
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("ckmerge-ray: error: unknown lm-eval task(s) ['ckmerge_no_such_task']")
+    assert not (tmp_path / "run" / "trials.parquet").exists()

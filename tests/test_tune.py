@@ -121,10 +121,16 @@ def test_bf16_sharded_pair_exports_exact_merge(ray_session, trajectory_bf16, tmp
     ({"alpha": 1.0}, ConfigError, r"alpha must be in \[0, 1\), got 1.0"),
     ({"alpha": -0.1}, ConfigError, r"alpha must be in \[0, 1\), got -0.1"),
     ({"num_trials": 1}, ConfigError, "num_trials must be at least 2"),
+    ({"alpha": 0.0}, ConfigError, r"num_trials=2 is smaller than the 3 initial points in \[0.0, 1\] \(λ = 0, 1, 0.5\)"),
+    ({"initial_lambdas": [0.7]}, ConfigError, r"num_trials=2 is smaller than the 3 initial points .*λ = 0.5, 1, 0.7"),
+    ({"initial_lambdas": [0.2]}, ConfigError, r"initial_lambdas must lie in \[alpha, 1\] = \[0.5, 1\], got \[0.2\]"),
+    ({"allow_spilling": False, "resume": True}, ConfigError, "nothing to resume in .*: no run.json"),
     ({"resources": {"cpu": 64}}, ConfigError, "per-trial resources cpu=64, gpu=0 fit on no node"),
     ({"resources": {"tpu": 1}}, ConfigError, "resources keys must be 'cpu' and 'gpu'"),
     ({"objective": "loss:/nonexistent/x.jsonl"}, ObjectiveError, "held-out file does not exist"),
     ({"objective_options": {"text_field": "body"}}, ObjectiveError, "has no text field 'body'"),
+    ({"objective": "lmeval:ckmerge_no_such_task", "objective_options": {}}, ObjectiveError,
+     r"unknown lm-eval task\(s\) \['ckmerge_no_such_task'\]"),
 ])
 def test_bad_input_fails_before_any_trial(ray_session, trajectory, tmp_path, kwargs, error, message):
     pair = (trajectory[-2], trajectory[-1])
