@@ -117,21 +117,37 @@ def _mergekit(pair) -> float:
     return time.perf_counter() - t
 
 
+BASELINE: Dict[str, int] = {}  # object-store bytes used before the first run
+
+
 def memory(pair, concurrency, vocab: int) -> Dict:
     import ray
     from ray._private import internal_api  # internal: the only way to read plasma bytes used
 
     from ckmerge_ray import tune_merge
 
+    def used() -> int:
+        addr = ray.get_runtime_context().gcs_address
+        reply = internal_api.get_memory_info_reply(internal_api.get_state_from_address(addr))
+        return reply.store_stats.object_store_bytes_used
+
+    # The previous run's shards are freed asynchronously (its workers exit, its plan holder is
+    # killed): wait for the store to drain to the session's baseline, at most 30 s, so that each
+    # row is one run's own peak. If it does not drain, the row shows the leftovers.
+    import gc
+
+    gc.collect()
+    deadline = time.time() + 30
+    while used() > BASELINE.get("bytes", 0) + 2**20 and time.time() < deadline:
+        time.sleep(0.5)
+    drain_s = 30 - max(0.0, deadline - time.time())
     peak = {"bytes": 0}
     stop = threading.Event()
 
     def sample():
-        addr = ray.get_runtime_context().gcs_address
         while not stop.is_set():
             try:
-                reply = internal_api.get_memory_info_reply(internal_api.get_state_from_address(addr))
-                peak["bytes"] = max(peak["bytes"], reply.store_stats.object_store_bytes_used)
+                peak["bytes"] = max(peak["bytes"], used())
             except Exception:
                 pass
             time.sleep(0.2)
@@ -146,7 +162,8 @@ def memory(pair, concurrency, vocab: int) -> Dict:
     stop.set()
     thread.join()
     rows = [r for r in result.table.to_pylist() if r["status"] == "ok"]
-    return {"q": concurrency, "store_peak_MB": peak["bytes"] / 1e6,
+    return {"q": concurrency, "store_peak_MB": (peak["bytes"] - BASELINE.get("bytes", 0)) / 1e6,
+            "drain_s": drain_s,
             "uss_MB": max(r["uss_mb"] for r in rows) * 2**20 / 1e6,
             "model_uss_MB": max(r["model_uss_mb"] for r in rows) * 2**20 / 1e6,
             "rss_peak_MB": max(r["rss_peak_mb"] for r in rows) * 2**20 / 1e6,
@@ -167,6 +184,18 @@ def main(argv=None) -> int:
     o = overhead(pair, repeat=3 if args.quick else 7)
     print({k: round(v, 4) for k, v in o.items()}, flush=True)
     vocab = __import__("json").loads((pair[1] / "config.json").read_text())["vocab_size"]
+    import gc
+
+    from ray._private import internal_api
+
+    from ckmerge_ray import trial
+
+    trial._RESIDENT.clear()  # overhead() ran the trial path in this process: drop its shard views
+    gc.collect()
+    time.sleep(2)  # frees are asynchronous
+    reply = internal_api.get_memory_info_reply(
+        internal_api.get_state_from_address(ray.get_runtime_context().gcs_address))
+    BASELINE["bytes"] = reply.store_stats.object_store_bytes_used
     mem = [memory(pair, q, vocab) for q in ((1, 2) if args.quick else (1, 2, 4))]
     ray.shutdown()
     for m in mem:
@@ -187,19 +216,24 @@ def main(argv=None) -> int:
         "",
         f"(a)/(b) = {ratio:.4f} (target ≤ 0.05); (a)/arithmetic = {vs_arith:.2f} (target ≤ 3).",
         "",
-        "| concurrent trials | object-store peak MB | worker USS MB (max) | USS added by the model (max) | that / model | worker peak RSS MB | wall s |",
-        "|---|---|---|---|---|---|---|",
+        "| concurrent trials | object-store peak MB | worker USS MB (max) | USS added by the model (max) | that / model | worker peak RSS MB | wall s | wait for the previous run's frees, s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m in mem:
         table.append(f"| {m['q']} | {m['store_peak_MB']:.0f} | {m['uss_MB']:.0f} | {m['model_uss_MB']:.0f} | "
-                     f"{m['model_uss_MB'] / model_mb:.2f} | {m['rss_peak_MB']:.0f} | {m['wall_s']:.1f} |")
+                     f"{m['model_uss_MB'] / model_mb:.2f} | {m['rss_peak_MB']:.0f} | {m['wall_s']:.1f} | "
+                     f"{m['drain_s']:.1f} |")
     body = (f"Command: `python benchmarks/trial_overhead.py`. Machine: {machine()}.\n\n" + "\n".join(table)
             + "\n\nUSS is a worker's private memory after a merge (the Python/torch/transformers "
               "runtime plus the resident model); 'USS added by the model' is USS after the merge "
               "minus USS just before the model was built (target ≤ 1.3 × model). Peak RSS also "
               "counts the object-store pages a worker mapped, which are shared, not copies. "
-              "Object-store peak is sampled on the driver during each run; runs are sequential in "
-              "one Ray session, so growth across rows would mean a leak.")
+              "Object-store peak is sampled on the driver during each run, minus the store's use "
+              "before the first run; runs are sequential in one Ray session, each started once the "
+              "previous run's shards were freed (last column), so growth across rows would mean a "
+              "leak. 'USS added by the model' "
+              "also counts the model code transformers imports on the first build and memory the "
+              "allocator keeps after evaluations, so it overstates the model's own share.")
     print(body)
     if not args.quick:
         write_section("Per-trial overhead and memory", body)

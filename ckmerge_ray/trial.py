@@ -28,7 +28,7 @@ from ckmerge_ray.store import StoredCheckpoint, shard_tensors
 
 @dataclass
 class TrialPlan:
-    """Everything a trial needs, shipped to workers once through `tune.with_parameters`."""
+    """Everything a trial needs; workers fetch it once per run from the run's `PlanHolder`."""
 
     run_id: str
     model_config: Dict  # config.json of the later checkpoint
@@ -200,7 +200,35 @@ def worker_memory_mb() -> Dict[str, float]:
     return {"rss_peak_mb": peak_kb / 1024, "uss_mb": psutil.Process().memory_full_info().uss / 2**20}
 
 
-def merge_trainable(config: Dict, plan: TrialPlan) -> None:
+@ray.remote(num_cpus=0)
+class PlanHolder:
+    """Holds a run's TrialPlan, and so the references to its shards, for as long as the run lasts.
+
+    Trials get the plan from this named actor rather than through `tune.with_parameters`, which
+    keeps its parameters in Tune's registry until the driver process exits: several runs in one
+    process would pile up their checkpoints in the object store. Killing the holder at the end of
+    the run drops the last borrower of the shards, and Ray frees them.
+    """
+
+    def __init__(self, plan: TrialPlan):
+        self._plan = plan
+
+    def plan(self) -> TrialPlan:
+        return self._plan
+
+
+# holder actor name -> plan, fetched once per worker process and run.
+_PLANS: Dict[str, TrialPlan] = {}
+
+
+def fetch_plan(holder: str) -> TrialPlan:
+    if holder not in _PLANS:
+        _PLANS.clear()  # an earlier run's plan (and its shard references) is no longer needed
+        _PLANS[holder] = ray.get(ray.get_actor(holder).plan.remote())
+    return _PLANS[holder]
+
+
+def merge_trainable(config: Dict, holder: str) -> None:
     """Ray Tune function trainable: one merge-and-evaluate, recorded in the journal, reported.
 
     An evaluation already in the run's journal (it finished while the driver was down, or before
@@ -211,6 +239,7 @@ def merge_trainable(config: Dict, plan: TrialPlan) -> None:
     """
     from ray import tune
 
+    plan = fetch_plan(holder)
     lam = float(config["lam"])
     done = read_journal(plan.journal_dir, lam)
     if done is not None:

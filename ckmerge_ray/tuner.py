@@ -48,7 +48,13 @@ from ckmerge_ray.results import (
 )
 from ckmerge_ray.search import ACQUISITIONS, LAMBDA, initial_points, merge_searcher
 from ckmerge_ray.store import put_checkpoint
-from ckmerge_ray.trial import TrialPlan, build_model, check_model_covers, merge_trainable
+from ckmerge_ray.trial import (
+    PlanHolder,
+    TrialPlan,
+    build_model,
+    check_model_covers,
+    merge_trainable,
+)
 
 
 @dataclass
@@ -174,6 +180,7 @@ def tune_merge(
     t_ray = time.perf_counter()
     started_ray = _ensure_ray()
     ray_start_s = time.perf_counter() - t_ray
+    holder = None
     try:
         q = _concurrency(resources, max_concurrent, num_trials)
         _check_object_store(earlier_info.nbytes + later_info.nbytes, resources, allow_spilling, log)
@@ -202,12 +209,10 @@ def tune_merge(
         )
         num_samples = num_trials + (1 if alpha > 0 else 0)
         writer = TrialTableWriter(out / TRIALS_FILE, num_samples, objective.mode, progress)
-        # Known limitation: Tune pickles `with_parameters` references into its trainable
-        # registry, which pins the plan, and so both checkpoints' shards, in the object store
-        # until this driver process exits. One run per process (the CLI, a job) is unaffected;
-        # several tune_merge calls in one process accumulate (see BENCHMARKS.md).
+        holder_name = f"ckmerge-plan-{run_id}"
+        holder = PlanHolder.options(name=holder_name).remote(trial_plan)
         trainable = tune.with_resources(
-            tune.with_parameters(merge_trainable, plan=trial_plan),
+            tune.with_parameters(merge_trainable, holder=holder_name),
             {"cpu": resources["cpu"], "gpu": resources["gpu"]},
         )
         if previous:
@@ -320,6 +325,8 @@ def tune_merge(
         log(format_result(result))
         return result
     finally:
+        if holder is not None:
+            ray.kill(holder)  # releases the shards (see PlanHolder)
         if started_ray:
             ray.shutdown()
 

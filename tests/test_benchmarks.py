@@ -36,7 +36,9 @@ def test_merge_throughput_quick(tmp_path):
 def test_trial_overhead_quick(tmp_path):
     figures = run_quick("trial_overhead.py", tmp_path, "--cache", str(tmp_path))
     assert 0 < float(figures["overhead_ratio"]) < 1
-    assert float(figures["store_growth"]) >= 1
+    # Runs with 1, 2 and 4 concurrent trials, one after another in one Ray session: each run's
+    # shards are freed when it ends, so the store's peak does not grow with concurrency.
+    assert float(figures["store_growth"]) < 1.3
 
 
 def test_end_to_end_quick(tmp_path):

@@ -163,8 +163,6 @@ def object_store_bytes_used() -> int:
     return internal_api.get_memory_info_reply(internal_api.get_state_from_address(addr)).store_stats.object_store_bytes_used
 
 
-@pytest.mark.xfail(strict=True, reason="known limitation: tune.with_parameters pins the shards "
-                   "until the driver exits (measured in BENCHMARKS.md, per-trial overhead section)")
 def test_shards_are_released_when_the_run_ends(ray_session, trajectory, tmp_path):
     import gc
     import time
