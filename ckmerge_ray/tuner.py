@@ -340,18 +340,19 @@ class TrialTableWriter(tune.Callback):
         self.mode = mode
         self.progress = progress
         self.rows: List[Dict] = []
+        self._reconciled = True  # nothing from an earlier process to reconcile
 
     def setup(self, **info):
         # On a restored experiment this object comes back from Tune's pickled state, rows and
         # all as of the run's start: the table on disk is the record, so start from it.
         self.rows = read_rows(self.path)
-        self._reconciled = False
+        self._reconciled = not self.rows
 
     def on_step_begin(self, iteration: int, trials, **info):
         # After a restore, drop rows of trials that Tune's last experiment snapshot did not hold
         # (they finished after it): the restored searcher proposes them again and the journal
         # answers without recomputing, under a new trial ID. Without this they would count twice.
-        if getattr(self, "_reconciled", True):
+        if self._reconciled:
             return
         self._reconciled = True
         known = {t.trial_id for t in trials}
