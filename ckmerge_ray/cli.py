@@ -144,7 +144,10 @@ def _csv(text: str, kind):
 def _demo(args) -> int:
     from ckmerge_ray.demo import TrajectoryConfig, run_demo
 
-    cfg = TrajectoryConfig() if args.steps is None else TrajectoryConfig(steps=args.steps)
+    if args.steps is None:
+        cfg = TrajectoryConfig()
+    else:  # at least two checkpoints (four when steps allow) whatever the number of steps
+        cfg = TrajectoryConfig(steps=args.steps, save_every=min(100, max(1, args.steps // 4)))
     run_demo(args.workdir, trials=args.trials, max_concurrent=args.max_concurrent, cfg=cfg)
     return 0
 

@@ -184,6 +184,11 @@ def run_demo(
     """Make (or reuse) the demo trajectory, then tune its last adjacent pair."""
     from ckmerge_ray.tuner import tune_merge
 
+    if cfg.steps < 2 * cfg.save_every:
+        from ckmerge_ray.errors import ConfigError
+
+        raise ConfigError(f"the demo needs two checkpoints: steps ({cfg.steps}) must be at least "
+                          f"2 × save_every ({cfg.save_every})")
     work = Path(workdir)
     start = time.perf_counter()
     ckpts = sorted(work.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))

@@ -51,3 +51,14 @@ def test_unknown_lmeval_task_is_one_line_exit_2(trajectory, tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().startswith("ckmerge-ray: error: unknown lm-eval task(s) ['ckmerge_no_such_task']")
     assert not (tmp_path / "run" / "trials.parquet").exists()
+
+
+def test_demo_with_too_few_steps_for_two_checkpoints_is_refused(tmp_path):
+    import pytest
+
+    from ckmerge_ray.demo import TrajectoryConfig, run_demo
+    from ckmerge_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"steps \(100\) must be at least 2 × save_every \(100\)"):
+        run_demo(tmp_path, cfg=TrajectoryConfig(steps=100, save_every=100))
+    assert not list(tmp_path.iterdir())  # refused before any training
