@@ -11,6 +11,7 @@ Exit codes: 0 on success, 2 on bad input or a failed run (one line on stderr), 1
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -30,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("earlier", nargs="?", help="the earlier checkpoint Θ(t-1)")
     t.add_argument("later", nargs="?", help="the later checkpoint Θ(t); λ weights this one")
     t.add_argument("--objective",
-                   help="what to minimize/maximize, e.g. loss:heldout.jsonl (jsonl, parquet, txt)")
+                   help="what to minimize/maximize: loss:heldout.jsonl (jsonl, parquet, txt), "
+                   "lmeval:task1,task2, or an objective .yaml file (see README)")
     t.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue the run in RUN_DIR (after a killed driver or a preempted job) "
                    "with its own arguments; finished evaluations are not redone")
@@ -46,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--limit", type=float, default=None,
                    help="lmeval: documents per task (count, or fraction < 1), the same in every trial")
     t.add_argument("--num-fewshot", type=int, default=None, help="lmeval: few-shot examples")
+    t.add_argument("--noise-aware", action="store_true",
+                   help="feed each trial's standard error (lmeval reports it) into the GP")
+    t.add_argument("--screen-limit", type=float, default=None,
+                   help="lmeval multi-fidelity: score every λ on this many documents per task "
+                   "first (count, or fraction < 1); only competitive λ get the full evaluation")
+    t.add_argument("--screen-keep", type=float, default=0.5,
+                   help="fraction of screened λ that go on to the full evaluation (default 0.5)")
     t.add_argument("--alpha", type=float, default=0.5, help="search λ in [alpha, 1] (default 0.5)")
     t.add_argument("--trials", type=int, default=10,
                    help="distinct λ values to evaluate in [alpha, 1] (default 10)")
@@ -70,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept pytorch_model.bin (loaded with torch.load(weights_only=True))")
     t.add_argument("--storage-path", default=None,
                    help="Ray Tune storage path (shared filesystem or URI on multi-node clusters)")
+    t.add_argument("--address", default=None,
+                   help="join this Ray cluster (HEAD_IP:6379, or auto on a cluster node) instead "
+                   "of starting a local Ray; default: $RAY_ADDRESS, which `ray job submit` sets")
     t.add_argument("--allow-spilling", action="store_true",
                    help="run even if the two checkpoints exceed a node's object store (slow)")
     t.add_argument("--quiet", action="store_true", help="no progress output")
@@ -101,15 +113,18 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _tune(args) -> int:
     from ckmerge_ray.tuner import resume_run, tune_merge
 
+    if args.address:  # tune_merge joins the cluster named by RAY_ADDRESS (see _ensure_ray)
+        os.environ["RAY_ADDRESS"] = args.address
     if args.resume:
         if args.earlier or args.objective:
             raise ConfigError("--resume RUN_DIR takes the run's own arguments; give no checkpoints "
                               "or --objective with it")
-        resume_run(args.resume, export_best=not args.no_export, progress=not args.quiet)
+        _report(resume_run(args.resume, export_best=not args.no_export, progress=not args.quiet),
+                args.quiet)
         return 0
     if not (args.earlier and args.later and args.objective):
         raise ConfigError("tune needs EARLIER LATER --objective SPEC (or --resume RUN_DIR)")
-    tune_merge(
+    result = tune_merge(
         (args.earlier, args.later),
         {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial},
         objective=args.objective,
@@ -120,14 +135,32 @@ def _tune(args) -> int:
         xi=args.xi, gp_noise=args.gp_noise, allow_pickle=args.allow_pickle,
         export_best=not args.no_export, overwrite=args.overwrite,
         storage_path=args.storage_path, progress=not args.quiet,
-        allow_spilling=args.allow_spilling,
+        allow_spilling=args.allow_spilling, noise_aware=args.noise_aware,
+        screen_limit=_count_or_fraction(args.screen_limit), screen_keep=args.screen_keep,
     )
+    _report(result, args.quiet)
     return 0
 
 
+def _report(result, quiet: bool) -> None:
+    """The end of the output, also what `ray job logs` shows of a job: the final table and the
+    best model's path (tune_merge printed them already unless --quiet), and where the run is."""
+    from ckmerge_ray.tuner import format_result
+
+    if quiet:
+        print(format_result(result), flush=True)
+    print(f"[ckmerge] results: {result.output_dir} (trials.parquet, summary.json)", flush=True)
+
+
+def _count_or_fraction(value):
+    return value if value is None or value < 1 else int(value)
+
+
 def _objective_options(args) -> dict:
+    if args.objective.endswith((".yaml", ".yml")):
+        return {}  # the objective file holds its options
     if args.objective.startswith("lmeval:"):
-        limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
+        limit = _count_or_fraction(args.limit)
         return {"include_path": args.include_path, "metrics": args.metric, "limit": limit,
                 "num_fewshot": args.num_fewshot, "batch_size": args.eval_batch_size}
     return {"text_field": args.text_field, "seq_len": args.seq_len,

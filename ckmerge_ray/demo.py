@@ -208,3 +208,44 @@ def run_demo(
     return result
 
 
+
+
+def make_lmeval_tasks(heldout_jsonl: str | Path, out_dir: str | Path, docs: int = 200,
+                      prefix: str = "ckmerge_stdlib") -> Path:
+    """Write two local lm-eval tasks built from held-out text; returns the task directory.
+
+    - `<prefix>_mc` (multiple choice, metric acc): which of four 30-character continuations
+      follows a 200-character passage; the distractors are continuations of other passages.
+    - `<prefix>_ppl` (loglikelihood_rolling, word/byte perplexity, bits per byte): each held-out
+      document scored whole, like lm-eval's wikitext task.
+    Pass the directory as `include_path` of an `LmEvalObjective`.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    texts = [json.loads(line)["text"] for line in Path(heldout_jsonl).open(encoding="utf-8")]
+    text = " ".join(texts)
+    n = min(docs, len(text) // 400)
+    rows = []
+    for i in range(n):
+        start = 400 * i
+        context, follow = text[start:start + 200], text[start + 200:start + 230]
+        others = [text[400 * ((i + k) % n) + 200:400 * ((i + k) % n) + 230] for k in (5, 11, 17)]
+        label = i % 4
+        rows.append({"context": context, "choices": others[:label] + [follow] + others[label:],
+                     "label": label})
+    (out / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    pages = [{"page": t[:4000]} for t in texts[:max(1, docs // 10)]]
+    (out / "ppl.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pages), encoding="utf-8")
+    common = "test_split: test\ndataset_path: json\n"
+    (out / f"{prefix}_mc.yaml").write_text(
+        f"task: {prefix}_mc\n{common}dataset_kwargs:\n  data_files:\n    test: {out / 'mc.jsonl'}\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n",
+        encoding="utf-8")
+    (out / f"{prefix}_ppl.yaml").write_text(
+        f"task: {prefix}_ppl\n{common}dataset_kwargs:\n  data_files:\n    test: {out / 'ppl.jsonl'}\n"
+        'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{page}}"\n'
+        "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n"
+        "  - metric: bits_per_byte\n", encoding="utf-8")
+    return out

@@ -37,6 +37,7 @@ class TrialPlan:
     later: StoredCheckpoint
     objective: Objective
     journal_dir: Optional[str] = None  # where workers record finished evaluations (resume)
+    screen_limit: Optional[float] = None  # multi-fidelity: documents per task of the cheap stage
 
 
 @dataclass
@@ -160,8 +161,9 @@ def store_digest(plan: TrialPlan) -> str:
     return hashlib.sha1(ids.encode()).hexdigest()[:16]
 
 
-def evaluate_lambda(plan: TrialPlan, lam: float) -> Dict:
-    """Merge at λ into the resident model, score it, and return the trial's metrics."""
+def evaluate_lambda(plan: TrialPlan, lam: float, objective: Optional[Objective] = None) -> Dict:
+    """Merge at λ into the resident model, score it (with `objective`, default the plan's),
+    and return the trial's metrics."""
     start = time.perf_counter()
     device = trial_device()
     resident, built = resident_model(plan, device)
@@ -170,7 +172,7 @@ def evaluate_lambda(plan: TrialPlan, lam: float) -> Dict:
     t_eval = time.perf_counter()
     memory = worker_memory_mb()  # after the merge, before evaluation allocates activations
     memory["model_uss_mb"] = memory["uss_mb"] - resident.uss_before_build_mb
-    metrics = plan.objective.evaluate(resident.model, device)
+    metrics = (objective or plan.objective).evaluate(resident.model, device)
     end = time.perf_counter()
     score = float(metrics["score"])
     if not math.isfinite(score):
@@ -229,7 +231,11 @@ def fetch_plan(holder: str) -> TrialPlan:
 
 
 def merge_trainable(config: Dict, holder: str) -> None:
-    """Ray Tune function trainable: one merge-and-evaluate, recorded in the journal, reported.
+    """Ray Tune function trainable: merge-and-evaluate at λ, recorded in the journal, reported.
+
+    With multi-fidelity screening on (`plan.screen_limit`), the trial first reports a cheap
+    score on the first `screen_limit` documents (`fidelity="screen"`, training iteration 1);
+    the scheduler then stops it or lets it go on to the full evaluation (`fidelity="full"`).
 
     An evaluation already in the run's journal (it finished while the driver was down, or before
     a restore re-queued its trial) is reported again, not recomputed. An objective that fails at
@@ -241,43 +247,58 @@ def merge_trainable(config: Dict, holder: str) -> None:
 
     plan = fetch_plan(holder)
     lam = float(config["lam"])
-    done = read_journal(plan.journal_dir, lam)
+    if plan.screen_limit is not None:
+        screen = evaluate_stage(plan, lam, config, SCREEN)
+        tune.report(screen)  # the scheduler may stop the trial here (it then never resumes)
+        if screen.get("error"):
+            return
+    tune.report(evaluate_stage(plan, lam, config, FULL))
+
+
+SCREEN, FULL = "screen", "full"
+
+
+def evaluate_stage(plan: TrialPlan, lam: float, config: Dict, stage: str) -> Dict:
+    """The result of one fidelity at λ: from the journal if it is there, else evaluated and
+    journaled before it is returned."""
+    done = read_journal(plan.journal_dir, lam, stage)
     if done is not None:
-        tune.report({**done, "from_journal": True})
-        return
+        return {**done, "from_journal": True}
+    objective = plan.objective.with_limit(plan.screen_limit) if stage == SCREEN else None
     try:
-        result = evaluate_lambda(plan, lam)
+        result = evaluate_lambda(plan, lam, objective)
     except Exception as e:  # noqa: BLE001 - any failure of the merge or objective at this λ
         result = {"score": math.nan, "lam": lam, "error": f"{type(e).__name__}: {e}"}
     result["acquisition"] = config.get("acquisition", "")
-    write_journal(plan.journal_dir, lam, result)
-    tune.report(result)
+    result["fidelity"] = stage
+    write_journal(plan.journal_dir, lam, result, stage)
+    return result
 
 
-def journal_file(journal_dir: str, lam: float) -> Path:
-    """One file per evaluated λ, named by the exact float (Tune restores configs exactly)."""
-    return Path(journal_dir) / f"lam={float(lam)!r}.json"
+def journal_file(journal_dir: str, lam: float, stage: str = FULL) -> Path:
+    """One file per evaluated λ and fidelity, named by the exact float (Tune restores configs
+    exactly)."""
+    suffix = "" if stage == FULL else f".{stage}"
+    return Path(journal_dir) / f"lam={float(lam)!r}{suffix}.json"
 
 
-def write_journal(journal_dir: Optional[str], lam: float, result: Dict) -> None:
+def write_journal(journal_dir: Optional[str], lam: float, result: Dict, stage: str = FULL) -> None:
     """Record a finished evaluation from the worker, before Tune hears of it."""
     if journal_dir:
         from ckmerge_ray.results import write_json_atomic
 
-        write_json_atomic(journal_file(journal_dir, lam), result)
+        write_json_atomic(journal_file(journal_dir, lam, stage), result)
 
 
-def read_journal(journal_dir: Optional[str], lam: float) -> Optional[Dict]:
+def read_journal(journal_dir: Optional[str], lam: float, stage: str = FULL) -> Optional[Dict]:
     if not journal_dir:
         return None
-    path = journal_file(journal_dir, lam)
+    path = journal_file(journal_dir, lam, stage)
     if not path.exists():
         return None
     result = json.loads(path.read_text())
     result["score"] = float(result["score"])  # NaN of a failed evaluation round-trips as NaN
     return result
-
-
 def _no_init_weights():
     """transformers' context that skips random init (weights are overwritten by the merge)."""
     try:

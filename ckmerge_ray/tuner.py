@@ -47,6 +47,7 @@ from ckmerge_ray.results import (
     write_table_atomic,
 )
 from ckmerge_ray.search import ACQUISITIONS, LAMBDA, initial_points, merge_searcher
+from ckmerge_ray.search.fidelity import ScreeningScheduler
 from ckmerge_ray.store import put_checkpoint
 from ckmerge_ray.trial import (
     PlanHolder,
@@ -102,6 +103,9 @@ def tune_merge(
     resume: bool = False,
     max_failures: int = 2,
     allow_spilling: bool = False,
+    noise_aware: bool = False,
+    screen_limit: Optional[float] = None,
+    screen_keep: float = 0.5,
 ) -> TuneMergeResult:
     """Find the λ whose merge λ·Θ(t) + (1-λ)·Θ(t-1) scores best, with concurrent Ray Tune trials.
 
@@ -139,6 +143,17 @@ def tune_merge(
         allow_spilling: run even when the two checkpoints do not fit in a node's object store
             (Ray spills shards to disk and trials read them back, slowly); by default such a
             run is refused before anything is stored, with the numbers.
+        noise_aware: feed each trial's reported standard error (``score_stderr``, reported by
+            lm-eval objectives) into the GP as that observation's noise, so the search does not
+            chase noise (see `GPHedgeSearch`'s ``noise_key``). Off by default.
+        screen_limit: multi-fidelity screening, off by default. Every trial is first scored on
+            this many documents per task (lm-eval ``limit`` semantics: a count, or a fraction);
+            only λ whose cheap score is in the best ``screen_keep`` fraction so far get the full
+            evaluation (Ray Tune's ASHA over two fidelities; the initial points always do). The
+            table's ``fidelity`` column says which stage each trial reached; the best λ is chosen
+            among fully evaluated trials only. With ``noise_aware``, screened-out λ inform the
+            GP as noisy observations; without it they are only excluded from later proposals.
+        screen_keep: the fraction of screened λ that go on to the full evaluation (default 0.5).
 
     Returns:
         A `TuneMergeResult`.
@@ -151,14 +166,18 @@ def tune_merge(
     resources = _normalize_resources(resources)
     _check_arguments(pair, alpha, num_trials, max_concurrent)
     _check_initial_points(alpha, num_trials, initial_lambdas)
+    noise_key = "score_stderr" if noise_aware else None
     try:  # the searcher checks its own arguments; do it now, before any expensive work
         merge_searcher(alpha, "min", 1, initial_lambdas, acquisitions=acquisitions, eta=eta,
                        kappa=kappa, xi=xi, gp_noise=gp_noise, seed=seed)
+        if screen_limit is not None:
+            ScreeningScheduler("score", "min", screen_keep)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     out = Path(output_dir).resolve()
     run_args = _run_arguments(pair, objective, objective_options, alpha, num_trials, seed,
                               acquisitions, eta, kappa, xi, gp_noise, initial_lambdas)
+    run_args.update(noise_aware=noise_aware, screen_limit=screen_limit, screen_keep=screen_keep)
     previous = _claim_output_dir(out, overwrite, resume, run_args)
     if previous and (out / SUMMARY_FILE).exists():
         log(f"{out} holds a finished run; reporting it")
@@ -174,11 +193,13 @@ def tune_merge(
     # 2. Objective: read and tokenize the data now, so bad input fails before Ray starts.
     objective_arg = objective
     objective = parse_objective(objective, **dict(objective_options or {}))
+    if screen_limit is not None:
+        _check_screen_limit(objective, screen_limit)
     objective.prepare(later_info.path)
     log(f"objective {objective!r} ready ({objective.mode}imize)")
 
     t_ray = time.perf_counter()
-    started_ray = _ensure_ray()
+    started_ray = _ensure_ray(log)
     ray_start_s = time.perf_counter() - t_ray
     holder = None
     try:
@@ -201,12 +222,15 @@ def tune_merge(
         run_id = uuid.uuid4().hex[:12]
         trial_plan = TrialPlan(
             run_id, later_info.config, dtypes, earlier, later, objective,
-            journal_dir=str(out / JOURNAL_DIR),
+            journal_dir=str(out / JOURNAL_DIR), screen_limit=screen_limit,
         )
         searcher = merge_searcher(
             alpha, objective.mode, batch_size=q, extra_initial=initial_lambdas,
             acquisitions=acquisitions, eta=eta, kappa=kappa, xi=xi, gp_noise=gp_noise, seed=seed,
+            noise_key=noise_key,
         )
+        scheduler = (ScreeningScheduler("score", objective.mode, screen_keep)
+                     if screen_limit is not None else None)
         num_samples = num_trials + (1 if alpha > 0 else 0)
         writer = TrialTableWriter(out / TRIALS_FILE, num_samples, objective.mode, progress)
         holder_name = f"ckmerge-plan-{run_id}"
@@ -233,6 +257,7 @@ def tune_merge(
                 trainable,
                 tune_config=tune.TuneConfig(
                     search_alg=searcher,
+                    scheduler=scheduler,
                     num_samples=num_samples,
                     max_concurrent_trials=q,
                     reuse_actors=True,
@@ -255,7 +280,9 @@ def tune_merge(
             searcher.restore_from_dir(experiment)
 
         rows = read_rows(out / TRIALS_FILE)
-        ok = [r for r in rows if r["status"] == "ok"]
+        # Only full evaluations compete (and give the endpoints' scores); screened-out trials
+        # were scored on a subset.
+        ok = [r for r in rows if r["status"] == "ok" and r.get("fidelity") != "screen"]
         if not ok:
             first = next((r["error"] for r in rows if r.get("error")), "no trial reported a result")
             raise RunError(f"every trial failed; first error: {first}")
@@ -309,9 +336,15 @@ def tune_merge(
             },
             "best_model_path": str(best_path) if best_path else None,
             "resumed": bool(previous),
+            "fidelity": {
+                "screen_limit": screen_limit, "screen_keep": screen_keep if screen_limit else None,
+                "screened_out": sum(r.get("fidelity") == "screen" for r in rows),
+                "full": sum(r.get("fidelity") != "screen" for r in rows),
+            },
             "search": {
                 "searcher": "GPHedgeSearch", "acquisitions": list(searcher.acquisitions),
                 "eta": eta, "kappa": kappa, "xi": xi, "gp_noise": gp_noise, "seed": seed,
+                "noise_key": noise_key,
                 "batch_size": q, "batches": searcher.batch_index + 1,
                 "final_gains": searcher.gains, "final_probabilities": searcher.probabilities(),
             },
@@ -400,6 +433,8 @@ class TrialTableWriter(tune.Callback):
                 what = f"score={row['score']:.5f} ({timing})"
             else:
                 what = f"FAILED: {row['error']}"
+            if row.get("fidelity") == "screen":
+                what += " on the screening subset: not competitive, stopped"
             if row.get("from_journal"):
                 what += " (from the run's journal, not recomputed)"
             print(
@@ -512,6 +547,18 @@ def _run_arguments(pair, objective, objective_options, alpha, num_trials, seed, 
     }
 
 
+def _check_screen_limit(objective: Objective, screen_limit: float) -> None:
+    """The cheap stage must be an objective of its own kind, and cheaper than the full one."""
+    objective.with_limit(screen_limit)  # raises for objectives without a subset
+    if not screen_limit > 0 or (isinstance(screen_limit, float) and screen_limit > 1):
+        raise ConfigError(f"screen_limit must be a positive count or a fraction in (0, 1], "
+                          f"got {screen_limit}")
+    full = getattr(objective, "limit", None)
+    if full is not None and type(full) is type(screen_limit) and screen_limit >= full:
+        raise ConfigError(f"screen_limit={screen_limit} is not smaller than the objective's own "
+                          f"limit={full}: screening would cost as much as the full evaluation")
+
+
 def _check_initial_points(alpha: float, num_trials: int, initial_lambdas: Sequence[float]) -> None:
     outside = [x for x in initial_lambdas if not (isinstance(x, (int, float)) and alpha <= x <= 1)]
     if outside:
@@ -582,6 +629,8 @@ def resume_run(output_dir: str | os.PathLike, **overrides) -> TuneMergeResult:
                                 "acquisitions", "eta", "kappa", "xi", "gp_noise",
                                 "initial_lambdas", "max_concurrent", "allow_pickle")}
     args["allow_spilling"] = run.get("allow_spilling", False)
+    for key, default in (("noise_aware", False), ("screen_limit", None), ("screen_keep", 0.5)):
+        args[key] = run.get(key, default)
     return tune_merge(run["pair"], run["resources"], output_dir=out, resume=True,
                       **{**args, **overrides})
 
@@ -613,39 +662,77 @@ def _check_architecture(info) -> None:
     check_model_covers(model, list(info.specs), {n: s.shape for n, s in info.specs.items()})
 
 
-def _ensure_ray() -> bool:
+def _ensure_ray(log=None) -> bool:
     """Connect to Ray: the running instance, RAY_ADDRESS's cluster, or a new local one.
+
+    With RAY_ADDRESS set (``ray job submit`` sets it for a job's driver; the CLI's ``--address``
+    sets it) this joins that cluster with a bare ``ray.init()``: CPUs, GPUs and object-store
+    sizes belong to the cluster's nodes, never to the driver. Token authentication needs nothing
+    here: Ray itself reads RAY_AUTH_MODE and the token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token). A new local instance binds its ports to this machine and runs no
+    dashboard.
 
     Returns whether this call started Ray (and so should shut it down).
     """
     if ray.is_initialized():
         return False
-    if os.environ.get("RAY_ADDRESS"):
+    address = os.environ.get("RAY_ADDRESS")
+    if address and address != "local":  # "local" asks Ray for a new local instance
         ray.init()  # joins the cluster; resource counts belong to the cluster, not to us
+        if log:
+            log(f"joined the Ray cluster at {address}: {_describe_cluster()}")
     else:
         ray.init(include_dashboard=False, logging_level="WARNING")
     return True
 
 
+def _describe_cluster() -> str:
+    """One line for the job's log: what the tuner found in the cluster it joined."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    cpus = sum(n.get("CPU", 0) for n in nodes)
+    gpus = sum(n.get("GPU", 0) for n in nodes)
+    store = min((n.get("object_store_memory", 0) for n in nodes), default=0)
+    return (f"{len(nodes)} node(s), {cpus:g} CPU, {gpus:g} GPU, smallest object store "
+            f"{store / 2**30:.2f} GiB")
+
+
+# Share of a node's object store the two checkpoints may take before the run warns: the rest is
+# headroom for Ray Tune's own objects, trial results and other jobs' objects.
+STORE_BUDGET = 0.8
+
+
 def _check_object_store(need: int, resources: Dict[str, float], allow_spilling: bool, log) -> None:
-    """Both checkpoints live in the object store of the driver's node and of every node that
-    runs trials. If they do not fit, Ray spills shards to disk and every trial pays for reading
-    them back: refuse with the numbers, or (allow_spilling) warn and go on, unless even the
-    spill disk is too small."""
+    """Both checkpoints live in the object store of the driver's node (the primary copies) and
+    of every node that runs trials (one pulled copy per node). The smallest of those stores
+    decides: if the pair does not fit, Ray spills shards to disk and every trial pays for reading
+    them back, so refuse with the numbers, or (allow_spilling) warn and go on, unless even the
+    spill disk is too small. A pair that fits but leaves less than 20 % headroom gets a warning:
+    other objects could still push shards out to disk."""
     import shutil
     import tempfile
 
     me = ray.get_runtime_context().get_node_id()
     nodes = [n for n in ray.nodes() if n.get("Alive")]
+    # The driver's node, and every node that can hold at least one trial.
     used = [n for n in nodes if n["NodeID"] == me or (
         n["Resources"].get("CPU", 0) >= resources["cpu"]
         and n["Resources"].get("GPU", 0) >= resources["gpu"])]
     smallest = min(used, key=lambda n: n["Resources"].get("object_store_memory", 0))
     store = int(smallest["Resources"].get("object_store_memory", 0))
-    if need <= store:
-        return
     gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
-    where = f"node {smallest.get('NodeManagerAddress', '?')}"
+    role = "the driver's node" if smallest["NodeID"] == me else "a node that can run trials"
+    where = (f"node {smallest.get('NodeManagerAddress', '?')} ({smallest['NodeID'][:8]}, {role}, "
+             f"the smallest of {len(used)} such node(s))")
+    if need <= STORE_BUDGET * store:
+        return
+    if need <= store:
+        msg = (f"the two checkpoints ({gib(need)}) take {need / store:.0%} of the object store of "
+               f"{where} ({gib(store)}); less than {1 - STORE_BUDGET:.0%} headroom is left, and "
+               f"other objects may push shards out to disk. Give every node at least "
+               f"{gib(need / STORE_BUDGET)} (ray start --object-store-memory)")
+        warnings.warn(msg, ResourceWarning, stacklevel=3)
+        log(f"warning: {msg}")
+        return
     if not allow_spilling:
         raise ConfigError(
             f"the two checkpoints need {gib(need)} of object store but {where} has {gib(store)}: "
@@ -677,15 +764,17 @@ def _concurrency(resources: Dict[str, float], requested: Optional[int], num_tria
         raise ConfigError(
             f"per-trial resources cpu={resources['cpu']:g}, gpu={resources['gpu']:g} fit on no "
             f"node of this Ray cluster (largest: {biggest.get('CPU', 0):g} CPU, "
-            f"{biggest.get('GPU', 0):g} GPU)"
+            f"{biggest.get('GPU', 0):g} GPU; {len(nodes)} node(s) alive). Ask for what one node "
+            "has (fractions of a GPU are allowed); on an autoscaling cluster, nodes count once "
+            "they are up: start the worker group first (min_workers / minReplicas)"
         )
     if requested:
         return requested
     slots = 0
-    for n in fits:
-        per_node = [n.get("CPU", 0) // resources["cpu"]] if resources["cpu"] else []
+    for n in fits:  # trials per node, e.g. 2 per GPU at gpu=0.5 (1e-9: 1 / 0.1 is 9.999...)
+        per_node = [math.floor(n.get("CPU", 0) / resources["cpu"] + 1e-9)] if resources["cpu"] else []
         if resources["gpu"]:
-            per_node.append(n.get("GPU", 0) // resources["gpu"])
+            per_node.append(math.floor(n.get("GPU", 0) / resources["gpu"] + 1e-9))
         slots += int(min(per_node))
     return max(1, min(slots, num_trials))
 

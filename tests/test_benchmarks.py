@@ -44,3 +44,8 @@ def test_trial_overhead_quick(tmp_path):
 def test_end_to_end_quick(tmp_path):
     figures = run_quick("end_to_end.py", tmp_path, "--cache", str(tmp_path))
     assert float(figures["wall_q1"]) > 0 and float(figures["wall_q2"]) > 0
+
+
+def test_lmeval_caching_quick(tmp_path):
+    figures = run_quick("lmeval_caching.py", tmp_path, "--cache", str(tmp_path))
+    assert float(figures["speedup_mc"]) > 0 and float(figures["cached_s_mc"]) > 0

@@ -194,3 +194,47 @@ def test_tune_checkpoint_round_trip_into_a_blank_searcher(tmp_path):
     for s in (live, blank):
         s.on_trial_complete("pending", {"score": 3.1})
     assert drive(blank, bowl, 3, concurrent=2) == drive(live, bowl, 3, concurrent=2)
+
+
+def _observe(searcher, points):
+    """Feed (λ, result) pairs as finished trials."""
+    for i, (lam, result) in enumerate(points):
+        searcher._live_trial_mapping[f"o{i}"] = {"lam": lam}
+        searcher.on_trial_complete(f"o{i}", result)
+
+
+@pytest.mark.parametrize("aware", [False, True])
+def test_noise_aware_gp_does_not_interpolate_a_lucky_draw(aware):
+    """One observation 4 standard errors below a smooth bowl: the noise-aware GP (fed the
+    stderr) stays near the bowl there; the plain GP goes through the outlier."""
+    se, outlier = 0.01, 0.75
+    lams = [0.5, 0.6, 0.7, outlier, 0.8, 0.9, 1.0]
+    points = [(lam, {"score": bowl(lam) - (4 * se if lam == outlier else 0.0), "score_stderr": se})
+              for lam in lams]
+    s = merge_searcher(0.5, "min", 1, noise_key="score_stderr" if aware else None)
+    _observe(s, points)
+    X, y = s._observations()
+    alpha = s.noise_variances(y)
+    if aware:
+        assert np.allclose(alpha, max(1e-6, (se / np.std(y)) ** 2))  # normalized-scale variance
+    else:
+        assert alpha == s.gp_noise
+    predicted = -float(s._fit_gp(X, y).predict(np.array([[outlier]]))[0])  # GP maximizes -score
+    pulled = (predicted - (bowl(outlier) - 4 * se)) / (4 * se)  # 0: at the outlier, 1: at the bowl
+    assert (pulled > 0.5) if aware else (abs(pulled) < 0.05)
+
+
+def test_screened_out_trials_are_excluded_and_informative_only_with_a_stderr():
+    s = merge_searcher(0.5, "min", 1, noise_key="score_stderr")
+    for i, score in enumerate((5.0, 4.0, 4.5)):  # the initial points λ = 0, 0.5, 1, in full
+        s.on_trial_complete(f"i{i}", {"score": score, "fidelity": "full"}) if s.suggest(f"i{i}") else None
+    _observe(s, [(0.8, {"score": 4.4, "fidelity": "screen"}),  # no stderr: excluded only
+                 (0.6, {"score": 4.1, "fidelity": "screen", "score_stderr": 0.2})])  # noisy input
+    X, _ = s._observations()
+    assert sorted(X[:, 0].tolist()) == [0.0, 0.5, 0.6, 1.0]
+    assert s._failed == [[0.8]]
+    assert s.noise_variances(s._observations()[1])[-1] > 1e-3  # the screened λ is a noisy point
+    for i in range(6):  # neither screened λ is proposed again
+        cfg = s.suggest(f"n{i}")
+        assert min(abs(cfg["lam"] - 0.8), abs(cfg["lam"] - 0.6)) >= 0.005
+        s.on_trial_complete(f"n{i}", {"score": bowl(cfg["lam"])})

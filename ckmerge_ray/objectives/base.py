@@ -8,6 +8,8 @@ from typing import Dict
 
 import torch
 
+from ckmerge_ray.errors import ObjectiveError
+
 
 class Objective(abc.ABC):
     """Scores a model held in memory. Subclasses set `mode` and implement prepare/evaluate.
@@ -29,3 +31,11 @@ class Objective(abc.ABC):
     @abc.abstractmethod
     def evaluate(self, model: torch.nn.Module, device: torch.device) -> Dict[str, float]:
         """Score the model; the result holds "score" (the tuned metric) and any extra metrics."""
+
+    def with_limit(self, limit: float) -> "Objective":
+        """The same objective on a subset of its data: the cheap stage of multi-fidelity
+        screening. Objectives without a natural subset refuse."""
+        raise ObjectiveError(
+            f"the {self.name!r} objective has no cheaper subset for multi-fidelity screening; "
+            "use an lm-eval objective (its documents are subset with `limit`)"
+        )

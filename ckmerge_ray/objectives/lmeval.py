@@ -1,18 +1,24 @@
 """lm-evaluation-harness tasks as an objective, run on the trial's in-memory merged model.
 
-`lm_eval.simple_evaluate` gets an `HFLM` that wraps the model the worker already holds (never a
-path, so nothing is reloaded from disk) and Θ(t)'s tokenizer. Tasks are any registered lm-eval
-task or group, or local task YAMLs from `include_path`. Task names and the direction of each
-metric are checked on the driver before any trial starts.
+lm-eval gets an `HFLM` that wraps the model the worker already holds (never a path, so nothing
+is reloaded from disk) and Θ(t)'s tokenizer. Tasks are any registered lm-eval task or group, or
+local task YAMLs from `include_path`. Task names, metrics and their directions are checked on
+the driver before any trial starts.
 
-Built so far: task selection and validation, one metric per task combined with weights, fixed
-subsets (`limit`), per-task metrics in the trial row. Not yet (issue 4): request caching across
-trials, noise-aware GP input from standard errors, multi-fidelity.
+Per worker, the tasks are loaded once and their requests (documents rendered into prompts) are
+built once: the documents do not change between trials, only the weights. So a trial calls
+`lm_eval.evaluator.evaluate` on the already-loaded tasks with lm-eval's request cache, instead of
+`simple_evaluate`, which reloads the datasets and collects environment information (a `pip list`
+subprocess) on every call.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
+import math
+import os
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -24,6 +30,10 @@ from ckmerge_ray.objectives.base import Objective
 # (include_path, include_defaults) -> TaskManager; indexing the built-in tasks costs seconds, so
 # each process (driver, worker) builds it once.
 _TASK_MANAGERS: Dict[Tuple[Optional[str], bool], object] = {}
+# Objective.task_key() -> (loaded task dict, private request-cache directory), once per process.
+_LOADED: Dict[Tuple, Tuple[Dict, str]] = {}
+
+STDERR_BOOTSTRAP_ITERS = 100  # closed form for mean metrics; a 100-draw bootstrap for the others
 
 
 def task_manager(include_path: Optional[str], include_defaults: bool):
@@ -48,6 +58,11 @@ class LmEvalObjective(Objective):
             tasks are not indexed (``include_defaults=False``).
         limit: documents per task (count, or fraction), the same documents in every trial.
         num_fewshot, batch_size, max_length, apply_chat_template: passed to lm-eval.
+        cache_requests: load the tasks and build their requests once per worker (default True).
+            False runs ``simple_evaluate`` from scratch on every trial (for comparison).
+        stderr: also compute each metric's standard error (closed form for mean metrics such as
+            acc, a 100-draw in-process bootstrap for perplexities) and report ``score_stderr``,
+            which a noise-aware search uses (default True; costs milliseconds).
     """
 
     name = "lmeval"
@@ -63,6 +78,8 @@ class LmEvalObjective(Objective):
         batch_size: int = 8,
         max_length: Optional[int] = None,
         apply_chat_template: bool = False,
+        cache_requests: bool = True,
+        stderr: bool = True,
     ):
         self.tasks = [t.strip() for t in tasks if t and t.strip()]
         if not self.tasks:
@@ -76,21 +93,31 @@ class LmEvalObjective(Objective):
             raise ObjectiveError(f"metrics/weights name tasks not in the objective: {sorted(unknown)}")
         if any(w < 0 for w in self.weights.values()) or sum(self.weights.values()) <= 0:
             raise ObjectiveError(f"task weights must be non-negative, not all zero: {self.weights}")
+        if limit is not None and (limit <= 0 or (isinstance(limit, float) and limit > 1)):
+            raise ObjectiveError(f"limit must be a positive count or a fraction in (0, 1], got {limit}")
         self.include_path = str(include_path) if include_path else None
         self.include_defaults = True
         self.limit, self.num_fewshot = limit, num_fewshot
         self.batch_size, self.max_length = batch_size, max_length
         self.apply_chat_template = apply_chat_template
+        self.cache_requests, self.stderr = bool(cache_requests), bool(stderr)
         self.tokenizer = None
 
     def __repr__(self) -> str:
         return (f"LmEvalObjective({self.tasks!r}, metrics={self.metrics!r}, limit={self.limit!r}, "
                 f"include_path={self.include_path!r})")
 
+    def with_limit(self, limit: int | float) -> "LmEvalObjective":
+        """The same objective on the first `limit` documents per task (a cheaper fidelity)."""
+        cheaper = copy.copy(self)
+        cheaper.limit = limit
+        return cheaper
+
+    # --- driver ------------------------------------------------------------------------------
+
     def prepare(self, tokenizer_dir: Path) -> None:
-        """Check the tasks exist and every metric has one known direction; load the tokenizer."""
+        """Check tasks, metrics and their directions; load the tokenizer. Runs on the driver."""
         from lm_eval.api.registry import is_higher_better
-        from transformers import AutoTokenizer
 
         self.include_defaults = not (self.include_path and self._all_found(include_defaults=False))
         manager = task_manager(self.include_path, self.include_defaults)
@@ -117,38 +144,128 @@ class LmEvalObjective(Objective):
                 "combine metrics that all improve the same way"
             )
         self.mode = "max" if next(iter(directions.values())) else "min"
+        loaded = self._load_tasks()
+        self._check_metrics_produced(loaded)
+        self._load_tokenizer(tokenizer_dir, loaded)
+
+    def _check_metrics_produced(self, loaded: Dict) -> None:
+        """Each chosen metric must be one that every leaf task under the name computes."""
+        for task, metric in self.metrics.items():
+            leaves = _leaves(task, loaded)
+            for leaf in leaves:
+                produced = sorted(loaded["tasks"][leaf].aggregation())
+                if metric not in produced:
+                    where = f"task {leaf!r} (in {task!r})" if leaf != task else f"task {task!r}"
+                    raise ObjectiveError(
+                        f"{where} does not produce metric {metric!r}; it produces {produced}"
+                    )
+
+    def _load_tokenizer(self, tokenizer_dir: Path, loaded: Dict) -> None:
+        from transformers import AutoTokenizer
+
+        generating = [n for n, t in loaded["tasks"].items()
+                      if t.get_config("output_type") == "generate_until"]
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         except Exception as e:  # noqa: BLE001 - any failure means: no usable tokenizer
-            raise ObjectiveError(f"lm-eval objectives need Θ(t)'s tokenizer in {tokenizer_dir}: {e}") from e
+            need = (f"generation tasks {generating[:3]} need" if generating
+                    else "lm-eval objectives need")
+            raise ObjectiveError(f"{need} Θ(t)'s tokenizer, but none loads from {tokenizer_dir}: "
+                                 f"{e}") from e
+        if generating and self.tokenizer.eos_token is None:
+            raise ObjectiveError(f"generation tasks {generating[:3]} need a tokenizer with an "
+                                 f"end-of-sequence token; the one in {tokenizer_dir} has none")
+
+    def _all_found(self, include_defaults: bool) -> bool:
+        manager = task_manager(self.include_path, include_defaults)
+        return all(t in manager.all_tasks for t in self.tasks)
+
+    # --- worker ------------------------------------------------------------------------------
 
     def evaluate(self, model: torch.nn.Module, device: torch.device) -> Dict[str, float]:
-        from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
 
         lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size,
                   max_length=self.max_length, device=str(device))
-        out = simple_evaluate(
-            model=lm, tasks=list(self.tasks), task_manager=task_manager(self.include_path,
-                                                                        self.include_defaults),
-            limit=self.limit, num_fewshot=self.num_fewshot, bootstrap_iters=0, log_samples=False,
+        if self.stderr:
+            # lm-eval's bootstrap otherwise starts a pool of cpu_count() processes inside a
+            # worker that Ray gave a CPU or two.
+            os.environ.setdefault("DISABLE_MULTIPROC", "1")
+        out = self._run_cached(lm) if self.cache_requests else self._run_uncached(lm)
+        return self._score(out)
+
+    def _run_cached(self, lm) -> Dict:
+        from lm_eval.caching import cache as lm_eval_cache
+        from lm_eval.evaluator import evaluate
+
+        loaded, cache_dir = self._load_tasks_once()
+        # lm-eval's request cache is keyed by task name only; a directory private to this
+        # process and objective means another run's (or another dataset's) requests never leak in.
+        lm_eval_cache.PATH = cache_dir
+        return evaluate(
+            lm=lm, task_dict=loaded, limit=self.limit, cache_requests=True,
+            bootstrap_iters=self._bootstrap_iters(), log_samples=False,
             apply_chat_template=self.apply_chat_template, verbosity="ERROR",
         )
+
+    def _run_uncached(self, lm) -> Dict:
+        from lm_eval import simple_evaluate
+
+        return simple_evaluate(
+            model=lm, tasks=list(self.tasks),
+            task_manager=task_manager(self.include_path, self.include_defaults),
+            limit=self.limit, num_fewshot=self.num_fewshot, bootstrap_iters=self._bootstrap_iters(),
+            log_samples=False, apply_chat_template=self.apply_chat_template, verbosity="ERROR",
+        )
+
+    def _bootstrap_iters(self) -> int:
+        return STDERR_BOOTSTRAP_ITERS if self.stderr else 0
+
+    def task_key(self) -> Tuple:
+        return (tuple(self.tasks), self.include_path, self.include_defaults, self.num_fewshot)
+
+    def _load_tasks_once(self) -> Tuple[Dict, str]:
+        key = self.task_key()
+        if key not in _LOADED:
+            cache_dir = tempfile.mkdtemp(prefix="ckmerge-lmeval-requests-")
+            _LOADED[key] = (self._load_tasks(), cache_dir)
+        return _LOADED[key]
+
+    def _load_tasks(self) -> Dict:
+        """Load the tasks and apply the settings `simple_evaluate` would (few-shot count, seed)."""
+        from lm_eval.evaluator import DEFAULT_OTHER_SEED
+
+        loaded = task_manager(self.include_path, self.include_defaults).load(list(self.tasks))
+        for task in loaded["tasks"].values():
+            if self.num_fewshot is not None and task.get_config("num_fewshot") != 0:
+                task.set_config(key="num_fewshot", value=self.num_fewshot)
+            elif task.get_config("num_fewshot") is None:
+                task.set_config(key="num_fewshot", value=0)
+            task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
+        return loaded
+
+    def _score(self, out: Dict) -> Dict[str, float]:
         row: Dict[str, float] = {}
         for task in self.tasks:
             for key, value in out["results"].get(task, {}).items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     row[f"{task}/{key.replace(',none', '')}"] = float(value)
         total = sum(self.weights.values())
-        score = 0.0
+        score, variance = 0.0, 0.0
         for task, metric in self.metrics.items():
             key = f"{task}/{metric}"
             if key not in row:
                 produced = sorted(k.split("/", 1)[1] for k in row if k.startswith(f"{task}/"))
                 raise ObjectiveError(f"task {task!r} did not produce metric {metric!r} (it produced {produced})")
             self._check_direction(out, task, metric)
-            score += self.weights[task] / total * row[key]
-        return {"score": score, **row}
+            w = self.weights[task] / total
+            score += w * row[key]
+            se = row.get(f"{task}/{metric}_stderr")
+            variance = variance + (w * se) ** 2 if se is not None and math.isfinite(se) else math.nan
+        result = {"score": score, **row}
+        if self.stderr and math.isfinite(variance):
+            result["score_stderr"] = math.sqrt(variance)  # tasks scored on independent documents
+        return result
 
     def _check_direction(self, out: Dict, task: str, metric: str) -> None:
         higher = out.get("higher_is_better", {}).get(task, {}).get(metric)
@@ -158,9 +275,15 @@ class LmEvalObjective(Objective):
                 f"was set up to {self.mode}imize it"
             )
 
-    def _all_found(self, include_defaults: bool) -> bool:
-        manager = task_manager(self.include_path, include_defaults)
-        return all(t in manager.all_tasks for t in self.tasks)
+
+def _leaves(name: str, loaded: Dict) -> List[str]:
+    """The leaf tasks under a task or group name, as lm-eval loaded them."""
+    if name in loaded["tasks"]:
+        return [name]
+    leaves = []
+    for child in loaded.get("group_map", {}).get(name, []):
+        leaves.extend(_leaves(child, loaded))
+    return leaves
 
 
 def parse_tasks(arg: str) -> List[str]:

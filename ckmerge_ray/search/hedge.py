@@ -16,6 +16,7 @@ import warnings
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+from bayes_opt.util import NotUniqueError
 from ray.tune.search.bayesopt import BayesOptSearch
 from ray.tune.utils.util import unflatten_dict
 
@@ -75,6 +76,19 @@ class GPHedgeSearch(BayesOptSearch):
         gp_noise: the GP's ``alpha``, observation noise variance added to the kernel diagonal
             on the normalized target scale (default 1e-6: deterministic objectives). Raise it
             (e.g. 1e-2) for noisy objectives so the GP does not interpolate noise.
+        noise_key: a result key holding each observation's standard error (e.g. lm-eval's
+            ``score_stderr``). Each observation then gets its own noise variance, (stderr / spread
+            of the observed scores)² on the GP's normalized scale (at least ``gp_noise``), and
+            EI/PI measure improvement over the best posterior mean at an observed point rather
+            than over the best observed score. Why: a benchmark subset of a few hundred
+            questions has a standard error of a few accuracy points, often larger than the
+            differences between nearby λ; a GP that interpolates such scores puts a spike at
+            every lucky draw and spends trials next to it. Heteroscedastic noise (one variance
+            per point) rather than one fitted noise level, because the error is known per trial
+            and differs between fidelities (see ``fidelity`` results below). Results without a
+            finite stderr keep ``gp_noise``.
+            A result with ``fidelity == "screen"`` (a trial stopped after its cheap evaluation)
+            is never suggested again; it informs the GP only when it carries a stderr.
         min_spacing: smallest allowed distance between two suggested points, as a fraction of
             the range (default 0.01).
         min_length_scale: lower bound of the GP kernel's length scale, as a fraction of the
@@ -115,6 +129,7 @@ class GPHedgeSearch(BayesOptSearch):
         xi: float = 0.0,
         kappa: float = 1.0,
         gp_noise: float = 1e-6,
+        noise_key: Optional[str] = None,
         min_spacing: float = 0.01,
         min_length_scale: Optional[float] = None,
         seed: int = 0,
@@ -139,6 +154,8 @@ class GPHedgeSearch(BayesOptSearch):
         self.acquisitions = acquisitions
         self.eta, self.xi, self.kappa = float(eta), float(xi), float(kappa)
         self.gp_noise = float(gp_noise)
+        self.noise_key = noise_key
+        self._obs_stderr: List[float] = []  # per registered observation, in registration order
         self.min_spacing = float(min_spacing)
         if min_length_scale is not None and min_length_scale <= 0:
             raise ValueError(f"min_length_scale must be positive, got {min_length_scale}")
@@ -217,8 +234,11 @@ class GPHedgeSearch(BayesOptSearch):
             return  # unknown or already processed: idempotent
         value = (result or {}).get(self._metric)
         finite = isinstance(value, (int, float)) and math.isfinite(value)
+        screened = (result or {}).get("fidelity") == "screen"
         if error or not finite:
             self._failed.append(self._to_array(params).tolist())
+        elif screened and not self._finite_stderr(result):
+            self._failed.append(self._to_array(params).tolist())  # excluded, but no GP input
         else:
             self._register_result(params, result)
         batch = self._trial_info.get(trial_id, {}).get("batch")
@@ -233,8 +253,15 @@ class GPHedgeSearch(BayesOptSearch):
             warnings.filterwarnings("ignore", message="(?s).*outside the bounds")
             try:
                 super()._register_result(params, result)
-            except KeyError as e:  # bayes_opt's NotUniqueError: the point is already known
+            except (KeyError, NotUniqueError) as e:  # the point is already known
                 logger.info("GPHedgeSearch: not registering a repeated point: %s", e)
+                return
+        self._obs_stderr.append(self._finite_stderr(result) or math.nan)
+
+    def _finite_stderr(self, result: Optional[Dict]) -> Optional[float]:
+        value = (result or {}).get(self.noise_key) if self.noise_key else None
+        ok = isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+        return float(value) if ok else None
 
     def get_state(self) -> Dict:
         state = super().get_state()
@@ -297,9 +324,10 @@ class GPHedgeSearch(BayesOptSearch):
         if len(y) < 2:
             return self._farthest(taken, rng), "explore"
         gp = self._fit_gp(X, y)
+        # With noisy scores the incumbent is the best posterior mean, not a lucky draw.
+        y_max = float(gp.predict(X).max()) if self.noise_key else float(y.max())
         if pending:
-            gp = _kriging_believer(gp, X, y, np.asarray(pending))
-        y_max = float(y.max())
+            gp = _kriging_believer(gp, X, y, np.asarray(pending), self.gp_noise)
         nominees = {a: self._maximize(a, gp, y_max, taken, rng) for a in self.acquisitions}
         self._nominees[self.batch_index].append({a: x.tolist() for a, x in nominees.items()})
         probs = [self._batch_probs[a] for a in self.acquisitions]
@@ -367,10 +395,19 @@ class GPHedgeSearch(BayesOptSearch):
         from sklearn.base import clone
 
         gp = clone(self.optimizer._gp)  # same kernel, noise and seed as bayes_opt's own GP
+        gp.set_params(alpha=self.noise_variances(y))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             gp.fit(X, y)
         return gp
+
+    def noise_variances(self, y: np.ndarray) -> np.ndarray | float:
+        """Per-observation noise variance on the GP's normalized scale (see ``noise_key``)."""
+        if not self.noise_key or len(self._obs_stderr) != len(y):
+            return self.gp_noise
+        spread = float(np.std(y)) or 1.0
+        se = np.nan_to_num(np.asarray(self._obs_stderr, dtype=float), nan=0.0)
+        return np.maximum(self.gp_noise, (se / spread) ** 2)
 
     def _to_array(self, params: Dict) -> np.ndarray:
         return np.asarray([float(params[k]) for k in self._keys])
@@ -379,14 +416,16 @@ class GPHedgeSearch(BayesOptSearch):
         return {k: float(v) for k, v in zip(self._keys, x)}
 
 
-def _kriging_believer(gp, X: np.ndarray, y: np.ndarray, pending: np.ndarray):
+def _kriging_believer(gp, X: np.ndarray, y: np.ndarray, pending: np.ndarray, noise: float):
     """The GP conditioned on pending points as if they returned their posterior mean.
 
-    Kernel hyperparameters stay those fitted on real data (fantasies must not reshape them).
+    Kernel hyperparameters stay those fitted on real data (fantasies must not reshape them);
+    the real points keep their noise, the fantasies get `noise`.
     """
     from sklearn.base import clone
 
-    fantasy = clone(gp).set_params(kernel=gp.kernel_, optimizer=None)
+    alpha = np.concatenate([np.broadcast_to(gp.alpha, (len(X),)), np.full(len(pending), noise)])
+    fantasy = clone(gp).set_params(kernel=gp.kernel_, optimizer=None, alpha=alpha)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fantasy.fit(np.vstack([X, pending]), np.concatenate([y, gp.predict(pending)]))
