@@ -11,6 +11,8 @@ the demo trajectory's held-out stdlib text; model: the demo's last checkpoint.
 
     python benchmarks/lmeval_caching.py            # demo trajectory (made once, ~2 min); writes BENCHMARKS.md
     python benchmarks/lmeval_caching.py --quick    # a tiny trajectory, no tune run, prints only
+    python benchmarks/lmeval_caching.py --mmlu FILE  # also MMLU-style data you have locally
+                                                     # (see examples/tune_on_lmeval.py)
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ckmerge-bench")
+    p.add_argument("--mmlu", type=Path, default=None,
+                   help="an MMLU-style .csv/.jsonl/.parquet file to time as well (never downloaded)")
     args = p.parse_args(argv)
 
     from transformers import AutoModelForCausalLM
@@ -65,13 +69,27 @@ def main(argv=None) -> int:
     if len(ckpts) < 2:
         ckpts = make_trajectory(work, cfg, log=lambda m: print(m, file=sys.stderr))
     tasks = make_lmeval_tasks(work / "heldout.jsonl", work / "lmeval_tasks")
+    if args.mmlu is None:
+        print("MMLU-style case skipped: no --mmlu FILE given (real benchmark data is never "
+              "downloaded)", file=sys.stderr)
+    elif not args.mmlu.is_file():
+        print(f"MMLU-style case skipped: {args.mmlu} does not exist", file=sys.stderr)
+    else:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(
+            "tune_on_lmeval", Path(__file__).resolve().parents[1] / "examples" / "tune_on_lmeval.py")
+        example = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(example)
+        example.write_mmlu_style_task(args.mmlu, tasks, name="local_mmlu")
+        cases.append(("local_mmlu", "acc", 200))
     model = AutoModelForCausalLM.from_pretrained(ckpts[-1]).eval()
 
     lines = ["| task (documents) | uncached: first / median later trial (s) | cached: first / median later (s) | later-trial speed-up |",
              "|---|---|---|---|"]
     figures = {}
     for kind, metric, limit in cases:
-        task = f"ckmerge_stdlib_{kind}"
+        task = kind if kind == "local_mmlu" else f"ckmerge_stdlib_{kind}"
         row = {}
         for cached in (False, True):
             obj = LmEvalObjective([task], metrics=metric, include_path=tasks, limit=limit,

@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     lams = np.asarray(data["lambdas"])
     alpha, budget = 0.5, 12
     noise_levels = (0.25, 0.5) if not args.quick else (0.5,)
-    seeds = range(args.seeds if not args.quick else 2)
+    seeds = range(args.seeds if not args.quick else 1)
     qs = (1, 2) if not args.quick else (1,)
     lines = [
         "| noise σ (× gain) | q | GP | regret @8, best observed | @8, best posterior mean "

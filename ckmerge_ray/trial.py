@@ -79,6 +79,19 @@ def build_model(model_config: Dict, dtypes: Dict[str, str], device: torch.device
     return model.to(device)
 
 
+def import_model_code(model_config: Dict) -> None:
+    """Import the architecture's modeling code (what `build_model` would import first), so that
+    memory measured after this counts the model's weights, not transformers' code."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = dict(model_config)
+    try:
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.for_model(config.pop("model_type"), **config))]
+    except (KeyError, ValueError):
+        pass  # not a built-in causal LM: build_model raises the specific error
+
+
 def tensor_map(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     """State-dict names to the model's own tensors; tied weights appear under every name."""
     named = dict(model.named_parameters(remove_duplicate=False))
@@ -121,6 +134,7 @@ def resident_model(plan: TrialPlan, device: torch.device) -> Tuple[Resident, boo
     built = False
     if plan.run_id not in _RESIDENT:
         _RESIDENT.clear()  # a model of an earlier run is no longer needed
+        import_model_code(plan.model_config)  # ~100 MB of code, the same for any model size
         before = worker_memory_mb()["uss_mb"]
         model = build_model(plan.model_config, plan.dtypes, device)
         _RESIDENT[plan.run_id] = Resident(model, tensor_map(model), before)

@@ -145,7 +145,9 @@ def tune_merge(
             run is refused before anything is stored, with the numbers.
         noise_aware: feed each trial's reported standard error (``score_stderr``, reported by
             lm-eval objectives) into the GP as that observation's noise, so the search does not
-            chase noise (see `GPHedgeSearch`'s ``noise_key``). Off by default.
+            chase noise (see `GPHedgeSearch`'s ``noise_key``), and pick the best λ by the GP's
+            posterior mean among the evaluated λ rather than by the best single score. Off by
+            default.
         screen_limit: multi-fidelity screening, off by default. Every trial is first scored on
             this many documents per task (lm-eval ``limit`` semantics: a count, or a fraction);
             only λ whose cheap score is in the best ``screen_keep`` fraction so far get the full
@@ -291,7 +293,12 @@ def tune_merge(
             first = next((r["error"] for r in rows if r.get("error")), "none reported a score")
             raise RunError(f"no trial with λ in [{alpha}, 1] succeeded; first error: {first}")
         pick = min if objective.mode == "min" else max
-        best = pick(in_space, key=lambda r: r["score"])
+        best = best_observed = pick(in_space, key=lambda r: r["score"])
+        if noise_aware and len(searcher._observations()[1]) >= 2:
+            # Noisy scores: the best observation is partly a lucky draw; the GP's posterior mean
+            # weighs each score by its error and its neighbours (BENCHMARKS.md: lower regret).
+            mean = searcher.posterior_mean([{LAMBDA: r[LAMBDA]} for r in in_space])
+            best = in_space[int(mean.argmin() if objective.mode == "min" else mean.argmax())]
         endpoint_scores = {
             lam: next((r["score"] for r in ok if abs(r[LAMBDA] - lam) < 1e-12), math.nan)
             for lam in (0.0, 1.0)
@@ -314,6 +321,8 @@ def tune_merge(
             "alpha": alpha,
             "best_lambda": best[LAMBDA],
             "best_score": best["score"],
+            "best_by": "posterior_mean" if noise_aware else "observed",
+            "best_observed_lambda": best_observed[LAMBDA],
             "endpoint_scores": {str(k): v for k, v in endpoint_scores.items()},
             "trials": len(rows),
             "trials_ok": len(ok),

@@ -49,3 +49,11 @@ def test_end_to_end_quick(tmp_path):
 def test_lmeval_caching_quick(tmp_path):
     figures = run_quick("lmeval_caching.py", tmp_path, "--cache", str(tmp_path))
     assert float(figures["speedup_mc"]) > 0 and float(figures["cached_s_mc"]) > 0
+
+
+def test_noisy_search_quick(tmp_path):
+    if not (ROOT / "benchmarks" / "landscapes.json").exists():
+        pytest.skip("benchmarks/landscapes.json is not present")
+    figures = run_quick("noisy_search.py", tmp_path)
+    assert {"plain_s0.5_q1_obs12", "aware_s0.5_q1_obs12"} <= set(figures)
+    assert all(float(v) >= 0 for v in figures.values())

@@ -62,3 +62,19 @@ def test_demo_with_too_few_steps_for_two_checkpoints_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"steps \(100\) must be at least 2 × save_every \(100\)"):
         run_demo(tmp_path, cfg=TrajectoryConfig(steps=100, save_every=100))
     assert not list(tmp_path.iterdir())  # refused before any training
+
+
+def test_objective_file_and_screening_flags_reach_the_checks(trajectory, tmp_path):
+    from ckmerge_ray.demo import make_lmeval_tasks
+
+    tasks = make_lmeval_tasks(trajectory[-1].parent / "heldout.jsonl", tmp_path / "tasks", docs=8)
+    spec = tmp_path / "objective.yaml"
+    spec.write_text(f"lmeval:\n  tasks: [ckmerge_stdlib_mc]\n  metrics: word_perplexity\n"
+                    f"  include_path: {tasks}\n")
+    r = cli("tune", trajectory[-2], trajectory[-1], "--objective", spec, "--output", tmp_path / "a")
+    assert r.returncode == 2  # the file's options arrived: its metric is checked against the task
+    assert r.stderr.strip().splitlines()[-1] == ("ckmerge-ray: error: task 'ckmerge_stdlib_mc' does not produce metric "
+                                "'word_perplexity'; it produces ['acc']")
+    r = cli("tune", trajectory[-2], trajectory[-1], "--objective", f"loss:{trajectory[-1].parent / 'heldout.jsonl'}",
+            "--screen-limit", 10, "--output", tmp_path / "b")
+    assert r.returncode == 2 and "no cheaper subset for multi-fidelity screening" in r.stderr

@@ -105,8 +105,12 @@ def test_tune_merge_with_an_lmeval_objective(ray_session, task_dir, trajectory, 
     assert result.mode == "max" and len(rows) == 4 and all(r["status"] == "ok" for r in rows)
     assert all(r["score"] == r[f"{MC}/acc"] and r["fidelity"] == "full" for r in rows)
     assert all(r["score_stderr"] >= 0 for r in rows)  # what the noise-aware GP was fed
-    assert result.best_score == max(r["score"] for r in rows if r["lam"] >= 0.5)
     assert result.summary["search"]["noise_key"] == "score_stderr"
+    # Noise-aware: the best λ is the evaluated one with the best posterior mean, its score is its own.
+    assert result.summary["best_by"] == "posterior_mean" and result.best_lambda >= 0.5
+    assert result.best_score == next(r["score"] for r in rows if r["lam"] == result.best_lambda)
+    observed = max((r for r in rows if r["lam"] >= 0.5), key=lambda r: r["score"])
+    assert result.summary["best_observed_lambda"] == observed["lam"]
 
 
 def test_multi_fidelity_screening(ray_session, task_dir, trajectory, tmp_path):

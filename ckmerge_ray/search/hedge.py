@@ -285,6 +285,12 @@ class GPHedgeSearch(BayesOptSearch):
         w = np.exp(self.eta * (g - g.max()))
         return dict(zip(self.acquisitions, (w / w.sum()).tolist()))
 
+    def posterior_mean(self, points: Sequence[Dict]) -> np.ndarray:
+        """The GP's posterior mean of the metric (in its own units and sign) at `points`."""
+        X, y = self._observations()
+        gp = self._fit_gp(X, y)
+        return self._metric_op * gp.predict(np.asarray([self._to_array(p) for p in points]))
+
     def trial_info(self, trial_id: str) -> Dict:
         """Batch index, acquisition and hedge probabilities recorded for a trial."""
         return dict(self._trial_info.get(trial_id, {}))
