@@ -218,19 +218,21 @@ def worker_memory_mb() -> Dict[str, float]:
 
 @ray.remote(num_cpus=0)
 class PlanHolder:
-    """Holds a run's TrialPlan, and so the references to its shards, for as long as the run lasts.
+    """Holds the object reference of a run's TrialPlan (and so its shards) while the run lasts.
 
-    Trials get the plan from this named actor rather than through `tune.with_parameters`, which
-    keeps its parameters in Tune's registry until the driver process exits: several runs in one
-    process would pile up their checkpoints in the object store. Killing the holder at the end of
-    the run drops the last borrower of the shards, and Ray frees them.
+    Trials get the plan through this named actor rather than through `tune.with_parameters`,
+    which keeps its parameters in Tune's registry until the driver process exits: several runs in
+    one process would pile up their checkpoints in the object store. Killing the holder at the
+    end of the run drops the last borrower, and Ray frees the plan and the shards. The plan is
+    one object in the store (put by the driver), so a node pulls it, with the objective's data,
+    once however many trial processes it runs.
     """
 
-    def __init__(self, plan: TrialPlan):
-        self._plan = plan
+    def __init__(self, plan_ref: List[ray.ObjectRef]):
+        self._plan_ref = plan_ref  # in a list: Ray passes the reference, not the plan
 
-    def plan(self) -> TrialPlan:
-        return self._plan
+    def plan_ref(self) -> List[ray.ObjectRef]:
+        return self._plan_ref
 
 
 # holder actor name -> plan, fetched once per worker process and run.
@@ -240,7 +242,8 @@ _PLANS: Dict[str, TrialPlan] = {}
 def fetch_plan(holder: str) -> TrialPlan:
     if holder not in _PLANS:
         _PLANS.clear()  # an earlier run's plan (and its shard references) is no longer needed
-        _PLANS[holder] = ray.get(ray.get_actor(holder).plan.remote())
+        [plan_ref] = ray.get(ray.get_actor(holder).plan_ref.remote())
+        _PLANS[holder] = ray.get(plan_ref)
     return _PLANS[holder]
 
 

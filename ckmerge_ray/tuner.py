@@ -236,7 +236,7 @@ def tune_merge(
         num_samples = num_trials + (1 if alpha > 0 else 0)
         writer = TrialTableWriter(out / TRIALS_FILE, num_samples, objective.mode, progress)
         holder_name = f"ckmerge-plan-{run_id}"
-        holder = PlanHolder.options(name=holder_name).remote(trial_plan)
+        holder = PlanHolder.options(name=holder_name).remote([ray.put(trial_plan)])
         trainable = tune.with_resources(
             tune.with_parameters(merge_trainable, holder=holder_name),
             {"cpu": resources["cpu"], "gpu": resources["gpu"]},

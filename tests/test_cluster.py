@@ -294,7 +294,8 @@ try:
                 if refs is None:
                     names = [a for a in ray.util.list_named_actors() if a.startswith("ckmerge-plan-")]
                     if names:
-                        plan = ray.get(ray.get_actor(names[0]).plan.remote())
+                        [plan_ref] = ray.get(ray.get_actor(names[0]).plan_ref.remote())
+                        plan = ray.get(plan_ref)
                         refs = plan.earlier.refs + plan.later.refs
                         seen["shard_bytes"] = dict(zip([r.hex() for r in refs],
                                                        plan.earlier.nbytes + plan.later.nbytes))
