@@ -157,9 +157,9 @@ def main(argv=None) -> int:
         + f" per run, against a pair of 2 × {per_ckpt / 2**20:.3f} MiB ({two[0]['shards']} shard(s) per "
         "checkpoint): at most " + " / ".join(f"{c:.3f}" for c in copies)
         + " copies of each checkpoint, so each crossed once (a second pull of a checkpoint would "
-        "make it ≥ 1.5). The rest is the run's plan, which each trial process fetches from the "
-        f"plan-holder actor (it carries the objective's tokenized held-out data, {obj_bytes / 2**20:.3f} "
-        "MiB, and is created on the actor's node), and Tune's small objects."
+        "make it ≥ 1.5). The rest is the run's plan (one object in the driver's store, pulled once "
+        f"per node; it carries the objective's tokenized held-out data, {obj_bytes / 2**20:.3f} "
+        "MiB) and Tune's small objects."
         + NOTE
     )
     body = (
