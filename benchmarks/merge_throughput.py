@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -45,20 +46,28 @@ def bench_one(root: Path, size: str, dtype: str, repeat: int) -> dict:
     nbytes = b.nbytes
 
     resident = Resident(model, tensors, 0.0)  # the worker's cache of shard views, as in a trial
-    merge_s = median_time(lambda: merge_into_model(trial_plan, tensors, 0.6180339, cache=resident), repeat)
     n = nbytes // torch.empty((), dtype=getattr(torch, dtype)).element_size()
     src = torch.empty(n, dtype=getattr(torch, dtype)).normal_()
     dst = torch.empty_like(src)
-    copy_s = median_time(lambda: dst.copy_(src), repeat)
+    # Merge and copy alternate, each ratio from a back-to-back pair: a shared machine's memory
+    # bandwidth drifts by tens of percent between seconds, which timing all merges and then all
+    # copies turns into a ratio error of the same size.
+    merges, copies, ratios = [], [], []
+    for _ in range(repeat):
+        m = median_time(lambda: merge_into_model(trial_plan, tensors, 0.6180339, cache=resident), 1)
+        c = median_time(lambda: dst.copy_(src), 1)
+        merges.append(m)
+        copies.append(c)
+        ratios.append((3 * nbytes / m) / (2 * nbytes / c))
     del src, dst, model, tensors, resident
     stored.clear()  # dropping the last references frees the objects
-    merge_bw = 3 * nbytes / merge_s
-    copy_bw = 2 * nbytes / copy_s
+    merge_s, copy_s = statistics.median(merges), statistics.median(copies)
     return {
         "size": size, "dtype": dtype, "params": sum(_numel(s.shape) for s in b.specs.values()),
         "model_MB": nbytes / 1e6, "shards": len(plan), "merge_ms": merge_s * 1e3,
-        "copy_ms": copy_s * 1e3, "merge_GBps": merge_bw / 1e9, "copy_GBps": copy_bw / 1e9,
-        "ratio": merge_bw / copy_bw,
+        "copy_ms": copy_s * 1e3, "merge_GBps": 3 * nbytes / merge_s / 1e9,
+        "copy_GBps": 2 * nbytes / copy_s / 1e9, "ratio": statistics.median(ratios),
+        "ratio_iqr": statistics.quantiles(ratios, n=4)[::2] if len(ratios) > 1 else [ratios[0]] * 2,
     }
 
 
@@ -111,7 +120,7 @@ def _numel(shape) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=11)
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ckmerge-bench")
     args = p.parse_args(argv)
     import ray
@@ -140,16 +149,18 @@ def main(argv=None) -> int:
                     f"from pinned memory {g['h2d_ms']:.1f} ms ({g['h2d_GBps']:.1f} GB/s) per trial; "
                     f"result within one bf16 rounding of the exact formula: {g['within_one_rounding']}.")
     print(gpu_line)
-    table = ["| size | dtype | params | MB | shards | merge ms | merge GB/s | copy GB/s | ratio |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    table = ["| size | dtype | params | MB | shards | merge ms | merge GB/s | copy GB/s | ratio (median of pairs) | ratio IQR |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         table.append(f"| {r['size']} | {r['dtype']} | {r['params'] / 1e6:.1f} M | {r['model_MB']:.0f} | "
                      f"{r['shards']} | {r['merge_ms']:.1f} | {r['merge_GBps']:.1f} | {r['copy_GBps']:.1f} | "
-                     f"{r['ratio']:.2f} |")
+                     f"{r['ratio']:.2f} | {r['ratio_iqr'][0]:.2f}–{r['ratio_iqr'][1]:.2f} |")
     body = (f"Command: `python benchmarks/merge_throughput.py`. Machine: {machine()}.\n\n"
-            "Merge: in-place merge from object-store shards into a resident model (median of "
-            f"{args.repeat}); bytes = 3 × model bytes. Copy: `dst.copy_(src)` of one tensor as large "
-            "as the model; bytes = 2 × model bytes. Ratio = merge GB/s ÷ copy GB/s (target ≥ 0.8).\n\n"
+            "Merge: in-place merge from object-store shards into a resident model; bytes = 3 × "
+            "model bytes. Copy: `dst.copy_(src)` of one tensor as large as the model; bytes = 2 × "
+            f"model bytes. {args.repeat} merge/copy pairs, alternating; ratio = merge GB/s ÷ copy "
+            "GB/s of each back-to-back pair, median and interquartile range over pairs (target "
+            "≥ 0.8); times are medians.\n\n"
             + "\n".join(table) + ("\n\nSkipped: " + "; ".join(skipped) if skipped else "")
             + "\n\n" + gpu_line)
     print("\n".join(table))
