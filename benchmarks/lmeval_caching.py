@@ -61,7 +61,8 @@ def main(argv=None) -> int:
     if args.quick:
         cfg = TrajectoryConfig(steps=40, save_every=20, seq_len=64, vocab_size=512, hidden_size=48,
                                layers=2, train_bytes=300_000)
-        work, trials, cases = args.cache / "lmeval-quick", 3, [("mc", "acc", 16)]
+        # The same tiny trajectory as end_to_end.py --quick (made once for both with one --cache).
+        work, trials, cases = args.cache / "e2e-quick", 3, [("mc", "acc", 16)]
     else:
         cfg, work, trials = TrajectoryConfig(), args.cache / "e2e-demo", 6
         cases = [("mc", "acc", 200), ("ppl", "word_perplexity", 10)]

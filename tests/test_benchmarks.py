@@ -41,13 +41,19 @@ def test_trial_overhead_quick(tmp_path):
     assert float(figures["store_growth"]) < 1.3
 
 
-def test_end_to_end_quick(tmp_path):
-    figures = run_quick("end_to_end.py", tmp_path, "--cache", str(tmp_path))
+@pytest.fixture(scope="module")
+def quick_trajectory_cache(tmp_path_factory):
+    """end_to_end.py and lmeval_caching.py --quick train the same tiny trajectory: once."""
+    return tmp_path_factory.mktemp("quick_trajectory")
+
+
+def test_end_to_end_quick(tmp_path, quick_trajectory_cache):
+    figures = run_quick("end_to_end.py", tmp_path, "--cache", str(quick_trajectory_cache))
     assert float(figures["wall_q1"]) > 0 and float(figures["wall_q2"]) > 0
 
 
-def test_lmeval_caching_quick(tmp_path):
-    figures = run_quick("lmeval_caching.py", tmp_path, "--cache", str(tmp_path))
+def test_lmeval_caching_quick(tmp_path, quick_trajectory_cache):
+    figures = run_quick("lmeval_caching.py", tmp_path, "--cache", str(quick_trajectory_cache))
     assert float(figures["speedup_mc"]) > 0 and float(figures["cached_s_mc"]) > 0
 
 
