@@ -50,8 +50,8 @@ def created_bytes() -> dict:
 
 
 def objective_bytes(pair, heldout, cfg) -> int:
-    """Serialized size of the prepared objective (the tokenized held-out windows): each trial
-    process receives it once, with the run's plan, besides the checkpoint shards."""
+    """Serialized size of the prepared objective (the tokenized held-out windows): it travels in
+    the run's plan, one object that each node pulls once, besides the checkpoint shards."""
     import ray
 
     from ckmerge_ray.objectives import parse_objective
