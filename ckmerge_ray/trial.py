@@ -250,6 +250,10 @@ class PlanHolder:
         return self._plan_ref
 
 
+# The fidelities a trial reports (the `fidelity` column): the cheap stage of multi-fidelity
+# screening, and the full evaluation.
+SCREEN, FULL = "screen", "full"
+
 # holder actor name -> plan, fetched once per worker process and run.
 _PLANS: Dict[str, TrialPlan] = {}
 
@@ -285,9 +289,6 @@ def merge_trainable(config: Dict, holder: str) -> None:
         if screen.get("error"):
             return
     tune.report(evaluate_stage(plan, lam, config, FULL))
-
-
-SCREEN, FULL = "screen", "full"
 
 
 def evaluate_stage(plan: TrialPlan, lam: float, config: Dict, stage: str) -> Dict:
