@@ -86,12 +86,79 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run even if the two checkpoints exceed a node's object store (slow)")
     t.add_argument("--quiet", action="store_true", help="no progress output")
 
+    c = sub.add_parser("compare", help="the tuned merge against merging baselines",
+                       description="Score baselines (soups, moving averages, Fisher, RegMean, "
+                       "grid/random λ) and the tuned merge of the last pair, on CHECKPOINTS "
+                       "(oldest first); writes compare.parquet and compare.md.")
+    c.add_argument("checkpoints", nargs="+", help="two or more checkpoint directories, oldest first")
+    c.add_argument("--methods", default=",".join(_METHODS),
+                   help=f"comma list from {','.join(_METHODS)} (default all)")
+    c.add_argument("--last-n", type=int, default=None,
+                   help="SMA/EMA/WMA window: the last N checkpoints (default all)")
+    c.add_argument("--ema-alpha", type=float, default=0.5, help="EMA weight of the newest (default 0.5)")
+    c.add_argument("--stats-tokens", type=int, default=8192,
+                   help="tokens per checkpoint for Fisher/RegMean statistics (default 8192)")
+    c.add_argument("--calibration", default=None,
+                   help="text file for Fisher/RegMean statistics (needed with lmeval objectives)")
+    c.add_argument("--regmean-alpha", type=float, default=0.9,
+                   help="RegMean off-diagonal scaling (default 0.9)")
+    _add_run_arguments(c, default_output="ckmerge_runs/compare")
+
+    w = sub.add_parser("sweep", help="tune every adjacent pair of a run's checkpoints",
+                       description="Tune λ for every adjacent pair of checkpoints in DIR "
+                       "(checkpoint-<step>/, step<N>/, iter_<N>/, sorted by step) or of the "
+                       "directories listed; writes sweep.parquet and plots.")
+    w.add_argument("checkpoints", nargs="+",
+                   help="a directory holding checkpoints, or checkpoint directories oldest first")
+    w.add_argument("--heatmap", action="store_true",
+                   help="also score the merge of every pair (i, j) at --heatmap-lambda")
+    w.add_argument("--heatmap-lambda", type=float, default=0.5,
+                   help="weight of the later checkpoint in heatmap merges (default 0.5)")
+    _add_run_arguments(w, default_output="ckmerge_runs/sweep")
+
+    pl = sub.add_parser("plot", help="redraw the plots of a run, sweep or comparison",
+                        description="Redraw the PNG plots of RUN_DIR from its saved tables.")
+    pl.add_argument("run_dir")
+
     d = sub.add_parser("demo", help="make a small trajectory from the stdlib and tune its last pair")
     d.add_argument("--workdir", default="ckmerge_demo", help="where checkpoints and results go")
     d.add_argument("--trials", type=int, default=8)
     d.add_argument("--max-concurrent", type=int, default=2)
     d.add_argument("--steps", type=int, default=None, help="training steps (default 400)")
     return parser
+
+
+_METHODS = ("uniform", "greedy", "sma", "ema", "wma", "fisher", "regmean", "grid", "random",
+            "tuned")  # ckmerge_ray.compare.METHODS, without importing Ray for --help
+
+
+def _add_run_arguments(c: argparse.ArgumentParser, default_output: str) -> None:
+    """Options compare and sweep share with tune."""
+    c.add_argument("--objective", required=True,
+                   help="loss:heldout.jsonl, lmeval:task1,task2, or an objective .yaml file")
+    c.add_argument("--text-field", default="text", help="JSON field / parquet column (default text)")
+    c.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    c.add_argument("--max-tokens", type=int, default=65536,
+                   help="held-out tokens scored per evaluation (default 65536)")
+    c.add_argument("--eval-batch-size", type=int, default=8, help="windows per forward (default 8)")
+    c.add_argument("--include-path", default=None, help="lmeval: a directory of task YAMLs")
+    c.add_argument("--metric", default="acc", help="lmeval: the metric of every task (default acc)")
+    c.add_argument("--limit", type=float, default=None, help="lmeval: documents per task")
+    c.add_argument("--num-fewshot", type=int, default=None, help="lmeval: few-shot examples")
+    c.add_argument("--alpha", type=float, default=0.5, help="search λ in [alpha, 1] (default 0.5)")
+    c.add_argument("--trials", type=int, default=8,
+                   help="λ evaluations in [alpha, 1] per tuned pair (and for grid/random; default 8)")
+    c.add_argument("--max-concurrent", type=int, default=None,
+                   help="evaluations at once (default: what the cluster fits)")
+    c.add_argument("--cpus-per-trial", type=float, default=1.0, help="default 1")
+    c.add_argument("--gpus-per-trial", type=float, default=0.0, help="default 0; fractions allowed")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--output", default=default_output, help=f"output directory (default {default_output})")
+    c.add_argument("--overwrite", action="store_true", help="replace the results in --output")
+    c.add_argument("--allow-pickle", action="store_true",
+                   help="accept pytorch_model.bin (loaded with torch.load(weights_only=True))")
+    c.add_argument("--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS)")
+    c.add_argument("--quiet", action="store_true", help="no progress output")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -101,6 +168,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _tune(args)
         if args.command == "demo":
             return _demo(args)
+        if args.command == "compare":
+            return _compare(args)
+        if args.command == "sweep":
+            return _sweep(args)
+        if args.command == "plot":
+            return _plot(args)
     except CkmergeError as e:
         print(f"ckmerge-ray: error: {e}", file=sys.stderr)
         return 2
@@ -150,6 +223,56 @@ def _report(result, quiet: bool) -> None:
     if quiet:
         print(format_result(result), flush=True)
     print(f"[ckmerge] results: {result.output_dir} (trials.parquet, summary.json)", flush=True)
+
+
+def _common(args) -> dict:
+    """tune_merge-style arguments of compare and sweep."""
+    if args.address:
+        os.environ["RAY_ADDRESS"] = args.address
+    return dict(
+        resources={"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial},
+        objective=args.objective, objective_options=_objective_options(args), alpha=args.alpha,
+        num_trials=args.trials, max_concurrent=args.max_concurrent, output_dir=args.output,
+        seed=args.seed, allow_pickle=args.allow_pickle, overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+
+
+def _compare(args) -> int:
+    from ckmerge_ray.compare import compare_merges
+
+    result = compare_merges(
+        args.checkpoints, methods=args.methods, last_n=args.last_n, ema_alpha=args.ema_alpha,
+        stats_tokens=args.stats_tokens, calibration=args.calibration,
+        regmean_alpha=args.regmean_alpha, **_common(args),
+    )
+    if args.quiet:
+        print(result.markdown(), flush=True)
+    print(f"[ckmerge] results: {result.output_dir} (compare.parquet, compare.md, summary.json)",
+          flush=True)
+    return 0
+
+
+def _sweep(args) -> int:
+    from ckmerge_ray.sweep import sweep_trajectory
+
+    checkpoints = args.checkpoints[0] if len(args.checkpoints) == 1 else args.checkpoints
+    result = sweep_trajectory(checkpoints, heatmap=args.heatmap,
+                              heatmap_lambda=args.heatmap_lambda, **_common(args))
+    for r in result.table.to_pylist():
+        what = (f"best λ={r['best_lambda']:.4f} gain {r['gain']:+.5f}" if r["status"] == "ok"
+                else f"FAILED: {r['error']}")
+        print(f"[ckmerge] step {r['earlier_step']} -> {r['later_step']}: {what}", flush=True)
+    print(f"[ckmerge] results: {result.output_dir} (sweep.parquet, summary.json)", flush=True)
+    return 0
+
+
+def _plot(args) -> int:
+    from ckmerge_ray.plots import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(path)
+    return 0
 
 
 def _count_or_fraction(value):

@@ -8,7 +8,7 @@ the exact result on 10-20 % of elements of checkpoint-like data, so they are nev
 
 from __future__ import annotations
 
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Sequence
 
 import torch
 
@@ -73,3 +73,54 @@ def merge_state_dicts(
 ) -> Dict[str, torch.Tensor]:
     """Merged copies of two whole state dicts (for export and reference checks, not for trials)."""
     return {name: merged(earlier[name], later[name], lam) for name in later}
+
+
+def weighted_sum_into_(
+    dst: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float]
+) -> torch.Tensor:
+    """Write Σ wᵢ·tensorsᵢ into `dst` with one rounding to `dst.dtype` (merges of N checkpoints).
+
+    Two tensors whose weights sum to 1 take the fused lerp above. Otherwise the sum is taken in
+    fp32 (one temporary the size of this tensor) and rounded once on the copy into `dst`.
+    Non-float tensors are copied from the last tensor (the store checked they are all equal).
+    """
+    if len(tensors) != len(weights) or not tensors:
+        raise ValueError(f"need one weight per tensor, got {len(weights)} for {len(tensors)}")
+    with torch.no_grad():
+        if not dst.is_floating_point():
+            dst.copy_(tensors[-1])
+            return dst
+        if len(tensors) == 2 and abs(weights[0] + weights[1] - 1.0) < 1e-12:
+            return lerp_into_(dst, tensors[0], tensors[1], weights[1])
+        acc = None
+        for t, w in zip(tensors, weights):
+            if w == 0.0:
+                continue
+            t = t.to(dst.device, torch.float32, non_blocking=True)
+            acc = t * float(w) if acc is None else acc.add_(t, alpha=float(w))
+        if acc is None:
+            dst.zero_()
+        else:
+            dst.copy_(acc)
+    return dst
+
+
+def weighted_merge_shard_into_(
+    params: Mapping[str, torch.Tensor],
+    shards: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+    done: set | None = None,
+) -> int:
+    """`merge_shard_into_` for N checkpoints: Σ wᵢ·shardᵢ into the model tensors of the same
+    names; returns bytes written. `done` skips tied weights already written."""
+    written = 0
+    for name in shards[-1]:
+        dst = params[name]
+        key = dst.data_ptr()
+        if done is not None:
+            if key in done:
+                continue
+            done.add(key)
+        weighted_sum_into_(dst, [s[name] for s in shards], weights)
+        written += dst.numel() * dst.element_size()
+    return written

@@ -48,7 +48,7 @@ from ckmerge_ray.results import (
 )
 from ckmerge_ray.search import ACQUISITIONS, LAMBDA, initial_points, merge_searcher
 from ckmerge_ray.search.fidelity import ScreeningScheduler
-from ckmerge_ray.store import put_checkpoint
+from ckmerge_ray.store import StoredCheckpoint, put_checkpoint
 from ckmerge_ray.trial import (
     PlanHolder,
     TrialPlan,
@@ -106,6 +106,7 @@ def tune_merge(
     noise_aware: bool = False,
     screen_limit: Optional[float] = None,
     screen_keep: float = 0.5,
+    stored: Optional[Sequence[StoredCheckpoint]] = None,
 ) -> TuneMergeResult:
     """Find the λ whose merge λ·Θ(t) + (1-λ)·Θ(t-1) scores best, with concurrent Ray Tune trials.
 
@@ -156,6 +157,9 @@ def tune_merge(
             among fully evaluated trials only. With ``noise_aware``, screened-out λ inform the
             GP as noisy observations; without it they are only excluded from later proposals.
         screen_keep: the fraction of screened λ that go on to the full evaluation (default 0.5).
+        stored: the pair already in the object store (from `store.put_checkpoint` with the
+            later checkpoint's shard plan), as trajectory sweeps and comparisons pass it: this
+            run then reads nothing from disk, and the caller keeps the shards alive.
 
     Returns:
         A `TuneMergeResult`.
@@ -191,6 +195,8 @@ def tune_merge(
     validate_pair(earlier_info, later_info)
     dtypes = {n: str(s.dtype).replace("torch.", "") for n, s in later_info.specs.items()}
     _check_architecture(later_info)
+    if stored is not None:
+        _check_stored(stored, later_info)
 
     # 2. Objective: read and tokenize the data now, so bad input fails before Ray starts.
     objective_arg = objective
@@ -206,18 +212,26 @@ def tune_merge(
     holder = None
     try:
         q = _concurrency(resources, max_concurrent, num_trials)
-        _check_object_store(earlier_info.nbytes + later_info.nbytes, resources, allow_spilling, log)
+        if stored is None:  # otherwise the caller checked the store for everything it holds
+            _check_object_store(earlier_info.nbytes + later_info.nbytes, resources,
+                                allow_spilling, log)
 
         # 3. Object store: each checkpoint read once, one object per shard.
-        plan = plan_shards(later_info, max_shard_bytes)
-        reference: Dict = {}
         t0 = time.perf_counter()
-        earlier = put_checkpoint(earlier_info, plan, reference=reference, progress=log)
-        later = put_checkpoint(later_info, plan, reference=reference, progress=log)
+        if stored is not None:
+            earlier, later = stored
+            plan = later.names
+            puts = 0
+        else:
+            plan = plan_shards(later_info, max_shard_bytes)
+            reference: Dict = {}
+            earlier = put_checkpoint(earlier_info, plan, reference=reference, progress=log)
+            later = put_checkpoint(later_info, plan, reference=reference, progress=log)
+            puts = len(earlier.refs)
         load_s = time.perf_counter() - t0
         log(
-            f"stored {len(plan)} shard(s) per checkpoint: {earlier.total_bytes / 2**20:.1f} MiB "
-            f"each, {load_s:.1f}s"
+            f"{'stored' if stored is None else 'reusing'} {len(plan)} shard(s) per checkpoint: "
+            f"{earlier.total_bytes / 2**20:.1f} MiB each, {load_s:.1f}s"
         )
 
         # 4. Tune experiment.
@@ -332,7 +346,8 @@ def tune_merge(
             "object_store": {
                 "shards_per_checkpoint": len(plan),
                 "bytes_per_checkpoint": earlier.total_bytes,
-                "puts_per_checkpoint": len(earlier.refs),
+                "puts_per_checkpoint": puts,
+                "object_ids": {"earlier": earlier.object_ids, "later": later.object_ids},
             },
             "seconds": {
                 "ray_start": ray_start_s,
@@ -659,6 +674,17 @@ def load_result(output_dir: str | os.PathLike, log=None) -> TuneMergeResult:
     if log:
         log(format_result(result))
     return result
+
+
+def _check_stored(stored: Sequence[StoredCheckpoint], later_info) -> None:
+    """Stored checkpoints handed in by a caller must be this pair's tensors."""
+    if len(stored) != 2:
+        raise ConfigError(f"stored must hold the pair's two stored checkpoints, got {len(stored)}")
+    for s in stored:
+        names = {n for group in s.names for n in group}
+        if names != set(later_info.specs):
+            raise ConfigError(f"stored checkpoint from {s.source} does not hold the tensors of "
+                              f"{later_info.path}")
 
 
 def _check_architecture(info) -> None:

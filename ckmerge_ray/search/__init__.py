@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 from ckmerge_ray.search.hedge import ACQUISITIONS, GPHedgeSearch
 
 LAMBDA = "lam"
 
-__all__ = ["GPHedgeSearch", "ACQUISITIONS", "LAMBDA", "initial_points", "merge_searcher"]
+__all__ = [
+    "GPHedgeSearch", "ACQUISITIONS", "LAMBDA", "initial_points", "merge_searcher",
+    "posterior_from_rows",
+]
 
 
 def initial_points(alpha: float, extra: Sequence[float] = ()) -> List[Dict[str, float]]:
@@ -38,3 +43,28 @@ def merge_searcher(
         space={LAMBDA: (float(alpha), 1.0)}, metric="score", mode=mode,
         points_to_evaluate=initial_points(alpha, extra_initial), batch_size=batch_size, **kwargs,
     )
+
+
+# The GP settings a run's summary.json records under "search" that `merge_searcher` accepts.
+_SEARCH_SETTINGS = ("acquisitions", "eta", "kappa", "xi", "gp_noise", "seed", "noise_key")
+
+
+def posterior_from_rows(
+    rows: Sequence[Dict], summary: Dict, lams: Sequence[float]
+) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """The GP a finished run ended with, refitted from its trials table: (mean, std) at `lams`.
+
+    Rebuilds `merge_searcher` with the settings in ``summary["search"]`` and records every row
+    as the searcher did when the trial finished (so λ = 0 counts, screened rows only with a
+    stderr under ``noise_key``, a repeated λ once). Mean and std are in the metric's own units
+    and sign. Returns None when fewer than two observations are usable: no GP to draw.
+    Why from the table: plots must be redrawable from saved files, without the Tune experiment.
+    """
+    search = summary.get("search") or {}
+    settings = {k: search[k] for k in _SEARCH_SETTINGS if search.get(k) is not None}
+    searcher = merge_searcher(float(summary["alpha"]), summary["mode"], batch_size=1, **settings)
+    for row in rows:
+        searcher.record_result({LAMBDA: float(row[LAMBDA])}, row, error=row.get("status") != "ok")
+    if len(searcher.optimizer.space) < 2:  # bayes_opt TargetSpace: registered points
+        return None
+    return searcher.posterior([{LAMBDA: float(x)} for x in lams])

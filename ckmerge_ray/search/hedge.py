@@ -13,7 +13,7 @@ import logging
 import math
 import time
 import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from bayes_opt.util import NotUniqueError
@@ -232,6 +232,17 @@ class GPHedgeSearch(BayesOptSearch):
         params = self._live_trial_mapping.pop(trial_id, None)
         if params is None:
             return  # unknown or already processed: idempotent
+        self.record_result(params, result, error)
+        batch = self._trial_info.get(trial_id, {}).get("batch")
+        if batch is not None and trial_id in self._outstanding.get(batch, []):
+            self._outstanding[batch].remove(trial_id)
+            self._credit_if_complete(batch)
+
+    def record_result(self, params: Dict, result: Optional[Dict], error: bool = False) -> None:
+        """Record a finished evaluation: a GP observation, or a failed point never suggested again.
+
+        Public so that a saved trials table can rebuild the GP a run ended with (plots).
+        """
         value = (result or {}).get(self._metric)
         finite = isinstance(value, (int, float)) and math.isfinite(value)
         screened = (result or {}).get("fidelity") == "screen"
@@ -241,10 +252,6 @@ class GPHedgeSearch(BayesOptSearch):
             self._failed.append(self._to_array(params).tolist())  # excluded, but no GP input
         else:
             self._register_result(params, result)
-        batch = self._trial_info.get(trial_id, {}).get("batch")
-        if batch is not None and trial_id in self._outstanding.get(batch, []):
-            self._outstanding[batch].remove(trial_id)
-            self._credit_if_complete(batch)
 
     def _register_result(self, params, result):
         params = {k: float(params[k]) for k in self._keys}
@@ -290,6 +297,16 @@ class GPHedgeSearch(BayesOptSearch):
         X, y = self._observations()
         gp = self._fit_gp(X, y)
         return self._metric_op * gp.predict(np.asarray([self._to_array(p) for p in points]))
+
+    def posterior(self, points: Sequence[Dict]) -> Tuple[np.ndarray, np.ndarray]:
+        """The GP's posterior mean and standard deviation of the metric (its own units and sign).
+
+        The same fit as `posterior_mean`; the standard deviation is what plots draw as a band.
+        """
+        X, y = self._observations()
+        gp = self._fit_gp(X, y)
+        mean, std = gp.predict(np.asarray([self._to_array(p) for p in points]), return_std=True)
+        return self._metric_op * mean, std
 
     def trial_info(self, trial_id: str) -> Dict:
         """Batch index, acquisition and hedge probabilities recorded for a trial."""
