@@ -5,20 +5,33 @@ Data flow, one module each: checkpoints (read, validate) -> store (shards in the
 tuner (run on Ray Tune) -> results (tables, best model) -> cli. Beside them: baselines and
 evaluator (other merges of the same shards), compare (baselines vs the tuned merge), sweep
 (every adjacent pair of a run) and plots.
+
+The public names below are imported on first use, so that `import ckmerge_ray.merge` (or
+`checkpoints`) needs neither Ray nor transformers: a GPU box without Ray can still run the merge
+benchmark.
 """
 
-from ckmerge_ray.compare import CompareResult, compare_merges
+from importlib import import_module
+
 from ckmerge_ray.errors import CheckpointError, CkmergeError, ConfigError, ObjectiveError, RunError
-from ckmerge_ray.objectives import HeldoutLoss, LmEvalObjective, Objective, parse_objective
-from ckmerge_ray.search import GPHedgeSearch
-from ckmerge_ray.sweep import SweepResult, discover_checkpoints, sweep_trajectory
-from ckmerge_ray.tuner import TuneMergeResult, tune_merge
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "tune_merge", "TuneMergeResult", "compare_merges", "CompareResult", "sweep_trajectory",
-    "SweepResult", "discover_checkpoints", "GPHedgeSearch", "Objective", "HeldoutLoss",
-    "LmEvalObjective", "parse_objective",
-    "CkmergeError", "CheckpointError", "ConfigError", "ObjectiveError", "RunError",
-]
+_LAZY = {
+    "tune_merge": "tuner", "TuneMergeResult": "tuner",
+    "compare_merges": "compare", "CompareResult": "compare",
+    "sweep_trajectory": "sweep", "SweepResult": "sweep", "discover_checkpoints": "sweep",
+    "GPHedgeSearch": "search",
+    "Objective": "objectives", "HeldoutLoss": "objectives", "LmEvalObjective": "objectives",
+    "parse_objective": "objectives",
+}
+
+__all__ = [*_LAZY, "CkmergeError", "CheckpointError", "ConfigError", "ObjectiveError", "RunError"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(f"ckmerge_ray.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ckmerge_ray' has no attribute {name!r}")

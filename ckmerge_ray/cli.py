@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--address", default=None,
                    help="join this Ray cluster (HEAD_IP:6379, or auto on a cluster node) instead "
                    "of starting a local Ray; default: $RAY_ADDRESS, which `ray job submit` sets")
+    t.add_argument("--no-gpu-shard-cache", action="store_true",
+                   help="GPU trials: stream both checkpoints from host memory in every trial "
+                   "instead of keeping them in device memory (when they take <= half of it)")
     t.add_argument("--allow-spilling", action="store_true",
                    help="run even if the two checkpoints exceed a node's object store (slow)")
     t.add_argument("--quiet", action="store_true", help="no progress output")
@@ -210,6 +213,7 @@ def _tune(args) -> int:
         storage_path=args.storage_path, progress=not args.quiet,
         allow_spilling=args.allow_spilling, noise_aware=args.noise_aware,
         screen_limit=_count_or_fraction(args.screen_limit), screen_keep=args.screen_keep,
+        gpu_shard_cache=not args.no_gpu_shard_cache,
     )
     _report(result, args.quiet)
     return 0

@@ -107,6 +107,7 @@ def tune_merge(
     screen_limit: Optional[float] = None,
     screen_keep: float = 0.5,
     stored: Optional[Sequence[StoredCheckpoint]] = None,
+    gpu_shard_cache: bool = True,
 ) -> TuneMergeResult:
     """Find the λ whose merge λ·Θ(t) + (1-λ)·Θ(t-1) scores best, with concurrent Ray Tune trials.
 
@@ -160,6 +161,10 @@ def tune_merge(
         stored: the pair already in the object store (from `store.put_checkpoint` with the
             later checkpoint's shard plan), as trajectory sweeps and comparisons pass it: this
             run then reads nothing from disk, and the caller keeps the shards alive.
+        gpu_shard_cache: GPU trial workers copy both checkpoints into device memory once, when
+            they take at most half of its free memory, so each trial merges device to device
+            instead of moving 2 × model bytes from host memory (default True; the row's
+            ``shards_on_device`` says which happened).
 
     Returns:
         A `TuneMergeResult`.
@@ -239,6 +244,7 @@ def tune_merge(
         trial_plan = TrialPlan(
             run_id, later_info.config, dtypes, earlier, later, objective,
             journal_dir=str(out / JOURNAL_DIR), screen_limit=screen_limit,
+            gpu_shard_cache=gpu_shard_cache,
         )
         searcher = merge_searcher(
             alpha, objective.mode, batch_size=q, extra_initial=initial_lambdas,

@@ -63,3 +63,21 @@ def test_noisy_search_quick(tmp_path):
     figures = run_quick("noisy_search.py", tmp_path)
     assert {"plain_s0.5_q1_obs12", "aware_s0.5_q1_obs12"} <= set(figures)
     assert all(float(v) >= 0 for v in figures.values())
+
+
+def test_gpu_merge_quick(tmp_path):
+    figures = run_quick("gpu_merge.py", tmp_path)
+    import torch
+
+    if torch.cuda.is_available():
+        assert float(figures["gpu_merge_bw_ratio_min"]) > 0
+    else:  # no CUDA here: the script says so and exits cleanly
+        assert figures == {"gpu": "skipped"}
+
+
+def test_compare_baselines_quick(tmp_path, quick_trajectory_cache):
+    figures = run_quick("compare_baselines.py", tmp_path, "--cache", str(quick_trajectory_cache))
+    assert int(figures["tuned_evaluations"]) == 4  # 3 λ in [0.5, 1] and λ = 0
+    assert figures["best_baseline"] in {"uniform", "greedy", "sma", "ema", "wma", "fisher",
+                                        "regmean", "grid", "random"}
+    assert float(figures["tuned_gain"]) >= 0  # λ = 1 is among the tuned run's evaluations

@@ -1,9 +1,12 @@
-"""The CLI driven for real, in a subprocess with its own Ray instance."""
+"""The CLI driven for real: in a subprocess with its own Ray instance, or (for input errors
+refused before Ray starts) through `main()` in this process, which spares a fresh interpreter
+importing lm-eval (about 10 s each on 2 cores)."""
 
 import json
 import subprocess
 import sys
 
+from ckmerge_ray.cli import main as cli_main
 
 
 def cli(*args, timeout=600):
@@ -45,11 +48,18 @@ def test_tune_end_to_end(trajectory, tmp_path):
     assert again.returncode == 2 and "already holds a run" in again.stderr
 
 
-def test_unknown_lmeval_task_is_one_line_exit_2(trajectory, tmp_path):
-    r = cli("tune", trajectory[-2], trajectory[-1], "--objective", "lmeval:ckmerge_no_such_task",
-            "--include-path", tmp_path, "--output", tmp_path / "run")
-    assert r.returncode == 2
-    assert r.stderr.strip().startswith("ckmerge-ray: error: unknown lm-eval task(s) ['ckmerge_no_such_task']")
+def in_process(capsys, *args):
+    """(exit code, stderr) of the CLI's main() run here."""
+    code = cli_main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def test_unknown_lmeval_task_is_one_line_exit_2(trajectory, tmp_path, capsys):
+    code, err = in_process(capsys, "tune", trajectory[-2], trajectory[-1], "--objective",
+                           "lmeval:ckmerge_no_such_task", "--include-path", tmp_path,
+                           "--output", tmp_path / "run")
+    assert code == 2
+    assert err.strip().startswith("ckmerge-ray: error: unknown lm-eval task(s) ['ckmerge_no_such_task']")
     assert not (tmp_path / "run" / "trials.parquet").exists()
 
 
@@ -64,17 +74,19 @@ def test_demo_with_too_few_steps_for_two_checkpoints_is_refused(tmp_path):
     assert not list(tmp_path.iterdir())  # refused before any training
 
 
-def test_objective_file_and_screening_flags_reach_the_checks(trajectory, tmp_path):
+def test_objective_file_and_screening_flags_reach_the_checks(trajectory, tmp_path, capsys):
     from ckmerge_ray.demo import make_lmeval_tasks
 
     tasks = make_lmeval_tasks(trajectory[-1].parent / "heldout.jsonl", tmp_path / "tasks", docs=8)
     spec = tmp_path / "objective.yaml"
     spec.write_text(f"lmeval:\n  tasks: [ckmerge_stdlib_mc]\n  metrics: word_perplexity\n"
                     f"  include_path: {tasks}\n")
-    r = cli("tune", trajectory[-2], trajectory[-1], "--objective", spec, "--output", tmp_path / "a")
-    assert r.returncode == 2  # the file's options arrived: its metric is checked against the task
-    assert r.stderr.strip().splitlines()[-1] == ("ckmerge-ray: error: task 'ckmerge_stdlib_mc' does not produce metric "
-                                "'word_perplexity'; it produces ['acc']")
-    r = cli("tune", trajectory[-2], trajectory[-1], "--objective", f"loss:{trajectory[-1].parent / 'heldout.jsonl'}",
-            "--screen-limit", 10, "--output", tmp_path / "b")
-    assert r.returncode == 2 and "no cheaper subset for multi-fidelity screening" in r.stderr
+    code, err = in_process(capsys, "tune", trajectory[-2], trajectory[-1], "--objective", spec,
+                           "--output", tmp_path / "a")
+    assert code == 2  # the file's options arrived: its metric is checked against the task
+    assert err.strip().splitlines()[-1] == ("ckmerge-ray: error: task 'ckmerge_stdlib_mc' does not produce metric "
+                                            "'word_perplexity'; it produces ['acc']")
+    code, err = in_process(capsys, "tune", trajectory[-2], trajectory[-1], "--objective",
+                           f"loss:{trajectory[-1].parent / 'heldout.jsonl'}", "--screen-limit", 10,
+                           "--output", tmp_path / "b")
+    assert code == 2 and "no cheaper subset for multi-fidelity screening" in err

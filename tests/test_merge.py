@@ -79,3 +79,17 @@ def test_merge_state_dicts_keeps_inputs():
     out = merge_state_dicts({"w": a}, {"w": b}, 0.25)
     assert torch.equal(a, a0) and torch.equal(b, b0)
     assert out["w"].dtype == torch.bfloat16
+
+
+def test_gpu_shard_cache_copies_pairs_and_stays_off_on_cpu():
+    from ckmerge_ray.trial import Resident, cache_shards_on_device, shards_to_device
+
+    a, b = checkpoint_like(torch.bfloat16, n=1000)
+    pairs = [({"w": a}, {"w": b})]
+    copied = shards_to_device(pairs, "cpu")
+    assert torch.equal(copied[0][0]["w"], a) and torch.equal(copied[0][1]["w"], b)
+    # On a CPU worker the shards stay zero-copy views of the store: nothing is fetched or copied
+    # here (the plan is never touched). The CUDA branch is measured by benchmarks/gpu_merge.py.
+    resident = Resident(model=None, tensors={}, uss_before_build_mb=0.0)
+    assert cache_shards_on_device(resident, plan=None, device=torch.device("cpu")) is False
+    assert resident.shards is None and not resident.shards_on_device
