@@ -78,19 +78,39 @@ def main(argv=None) -> int:
                            seed=seed, output_dir=out / f"random{seed}", progress=False)
         random_scores.append(r.row("random")["score"])
 
+    # Grid search at the smaller budgets the tuned run is read at below.
+    ks = sorted({3, min(5, trials), trials})
+    grid_at = {trials: result.row("grid")["score"]}
+    for k in ks:
+        if k not in grid_at:
+            r = compare_merges(ckpts, {"cpu": 1}, objective=objective, objective_options=options,
+                               methods=["grid"], alpha=alpha, num_trials=k, max_concurrent=2,
+                               output_dir=out / f"grid{k}", progress=False)
+            grid_at[k] = r.row("grid")["score"]
+
     lines = [result.markdown(), ""]
     extra = ["| budget check | held-out loss | gain over later checkpoint | evaluations |",
              "|---|---:|---:|---:|"]
-    n_in_space = len([r for r in tuned_rows if r["lam"] >= alpha and r["status"] == "ok"])
-    for k in sorted({3, min(5, n_in_space), n_in_space}):
+    for k in ks:
         s = tuned_after(tuned_rows, k, alpha)
         extra.append(f"| tuned λ, first {k} evaluations in [{alpha}, 1] | {s:.5f} | "
                      f"{later - s:+.5f} | {k} |")
+        extra.append(f"| grid search λ, {k} evenly spaced | {grid_at[k]:.5f} | "
+                     f"{later - grid_at[k]:+.5f} | {k} |")
     extra.append(f"| random search λ, mean of {seeds} seed(s) (min, max) | "
                  f"{statistics.mean(random_scores):.5f} ({min(random_scores):.5f}, "
                  f"{max(random_scores):.5f}) | {later - statistics.mean(random_scores):+.5f} "
                  f"| {trials} |")
     lines += extra
+    others = [r for r in rows if r["status"] == "ok" and r["key"] not in
+              ("endpoint", "grid", "random", "tuned") and not r["key"].startswith("checkpoint:")]
+    best_other = min(others, key=lambda r: r["score"])
+    lines += ["", "Reading: best loss after k evaluations, tuned λ vs grid search with k points: "
+              + "; ".join(f"k = {k}: {tuned_after(tuned_rows, k, alpha):.5f} vs {grid_at[k]:.5f}"
+                          for k in ks)
+              + f". Best method that is not a λ search: {best_other['method']} "
+                f"({best_other['score']:.5f}, gain {later - best_other['score']:+.5f}, "
+                f"{best_other['evaluations']} evaluations)."]
     table = "\n".join(lines)
     names = ", ".join(c.name for c in ckpts)
     body = (f"Command: `python benchmarks/compare_baselines.py`. Machine: {machine()}. "

@@ -75,7 +75,7 @@ def bench(size: str, repeat: int) -> dict:
     flat_src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=dev)
     flat_dst = torch.empty_like(flat_src)
     copy = cuda_time(lambda: flat_dst.copy_(flat_src), repeat)
-    del flat_src, flat_dst
+    flat_src = flat_dst = None
 
     exact_ok = True
     for k in list(shapes)[:12]:
@@ -86,10 +86,10 @@ def bench(size: str, repeat: int) -> dict:
     pinned_a = {k: v.cpu().pin_memory() for k, v in da.items()}
     pinned_b = {k: v.cpu().pin_memory() for k, v in db.items()}
     from_pinned = cuda_time(lambda: merge_shard_into_(dst, pinned_a, pinned_b, lam), max(3, repeat // 2))
-    del pinned_a, pinned_b
+    pinned_a = pinned_b = None  # free the pinned copies (not `del`: the lambdas above close over them)
     pageable_a = {k: v.cpu() for k, v in da.items()}
     pageable_b = {k: v.cpu() for k, v in db.items()}
-    del da, db
+    da = db = None  # free the device copies
     torch.cuda.empty_cache()
     from_pageable = cuda_time(lambda: merge_shard_into_(dst, pageable_a, pageable_b, lam), max(3, repeat // 2))
     return {

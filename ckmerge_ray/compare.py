@@ -33,6 +33,7 @@ from ckmerge_ray.checkpoints import CheckpointInfo, load_checkpoint_info, plan_s
 from ckmerge_ray.errors import ConfigError
 from ckmerge_ray.evaluator import start_evaluators
 from ckmerge_ray.objectives import HeldoutLoss, Objective, parse_objective
+from ckmerge_ray.plots import draw_plots
 from ckmerge_ray.results import SUMMARY_FILE, write_bytes_atomic, write_json_atomic, write_table_atomic
 from ckmerge_ray.store import StoredCheckpoint, put_checkpoint
 
@@ -463,18 +464,6 @@ def calibration_windows(objective: Objective, calibration: Optional[str | os.Pat
         "calibration=PATH (CLI: --calibration) with text in jsonl/parquet/txt, or leave out "
         "fisher and regmean"
     )
-
-
-def draw_plots(out: Path, log) -> None:
-    """Draw the run's plots from its saved tables (`ckmerge-ray plot` redraws them)."""
-    from ckmerge_ray.plots import plot_run
-
-    try:
-        paths = plot_run(out)
-    except Exception as e:  # noqa: BLE001 - a plot must never lose a finished run
-        log(f"warning: plots not drawn: {type(e).__name__}: {e}")
-        return
-    log(f"plots: {', '.join(str(p) for p in paths)}")
 
 
 def _dtypes(info: CheckpointInfo) -> Dict[str, str]:

@@ -352,6 +352,20 @@ def plot_run(run_dir: PathLike) -> List[Path]:
     return paths
 
 
+def draw_plots(run_dir: PathLike, log=None) -> List[Path]:
+    """`plot_run` at the end of a run: a failure is reported, never raised, so that a plot can
+    never lose a finished run's results."""
+    try:
+        paths = plot_run(run_dir)
+    except Exception as e:  # noqa: BLE001
+        if log:
+            log(f"warning: plots not drawn: {type(e).__name__}: {e}")
+        return []
+    if log:
+        log(f"plots: {', '.join(str(p) for p in paths)}")
+    return paths
+
+
 def record_plots(run_dir: Path, paths: Sequence[Path]) -> None:
     """Rewrite summary.json with "plots": the paths relative to run_dir, other keys kept."""
     summary = read_summary(run_dir)

@@ -27,10 +27,11 @@ import pyarrow as pa
 import ray
 
 from ckmerge_ray.checkpoints import plan_shards
-from ckmerge_ray.compare import _dtypes, _printer, claim_output_dir, draw_plots, load_window
+from ckmerge_ray.compare import _dtypes, _printer, claim_output_dir, load_window
 from ckmerge_ray.errors import ConfigError
 from ckmerge_ray.evaluator import start_evaluators
 from ckmerge_ray.objectives import Objective, parse_objective
+from ckmerge_ray.plots import draw_plots
 from ckmerge_ray.results import SUMMARY_FILE, write_json_atomic, write_table_atomic
 from ckmerge_ray.store import StoredCheckpoint, put_checkpoint
 

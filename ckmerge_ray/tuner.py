@@ -34,6 +34,7 @@ from ckmerge_ray.checkpoints import (
 )
 from ckmerge_ray.errors import ConfigError, RunError
 from ckmerge_ray.objectives import Objective, parse_objective
+from ckmerge_ray.plots import draw_plots
 from ckmerge_ray.results import (
     BEST_DIR,
     JOURNAL_DIR,
@@ -380,6 +381,8 @@ def tune_merge(
             },
         }
         write_json_atomic(out / SUMMARY_FILE, summary)
+        if draw_plots(out, log):  # landscape.png, listed in summary.json
+            summary = json.loads((out / SUMMARY_FILE).read_text())
         result = TuneMergeResult(
             best_lambda=best[LAMBDA], best_score=best["score"], endpoint_scores=endpoint_scores,
             mode=objective.mode, table=rows_to_table(rows), output_dir=out,

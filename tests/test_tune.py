@@ -59,6 +59,9 @@ def test_run_evaluates_distinct_lambdas_and_reports_endpoints(run):
     summary = json.loads((result.output_dir / "summary.json").read_text())
     assert summary["best_lambda"] == result.best_lambda
     assert summary["distinct_lambdas_in_space"] == 10
+    # every run draws its λ landscape from the saved tables and lists it
+    assert summary["plots"] == result.summary["plots"] == ["landscape.png"]
+    assert (result.output_dir / "landscape.png").stat().st_size > 10_000
 
 
 def test_best_lambda_beats_both_endpoints_when_the_landscape_allows(run):
