@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     if args.quick:
         cfg = TrajectoryConfig(steps=40, save_every=20, seq_len=64, vocab_size=512, hidden_size=48,
                                layers=2, train_bytes=300_000)
-        work, trials = args.cache / "cluster-quick", 4
+        work, trials = args.cache / "e2e-quick", 4  # the same as end_to_end.py --quick
     else:  # the demo trajectory, shared with end_to_end.py
         cfg, work, trials = TrajectoryConfig(), args.cache / "e2e-demo", 12
     ckpts = sorted(work.glob("checkpoint-*"), key=lambda q: int(q.name.split("-")[1]))

@@ -81,3 +81,10 @@ def test_compare_baselines_quick(tmp_path, quick_trajectory_cache):
     assert figures["best_baseline"] in {"uniform", "greedy", "sma", "ema", "wma", "fisher",
                                         "regmean", "grid", "random"}
     assert float(figures["tuned_gain"]) >= 0  # λ = 1 is among the tuned run's evaluations
+
+
+def test_cluster_throughput_quick(tmp_path, quick_trajectory_cache):
+    figures = run_quick("cluster_throughput.py", tmp_path, "--cache", str(quick_trajectory_cache))
+    assert float(figures["tput_q1"]) > 0 and float(figures["ratio_2node"]) > 0
+    # each checkpoint crosses to the worker node once (a second pull would make it >= 1.5)
+    assert float(figures["copies_per_ckpt_max"]) < 1.5
