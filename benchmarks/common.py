@@ -54,6 +54,14 @@ def make_pair(root: Path, size: str, dtype: str, seed: int = 0) -> tuple[Path, P
     return earlier, later
 
 
+def numel(shape) -> int:
+    """Elements of a tensor of this shape."""
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def median_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()

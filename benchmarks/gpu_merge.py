@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import SIZES, headline, machine  # noqa: E402
+from common import SIZES, headline, machine, numel  # noqa: E402
 
 SHAPES = {**SIZES, "6.7B": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                                 num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)}
@@ -93,7 +93,7 @@ def bench(size: str, repeat: int) -> dict:
     torch.cuda.empty_cache()
     from_pageable = cuda_time(lambda: merge_shard_into_(dst, pageable_a, pageable_b, lam), max(3, repeat // 2))
     return {
-        "size": size, "params": sum(_numel(s) for s in shapes.values()), "model_GB": nbytes / 1e9,
+        "size": size, "params": sum(numel(s) for s in shapes.values()), "model_GB": nbytes / 1e9,
         "on_device_ms": on_device * 1e3, "copy_ms": copy * 1e3,
         "ratio": (3 * nbytes / on_device) / (2 * nbytes / copy),
         "merge_GBps": 3 * nbytes / on_device / 1e9, "copy_GBps": 2 * nbytes / copy / 1e9,
@@ -102,13 +102,6 @@ def bench(size: str, repeat: int) -> dict:
         "pageable_h2d_GBps": 2 * nbytes / from_pageable / 1e9,
         "within_one_rounding": bool(exact_ok),
     }
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def main(argv=None) -> int:
@@ -126,7 +119,7 @@ def main(argv=None) -> int:
     free, _ = torch.cuda.mem_get_info()
     rows, skipped = [], []
     for size in sizes:
-        need = 3.2 * 2 * sum(_numel(s) for s in llama_shapes(size).values())  # a, b, dst + copy
+        need = 3.2 * 2 * sum(numel(s) for s in llama_shapes(size).values())  # a, b, dst + copy
         if need > 0.9 * free:
             skipped.append(f"{size} (needs about {need / 1e9:.0f} GB of GPU memory)")
             continue

@@ -25,7 +25,7 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SIZES, headline, machine, make_pair, median_time, write_section  # noqa: E402
+from common import SIZES, headline, machine, make_pair, median_time, numel, write_section  # noqa: E402
 
 
 def bench_one(root: Path, size: str, dtype: str, repeat: int) -> dict:
@@ -63,7 +63,7 @@ def bench_one(root: Path, size: str, dtype: str, repeat: int) -> dict:
     stored.clear()  # dropping the last references frees the objects
     merge_s, copy_s = statistics.median(merges), statistics.median(copies)
     return {
-        "size": size, "dtype": dtype, "params": sum(_numel(s.shape) for s in b.specs.values()),
+        "size": size, "dtype": dtype, "params": sum(numel(s.shape) for s in b.specs.values()),
         "model_MB": nbytes / 1e6, "shards": len(plan), "merge_ms": merge_s * 1e3,
         "copy_ms": copy_s * 1e3, "merge_GBps": 3 * nbytes / merge_s / 1e9,
         "copy_GBps": 2 * nbytes / copy_s / 1e9, "ratio": statistics.median(ratios),
@@ -108,13 +108,6 @@ def bench_gpu(root: Path, size: str, repeat: int) -> dict:
             "ratio": (3 * nbytes / lerp_s) / (2 * nbytes / copy_s), "h2d_ms": h2d_s * 1e3,
             "h2d_GBps": 2 * nbytes / h2d_s / 1e9, "within_one_rounding": exact,
             "device": torch.cuda.get_device_name()}
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def main(argv=None) -> int:

@@ -30,24 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Tune λ for EARLIER and LATER (Hugging Face model directories).")
     t.add_argument("earlier", nargs="?", help="the earlier checkpoint Θ(t-1)")
     t.add_argument("later", nargs="?", help="the later checkpoint Θ(t); λ weights this one")
-    t.add_argument("--objective",
-                   help="what to minimize/maximize: loss:heldout.jsonl (jsonl, parquet, txt), "
-                   "lmeval:task1,task2, or an objective .yaml file (see README)")
+    _add_objective_arguments(t, required=False)  # not with --resume
     t.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue the run in RUN_DIR (after a killed driver or a preempted job) "
                    "with its own arguments; finished evaluations are not redone")
-    t.add_argument("--text-field", default="text", help="JSON field / parquet column (default text)")
-    t.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
-    t.add_argument("--max-tokens", type=int, default=65536,
-                   help="held-out tokens scored per trial (default 65536)")
-    t.add_argument("--eval-batch-size", type=int, default=8, help="windows per forward (default 8)")
-    t.add_argument("--include-path", default=None,
-                   help="lmeval: a directory of local lm-eval task YAMLs")
-    t.add_argument("--metric", default="acc",
-                   help="lmeval: the metric of every task (default acc), e.g. acc_norm, word_perplexity")
-    t.add_argument("--limit", type=float, default=None,
-                   help="lmeval: documents per task (count, or fraction < 1), the same in every trial")
-    t.add_argument("--num-fewshot", type=int, default=None, help="lmeval: few-shot examples")
     t.add_argument("--noise-aware", action="store_true",
                    help="feed each trial's standard error (lmeval reports it) into the GP")
     t.add_argument("--screen-limit", type=float, default=None,
@@ -135,19 +121,29 @@ _METHODS = ("uniform", "greedy", "sma", "ema", "wma", "fisher", "regmean", "grid
             "tuned")  # ckmerge_ray.compare.METHODS, without importing Ray for --help
 
 
+def _add_objective_arguments(p: argparse.ArgumentParser, required: bool) -> None:
+    """The objective and its options, the same for tune, compare and sweep."""
+    p.add_argument("--objective", required=required,
+                   help="what to minimize/maximize: loss:heldout.jsonl (jsonl, parquet, txt), "
+                   "lmeval:task1,task2, or an objective .yaml file (see README)")
+    p.add_argument("--text-field", default="text", help="JSON field / parquet column (default text)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--max-tokens", type=int, default=65536,
+                   help="held-out tokens scored per evaluation (default 65536)")
+    p.add_argument("--eval-batch-size", type=int, default=8, help="windows per forward (default 8)")
+    p.add_argument("--include-path", default=None,
+                   help="lmeval: a directory of local lm-eval task YAMLs")
+    p.add_argument("--metric", default="acc",
+                   help="lmeval: the metric of every task (default acc), e.g. acc_norm, word_perplexity")
+    p.add_argument("--limit", type=float, default=None,
+                   help="lmeval: documents per task (count, or fraction < 1), the same in every "
+                   "evaluation")
+    p.add_argument("--num-fewshot", type=int, default=None, help="lmeval: few-shot examples")
+
+
 def _add_run_arguments(c: argparse.ArgumentParser, default_output: str) -> None:
     """Options compare and sweep share with tune."""
-    c.add_argument("--objective", required=True,
-                   help="loss:heldout.jsonl, lmeval:task1,task2, or an objective .yaml file")
-    c.add_argument("--text-field", default="text", help="JSON field / parquet column (default text)")
-    c.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
-    c.add_argument("--max-tokens", type=int, default=65536,
-                   help="held-out tokens scored per evaluation (default 65536)")
-    c.add_argument("--eval-batch-size", type=int, default=8, help="windows per forward (default 8)")
-    c.add_argument("--include-path", default=None, help="lmeval: a directory of task YAMLs")
-    c.add_argument("--metric", default="acc", help="lmeval: the metric of every task (default acc)")
-    c.add_argument("--limit", type=float, default=None, help="lmeval: documents per task")
-    c.add_argument("--num-fewshot", type=int, default=None, help="lmeval: few-shot examples")
+    _add_objective_arguments(c, required=True)
     c.add_argument("--alpha", type=float, default=0.5, help="search λ in [alpha, 1] (default 0.5)")
     c.add_argument("--trials", type=int, default=8,
                    help="λ evaluations in [alpha, 1] per tuned pair (and for grid/random; default 8)")
