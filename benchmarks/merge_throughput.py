@@ -32,7 +32,7 @@ def bench_one(root: Path, size: str, dtype: str, repeat: int) -> dict:
 
     from ckmerge_ray.checkpoints import load_checkpoint_info, plan_shards
     from ckmerge_ray.store import put_checkpoint
-    from ckmerge_ray.trial import Resident, TrialPlan, build_model, merge_into_model, tensor_map
+    from ckmerge_ray.trial import TrialPlan, merge_into_model, new_resident
 
     earlier_dir, later_dir = make_pair(root, size, dtype)
     a, b = load_checkpoint_info(earlier_dir), load_checkpoint_info(later_dir)
@@ -40,12 +40,11 @@ def bench_one(root: Path, size: str, dtype: str, repeat: int) -> dict:
     ref = {}
     stored = [put_checkpoint(i, plan, reference=ref) for i in (a, b)]
     dtypes = {n: str(s.dtype).replace("torch.", "") for n, s in b.specs.items()}
-    model = build_model(b.config, dtypes)
-    tensors = tensor_map(model)
     trial_plan = TrialPlan("bench", b.config, dtypes, stored[0], stored[1], objective=None)
     nbytes = b.nbytes
-
-    resident = Resident(model, tensors, 0.0)  # the worker's cache of shard views, as in a trial
+    # The model and the shard views as a trial worker holds them (flat layout where possible).
+    resident = new_resident(trial_plan, "cpu")
+    tensors = resident.tensors
     n = nbytes // torch.empty((), dtype=getattr(torch, dtype)).element_size()
     src = torch.empty(n, dtype=getattr(torch, dtype)).normal_()
     dst = torch.empty_like(src)
@@ -59,7 +58,7 @@ def bench_one(root: Path, size: str, dtype: str, repeat: int) -> dict:
         merges.append(m)
         copies.append(c)
         ratios.append((3 * nbytes / m) / (2 * nbytes / c))
-    del src, dst, model, tensors, resident
+    del src, dst, tensors, resident
     stored.clear()  # dropping the last references frees the objects
     merge_s, copy_s = statistics.median(merges), statistics.median(copies)
     return {

@@ -60,7 +60,7 @@ def overhead(pair, repeat: int) -> Dict[str, float]:
     from ckmerge_ray.checkpoints import load_checkpoint_info, plan_shards
     from ckmerge_ray.merge import merge_state_dicts
     from ckmerge_ray.store import put_checkpoint, shard_tensors
-    from ckmerge_ray.trial import Resident, TrialPlan, build_model, merge_into_model, tensor_map
+    from ckmerge_ray.trial import TrialPlan, merge_into_model, new_resident
 
     a, b = (load_checkpoint_info(p) for p in pair)
     plan = plan_shards(b, 1 << 30)
@@ -72,9 +72,8 @@ def overhead(pair, repeat: int) -> Dict[str, float]:
     tp = TrialPlan("bench", b.config, dtypes, stored[0], stored[1], objective=None)
 
     t = time.perf_counter()  # first trial on a worker: build the model, then merge
-    model = build_model(b.config, dtypes)
-    tensors = tensor_map(model)
-    resident = Resident(model, tensors, 0.0)
+    resident = new_resident(tp, "cpu")
+    tensors = resident.tensors
     merge_into_model(tp, tensors, 0.5, cache=resident)
     first_s = time.perf_counter() - t
     product_s = median_time(lambda: merge_into_model(tp, tensors, 0.6180339, cache=resident), repeat)

@@ -76,6 +76,24 @@ def merge_shard_into_(
     return written
 
 
+def merge_buffers_into_(
+    dst: Mapping[str, torch.Tensor],
+    earlier: Mapping[str, torch.Tensor],
+    later: Mapping[str, torch.Tensor],
+    lam: float,
+) -> int:
+    """Merge flat buffers (one per dtype, the same layout on all three sides) with one lerp per
+    buffer; returns bytes written. Integer buffers are copied from `later`."""
+    written = 0
+    for dtype, d in dst.items():
+        if d.shape != later[dtype].shape:
+            raise ValueError(f"{dtype} buffer of {d.numel()} elements, stored shard has "
+                             f"{later[dtype].numel()}: layouts differ")
+        lerp_into_(d, earlier[dtype], later[dtype], lam)
+        written += d.numel() * d.element_size()
+    return written
+
+
 def merge_state_dicts(
     earlier: Mapping[str, torch.Tensor], later: Mapping[str, torch.Tensor], lam: float
 ) -> Dict[str, torch.Tensor]:

@@ -1,10 +1,13 @@
 """Put checkpoint shards into the Ray object store once; read them back zero-copy.
 
-Each shard is one object: ``{"tensors": {name: np.ndarray}, "dtypes": {name: str}}``. We store
-numpy arrays, not torch tensors, because Ray deserializes numpy arrays as read-only views of the
-node's shared memory (zero-copy), while torch tensors are pickled and copied on every `ray.get`.
-Numpy has no bfloat16, so bf16 tensors are stored as their int16 bit pattern and reinterpreted
-with `Tensor.view(torch.bfloat16)` on read: no conversion, no copy.
+Each shard is one object: ``{"buffers": {dtype: np.ndarray}, "layout": {name: (dtype, offset,
+shape)}}``: the shard's tensors of one dtype lie end to end in one flat buffer, each at a
+64-byte-aligned offset. We store numpy arrays, not torch tensors, because Ray deserializes numpy
+arrays as read-only views of the node's shared memory (zero-copy), while torch tensors are
+pickled and copied on every `ray.get`. Numpy has no bfloat16, so bf16 tensors are stored as their
+int16 bit pattern and reinterpreted with `Tensor.view(torch.bfloat16)` on read: no conversion, no
+copy. Flat buffers let a worker whose model tensors share the same layout merge a whole shard
+with one `torch.lerp` per dtype instead of one per tensor (see `trial.adopt_flat_layout`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import ray
@@ -23,6 +26,11 @@ from ckmerge_ray.errors import CheckpointError
 
 # torch dtypes numpy lacks, stored as an integer view of the same width.
 _BIT_VIEWS = {torch.bfloat16: torch.int16}
+
+# Offsets of tensors in a flat buffer are multiples of this many bytes (vector loads stay aligned).
+ALIGN_BYTES = 64
+
+Layout = Dict[str, Tuple[str, int, Tuple[int, ...]]]  # name -> (dtype, offset in elements, shape)
 
 
 @dataclass
@@ -96,12 +104,8 @@ def put_checkpoint(
                         f"non-float tensor {name!r} differs between the checkpoints; only float "
                         "tensors can be merged"
                     )
-        shard = {
-            "tensors": {name: tensor_to_numpy(t) for name, t in tensors.items()},
-            "dtypes": {name: str(t.dtype).replace("torch.", "") for name, t in tensors.items()},
-        }
-        refs.append(ray.put(shard))
-        size = sum(a.nbytes for a in shard["tensors"].values())
+        refs.append(ray.put(pack_shard(tensors)))
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
         nbytes.append(size)
         done += size
         if progress:
@@ -114,13 +118,68 @@ def put_checkpoint(
     return StoredCheckpoint(str(info.path), refs, [list(n) for n in plan], nbytes)
 
 
+def pack_shard(tensors: Dict[str, torch.Tensor]) -> Dict:
+    """The object-store form of a shard: one flat buffer per dtype, and where each tensor lies.
+
+    Costs one copy of the shard while it is put (the put copies it into the store anyway).
+    Alignment padding is zero-filled.
+    """
+    layout: Layout = {}
+    sizes: Dict[str, int] = {}
+    for name, t in tensors.items():
+        dtype = _dtype_name(t.dtype)
+        align = max(1, ALIGN_BYTES // t.element_size())
+        offset = -(-sizes.get(dtype, 0) // align) * align
+        layout[name] = (dtype, offset, tuple(t.shape))
+        sizes[dtype] = offset + t.numel()
+    flats = {dtype: torch.zeros(n, dtype=getattr(torch, dtype)) for dtype, n in sizes.items()}
+    for name, t in tensors.items():
+        dtype, offset, _ = layout[name]
+        flats[dtype][offset:offset + t.numel()].copy_(t.reshape(-1))
+    return {"buffers": {d: tensor_to_numpy(f) for d, f in flats.items()}, "layout": layout}
+
+
+@dataclass
+class ShardView:
+    """A fetched shard as torch tensors: the flat buffer per dtype, and a view per tensor into
+    it (both read-only views of the object store's memory on the node, or device copies)."""
+
+    buffers: Dict[str, torch.Tensor]
+    layout: Layout
+
+    def __post_init__(self):
+        self.tensors: Dict[str, torch.Tensor] = {
+            name: self.buffers[dtype][offset:offset + _numel(shape)].view(shape)
+            for name, (dtype, offset, shape) in self.layout.items()
+        }
+
+    def to(self, device: torch.device | str) -> "ShardView":
+        """A copy on `device` (one copy per buffer)."""
+        return ShardView({d: b.to(device) for d, b in self.buffers.items()}, self.layout)
+
+
+def shard_view(shard: Dict) -> ShardView:
+    """Torch views of a fetched shard (zero-copy)."""
+    return ShardView({d: numpy_to_tensor(a, d) for d, a in shard["buffers"].items()},
+                     shard["layout"])
+
+
 def get_shard(ref: ray.ObjectRef) -> Dict[str, torch.Tensor]:
     """Fetch one shard as torch tensors viewing the object store's memory (zero-copy on a node)."""
     return shard_tensors(ray.get(ref))
 
 
 def shard_tensors(shard: Dict) -> Dict[str, torch.Tensor]:
-    """Torch views of a fetched shard's arrays."""
-    return {
-        name: numpy_to_tensor(a, shard["dtypes"][name]) for name, a in shard["tensors"].items()
-    }
+    """Torch views of a fetched shard's tensors, by name."""
+    return shard_view(shard).tensors
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _numel(shape: Tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -23,9 +23,9 @@ import ray
 import torch
 
 from ckmerge_ray.errors import CheckpointError
-from ckmerge_ray.merge import merge_shard_into_
+from ckmerge_ray.merge import merge_buffers_into_, merge_shard_into_
 from ckmerge_ray.objectives.base import Objective
-from ckmerge_ray.store import StoredCheckpoint, shard_tensors
+from ckmerge_ray.store import Layout, ShardView, StoredCheckpoint, shard_view
 
 
 @dataclass
@@ -53,8 +53,11 @@ class Resident:
     # Zero-copy views of the shard pairs, fetched on the first trial. Keeping them mapped costs
     # no private memory (they are the object store's pages) and spares every later trial the
     # deserialization and the page faults of mapping ~2x the model's bytes again.
-    shards: Optional[List[Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]]] = None
+    shards: Optional[List[Tuple[ShardView, ShardView]]] = None
     shards_on_device: bool = False  # the shards above are copies in GPU memory
+    # Per shard, per dtype: the model's own flat buffer, laid out as the stored shard is (the
+    # model's tensors are views into it), so a merge is one lerp per buffer. None: per tensor.
+    flat: Optional[List[Dict[str, torch.Tensor]]] = None
 
 
 # run_id -> Resident; lives as long as the worker process.
@@ -139,11 +142,57 @@ def resident_model(plan: TrialPlan, device: torch.device) -> Tuple[Resident, boo
     if plan.run_id not in _RESIDENT:
         _RESIDENT.clear()  # a model of an earlier run is no longer needed
         import_model_code(plan.model_config)  # ~100 MB of code, the same for any model size
-        before = worker_memory_mb()["uss_mb"]
-        model = build_model(plan.model_config, plan.dtypes, device)
-        _RESIDENT[plan.run_id] = Resident(model, tensor_map(model), before)
+        _RESIDENT[plan.run_id] = new_resident(plan, device)
         built = True
     return _RESIDENT[plan.run_id], built
+
+
+def new_resident(plan: TrialPlan, device: torch.device | str) -> Resident:
+    """Build the model, map both checkpoints' shards, and move the model's tensors into the
+    shards' flat layout where it can (`adopt_flat_layout`)."""
+    before = worker_memory_mb()["uss_mb"]
+    model = build_model(plan.model_config, plan.dtypes, device)
+    resident = Resident(model, tensor_map(model), before)
+    resident.shards = list(iter_shard_pairs(plan))
+    resident.flat = adopt_flat_layout(resident.tensors, [l.layout for _, l in resident.shards])
+    return resident
+
+
+def adopt_flat_layout(tensors: Dict[str, torch.Tensor],
+                      layouts: List[Layout]) -> Optional[List[Dict[str, torch.Tensor]]]:
+    """Move the model's tensors into one flat buffer per shard and dtype, at the offsets the
+    stored shards use, so that a merge is one `torch.lerp` per buffer rather than one per tensor.
+
+    Why: per-tensor ops cost ~5-25 µs each (dispatch, thread-pool wake-up; a kernel launch on a
+    GPU), a fifth of the merge time of a 14M-parameter model on 2 CPU cores. Each tensor's old
+    storage is freed before its shard's buffer is allocated, so memory does not double; the
+    values are not kept (the next merge writes every tensor). Returns None, changing nothing, when
+    the layouts cannot be shared: one model tensor under two checkpoint names, or dtypes that
+    differ from the model's.
+    """
+    names = [n for layout in layouts for n in layout]
+    if len({tensors[n].data_ptr() for n in names}) != len(names):
+        return None
+    if any(tensors[n].dtype != getattr(torch, dtype)
+           for layout in layouts for n, (dtype, _, _) in layout.items()):
+        return None
+    flats = []
+    with torch.no_grad():
+        for layout in layouts:
+            device = tensors[next(iter(layout))].device
+            sizes: Dict[str, int] = {}
+            for n, (dtype, offset, _) in layout.items():
+                sizes[dtype] = max(sizes.get(dtype, 0), offset + tensors[n].numel())
+                tensors[n].data = torch.empty(0, dtype=tensors[n].dtype, device=device)  # free
+            buffers = {d: torch.empty(size, dtype=getattr(torch, d), device=device)
+                       for d, size in sizes.items()}
+            for n, (dtype, offset, shape) in layout.items():
+                count = 1
+                for d in shape:
+                    count *= d
+                tensors[n].data = buffers[dtype][offset:offset + count].view(shape)
+            flats.append(buffers)
+    return flats
 
 
 def iter_shard_pairs(plan: TrialPlan, cache: Optional[Resident] = None):
@@ -154,7 +203,7 @@ def iter_shard_pairs(plan: TrialPlan, cache: Optional[Resident] = None):
     fetched = []
     for e_ref, l_ref in zip(plan.earlier.refs, plan.later.refs):
         # One ray.get for both, so a remote node pulls them in parallel.
-        pair = tuple(shard_tensors(s) for s in ray.get([e_ref, l_ref]))
+        pair = tuple(shard_view(s) for s in ray.get([e_ref, l_ref]))
         fetched.append(pair)
         yield pair
     if cache is not None:
@@ -188,16 +237,22 @@ def cache_shards_on_device(resident: Resident, plan: TrialPlan, device: torch.de
 
 def shards_to_device(pairs, device: torch.device | str):
     """Copies of (earlier, later) shard pairs on `device`."""
-    return [tuple({k: v.to(device) for k, v in shard.items()} for shard in pair) for pair in pairs]
+    return [tuple(shard.to(device) for shard in pair) for pair in pairs]
 
 
 def merge_into_model(
     plan: TrialPlan, tensors: Dict[str, torch.Tensor], lam: float, cache: Optional[Resident] = None
 ) -> int:
-    """Lerp the shard pairs into the model's tensors, shard by shard; returns bytes written."""
+    """Lerp the shard pairs into the model's tensors, shard by shard; returns bytes written.
+
+    With the model in the shards' flat layout (`adopt_flat_layout`), one lerp per buffer."""
     written, done = 0, set()
-    for earlier, later in iter_shard_pairs(plan, cache):
-        written += merge_shard_into_(tensors, earlier, later, lam, done)
+    flat = cache.flat if cache is not None else None
+    for i, (earlier, later) in enumerate(iter_shard_pairs(plan, cache)):
+        if flat is not None:
+            written += merge_buffers_into_(flat[i], earlier.buffers, later.buffers, lam)
+        else:
+            written += merge_shard_into_(tensors, earlier.tensors, later.tensors, lam, done)
     if tensors and next(iter(tensors.values())).is_cuda:
         torch.cuda.synchronize()
     return written

@@ -84,12 +84,50 @@ def test_merge_state_dicts_keeps_inputs():
 def test_gpu_shard_cache_copies_pairs_and_stays_off_on_cpu():
     from ckmerge_ray.trial import Resident, cache_shards_on_device, shards_to_device
 
+    from ckmerge_ray.store import pack_shard, shard_view
+
     a, b = checkpoint_like(torch.bfloat16, n=1000)
-    pairs = [({"w": a}, {"w": b})]
+    pairs = [(shard_view(pack_shard({"w": a})), shard_view(pack_shard({"w": b})))]
     copied = shards_to_device(pairs, "cpu")
-    assert torch.equal(copied[0][0]["w"], a) and torch.equal(copied[0][1]["w"], b)
+    assert torch.equal(copied[0][0].tensors["w"], a) and torch.equal(copied[0][1].tensors["w"], b)
     # On a CPU worker the shards stay zero-copy views of the store: nothing is fetched or copied
     # here (the plan is never touched). The CUDA branch is measured by benchmarks/gpu_merge.py.
     resident = Resident(model=None, tensors={}, uss_before_build_mb=0.0)
     assert cache_shards_on_device(resident, plan=None, device=torch.device("cpu")) is False
     assert resident.shards is None and not resident.shards_on_device
+
+
+def test_flat_layout_merge_equals_the_per_tensor_merge():
+    """A model moved into the shards' flat layout merges with one lerp per buffer, and gets
+    exactly what the per-tensor merge writes, tied weights included."""
+    from ckmerge_ray.store import pack_shard, shard_view
+    from ckmerge_ray.trial import adopt_flat_layout, tensor_map
+    from tests.conftest import tiny_llama
+
+    earlier = tiny_llama(0, tie_word_embeddings=True).to(torch.bfloat16).state_dict()
+    later = tiny_llama(1, tie_word_embeddings=True).to(torch.bfloat16).state_dict()
+    earlier.pop("lm_head.weight"), later.pop("lm_head.weight")  # saved once, as HF does
+    names = list(later)
+    groups = [names[: len(names) // 2], names[len(names) // 2:]]  # two shards
+    shards = [(shard_view(pack_shard({n: earlier[n] for n in g})),
+               shard_view(pack_shard({n: later[n] for n in g}))) for g in groups]
+
+    flat_model = tiny_llama(2, tie_word_embeddings=True).to(torch.bfloat16).requires_grad_(False)
+    tensors = tensor_map(flat_model)
+    flat = adopt_flat_layout(tensors, [l.layout for _, l in shards])
+    assert flat is not None and len(flat) == 2
+    from ckmerge_ray.merge import merge_buffers_into_
+
+    for buffers, (e, l) in zip(flat, shards):
+        merge_buffers_into_(buffers, e.buffers, l.buffers, 0.3)
+    want = merge_state_dicts(earlier, later, 0.3)
+    for n in names:
+        assert torch.equal(tensors[n], want[n]), n
+    assert flat_model.lm_head.weight is flat_model.model.embed_tokens.weight  # still tied
+    assert torch.equal(flat_model.lm_head.weight, want["model.embed_tokens.weight"])
+    # a tensor stored under two names cannot share one layout: nothing is changed
+    other = tiny_llama(3, tie_word_embeddings=True).to(torch.bfloat16)
+    both = {**later, "lm_head.weight": later["model.embed_tokens.weight"]}
+    before = {n: t.data_ptr() for n, t in tensor_map(other).items()}
+    assert adopt_flat_layout(tensor_map(other), [shard_view(pack_shard(both)).layout]) is None
+    assert {n: t.data_ptr() for n, t in tensor_map(other).items()} == before

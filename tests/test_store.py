@@ -30,12 +30,15 @@ def test_reads_are_zero_copy(ray_session, trajectory_bf16):
     first = ray.get(stored.refs[0])
     second = ray.get(stored.refs[0])
     name = stored.names[0][0]
-    a, b = first["tensors"][name], second["tensors"][name]
+    dtype, offset, _ = first["layout"][name]
+    a, b = first["buffers"][dtype], second["buffers"][dtype]
     # Two gets see the same shared-memory bytes, read-only: nothing was copied.
     assert not a.flags.writeable
     assert a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
     t = get_shard(stored.refs[0])[name]
-    assert t.data_ptr() == a.__array_interface__["data"][0]
+    assert t.data_ptr() == a.__array_interface__["data"][0] + offset * a.itemsize
+    # every tensor of the shard is a view into its dtype's flat buffer, 64-byte aligned
+    assert all(off * first["buffers"][d].itemsize % 64 == 0 for d, off, _ in first["layout"].values())
 
 
 def test_single_file_split_into_bounded_objects(ray_session, tiny_pair):
