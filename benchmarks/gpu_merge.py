@@ -4,7 +4,9 @@ For Llama shapes from 134M to 6.7B parameters (bf16; sizes that do not fit are s
 `merge.merge_shard_into_` writing into model tensors on the GPU:
 
 - on-device: both checkpoints already on the GPU; ratio against a device-to-device copy of one
-  tensor as large as the model (merge moves 3 × model bytes, the copy 2 ×);
+  tensor as large as the model (merge moves 3 × model bytes, the copy 2 ×); per tensor
+  (`merge_shard_into_`) and in the flat layout trials use (`merge_buffers_into_`: the shard's
+  tensors end to end in one buffer, one lerp; see `store.pack_shard`, `trial.adopt_flat_layout`);
 - from pinned host memory, and from pageable host memory (what a trial reads from Ray's object
   store: shared memory, not pinned): the merge then includes the host-to-device transfer of both
   checkpoints, which is what a GPU trial pays per λ today;
@@ -59,7 +61,7 @@ def cuda_time(fn, repeat: int) -> float:
 
 
 def bench(size: str, repeat: int) -> dict:
-    from ckmerge_ray.merge import merge_shard_into_
+    from ckmerge_ray.merge import merge_buffers_into_, merge_shard_into_
 
     shapes = llama_shapes(size)
     dev = torch.device("cuda")
@@ -72,6 +74,13 @@ def bench(size: str, repeat: int) -> dict:
     lam = 0.6180339
 
     on_device = cuda_time(lambda: merge_shard_into_(dst, da, db, lam), repeat)
+    # The flat layout (one buffer per shard; here one shard), built on the device directly: the
+    # store's packing code imports Ray, which this machine may lack.
+    flat_a = {"bfloat16": torch.cat([v.reshape(-1) for v in da.values()])}
+    flat_b = {"bfloat16": torch.cat([v.reshape(-1) for v in db.values()])}
+    flat_dst = {"bfloat16": torch.empty_like(flat_b["bfloat16"])}
+    flat = cuda_time(lambda: merge_buffers_into_(flat_dst, flat_a, flat_b, lam), repeat)
+    flat_a = flat_b = flat_dst = None
     flat_src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=dev)
     flat_dst = torch.empty_like(flat_src)
     copy = cuda_time(lambda: flat_dst.copy_(flat_src), repeat)
@@ -96,6 +105,7 @@ def bench(size: str, repeat: int) -> dict:
         "size": size, "params": sum(numel(s) for s in shapes.values()), "model_GB": nbytes / 1e9,
         "on_device_ms": on_device * 1e3, "copy_ms": copy * 1e3,
         "ratio": (3 * nbytes / on_device) / (2 * nbytes / copy),
+        "flat_ms": flat * 1e3, "flat_ratio": (3 * nbytes / flat) / (2 * nbytes / copy),
         "merge_GBps": 3 * nbytes / on_device / 1e9, "copy_GBps": 2 * nbytes / copy / 1e9,
         "from_pinned_ms": from_pinned * 1e3, "pinned_h2d_GBps": 2 * nbytes / from_pinned / 1e9,
         "from_pageable_ms": from_pageable * 1e3,
@@ -119,7 +129,7 @@ def main(argv=None) -> int:
     free, _ = torch.cuda.mem_get_info()
     rows, skipped = [], []
     for size in sizes:
-        need = 3.2 * 2 * sum(numel(s) for s in llama_shapes(size).values())  # a, b, dst + copy
+        need = 4.2 * 2 * sum(numel(s) for s in llama_shapes(size).values())  # a, b, dst, flat, copy
         if need > 0.9 * free:
             skipped.append(f"{size} (needs about {need / 1e9:.0f} GB of GPU memory)")
             continue
@@ -127,12 +137,14 @@ def main(argv=None) -> int:
         print(json.dumps(rows[-1]), flush=True)
         torch.cuda.empty_cache()
     name = torch.cuda.get_device_name()
-    table = ["| size | GB (bf16) | on-device merge ms | merge GB/s | D2D copy GB/s | ratio | "
-             "from pinned host ms (GB/s H2D) | from pageable host ms (GB/s H2D) | within one rounding |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    table = ["| size | GB (bf16) | on-device merge ms, per tensor | merge GB/s | D2D copy GB/s | ratio | "
+             "flat layout ms | flat ratio | from pinned host ms (GB/s H2D) | "
+             "from pageable host ms (GB/s H2D) | within one rounding |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         table.append(f"| {r['size']} | {r['model_GB']:.2f} | {r['on_device_ms']:.2f} | "
                      f"{r['merge_GBps']:.0f} | {r['copy_GBps']:.0f} | {r['ratio']:.2f} | "
+                     f"{r['flat_ms']:.2f} | {r['flat_ratio']:.2f} | "
                      f"{r['from_pinned_ms']:.1f} ({r['pinned_h2d_GBps']:.1f}) | "
                      f"{r['from_pageable_ms']:.1f} ({r['pageable_h2d_GBps']:.1f}) | "
                      f"{r['within_one_rounding']} |")
@@ -143,6 +155,7 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows,
                                          "skipped": skipped}, indent=1))
     print(headline(gpu_merge_bw_ratio_min=min(r["ratio"] for r in rows),
+                   gpu_flat_ratio_min=min(r["flat_ratio"] for r in rows),
                    gpu_from_pageable_ms_max=max(r["from_pageable_ms"] for r in rows)))
     return 0
 
