@@ -12,8 +12,17 @@ LAMBDA = "lam"
 
 __all__ = [
     "GPHedgeSearch", "ACQUISITIONS", "LAMBDA", "initial_points", "merge_searcher",
-    "posterior_from_rows",
+    "posterior_from_rows", "search_record",
 ]
+
+
+def search_record(config: Dict) -> Dict:
+    """What the searcher recorded about a trial in its config: the acquisition that proposed it
+    (``""`` for an initial point), the batch index, and the hedge probabilities ``p_<name>``.
+    Consumers (the trial table, the journal) read it only through this function."""
+    info = {"acquisition": config.get("acquisition", "") or "", "batch": config.get("batch")}
+    info.update({k: v for k, v in config.items() if k.startswith("p_")})
+    return info
 
 
 def initial_points(alpha: float, extra: Sequence[float] = ()) -> List[Dict[str, float]]:
