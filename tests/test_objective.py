@@ -77,7 +77,8 @@ def test_loss_is_deterministic_and_matches_transformers(trajectory):
     model, obj, _ = _model_and_objective(trajectory[-1])
     a = obj.evaluate(model, torch.device("cpu"))
     b = obj.evaluate(model, torch.device("cpu"))
-    assert a == b
+    scored = ("score", "loss", "perplexity", "tokens")
+    assert {k: a[k] for k in scored} == {k: b[k] for k in scored}
     assert obj.windows.shape[1] == 32 and a["tokens"] == obj.windows.shape[0] * 31
     assert a["tokens"] >= 512
     # Independent: transformers' own mean loss per window, averaged with equal window weights
@@ -94,3 +95,44 @@ def test_text_shorter_than_a_window(trajectory, tmp_path):
     obj = HeldoutLoss(tmp_path / "short.txt", seq_len=512)
     with pytest.raises(ObjectiveError, match="fewer than one window of seq_len=512"):
         obj.prepare(trajectory[-1])
+
+
+def test_evaluation_accounting_in_the_result(trajectory):
+    """Every evaluation says what it scored and what that cost, under the names trials.parquet
+    and summary.json use."""
+    model, obj, _ = _model_and_objective(trajectory[-1])
+    row = obj.evaluate(model, torch.device("cpu"))
+    assert row["eval_tokens"] == row["tokens"]
+    assert row["eval_batch_size"] == 3  # the objective's batch_size, kept (no out-of-memory here)
+    assert row["eval_path"] == "chunked"  # a Llama splits into body and head
+    assert row["eval_seconds"] > 0
+    assert row["eval_tokens_per_s"] == pytest.approx(row["eval_tokens"] / row["eval_seconds"])
+    assert row["eval_peak_mem_mb"] >= 0
+
+
+def test_default_batch_on_cpu_is_4096_tokens(trajectory):
+    model, obj, _ = _model_and_objective(trajectory[-1], seq_len=32, max_tokens=20000)
+    obj.batch_size = obj._batch = None
+    row = obj.evaluate(model, torch.device("cpu"))
+    assert row["eval_batch_size"] == min(len(obj.windows), 4096 // 32)
+
+
+def test_full_logits_option_scores_the_same(trajectory):
+    model, obj, _ = _model_and_objective(trajectory[-1])
+    chunked = obj.evaluate(model, torch.device("cpu"))
+    obj.full_logits, obj._split_key = True, None
+    full = obj.evaluate(model, torch.device("cpu"))
+    assert full["eval_path"] == "full"
+    assert chunked["loss"] == pytest.approx(full["loss"], rel=1e-6)
+
+
+def test_objective_pickles_without_worker_state(trajectory):
+    import pickle
+
+    model, obj, _ = _model_and_objective(trajectory[-1])
+    obj.evaluate(model, torch.device("cpu"))
+    assert obj._split is not None
+    copy = pickle.loads(pickle.dumps(obj))
+    assert copy._split is None and copy._batch == 3
+    cpu = torch.device("cpu")
+    assert copy.evaluate(model, cpu)["loss"] == pytest.approx(obj.evaluate(model, cpu)["loss"])

@@ -7,15 +7,22 @@ every trial scores exactly the same tokens: same weights, same score.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from ckmerge_ray.errors import ObjectiveError
 from ckmerge_ray.objectives.base import Objective
+from ckmerge_ray.objectives.batching import (PeakMemory, Stopwatch, cpu_batch, fit_batch,
+                                             free_cached, halving, is_oom)
+from ckmerge_ray.objectives.chunked import (SplitModel, chunk_positions, chunked_nll,
+                                            full_logits_nll, split_model)
+
+log = logging.getLogger(__name__)
 
 
 def read_texts(path: Path, text_field: str = "text") -> List[str]:
@@ -83,6 +90,11 @@ def _read_parquet(path: Path, text_field: str) -> List[str]:
 class HeldoutLoss(Objective):
     """Mean next-token NLL (nats per token) of the model on held-out text; also reports perplexity.
 
+    Memory does not grow with the vocabulary: the model body runs once per batch, then the output
+    head and the cross-entropy run over chunks of positions (`ckmerge_ray.objectives.chunked`,
+    which says which architectures split and which fall back to the full logits). The score is
+    the same as through the full logits, to fp32 round-off.
+
     Args:
         path: a .jsonl, .parquet or .txt file.
         text_field: the JSON field or parquet column holding the text (default "text").
@@ -90,7 +102,18 @@ class HeldoutLoss(Objective):
             other, so the first token of each window is not scored.
         max_tokens: at most this many tokens are scored (default 65536), taken from the start of
             the file, so that each trial costs the same.
-        batch_size: windows per forward pass (default 8).
+        batch_size: windows per forward pass. Default None: on a GPU, as many as the free memory
+            holds, measured on the worker's first trial and kept for the run; on CPU,
+            4096 tokens' worth (8 windows of 512). Either way, a pass that runs out of memory
+            halves the batch and starts the evaluation over (each size once), and later trials
+            on the worker keep the size that worked.
+        full_logits: score through the model's full (batch, seq_len, vocab) logits, as before
+            the chunked path existed (default False; models that do not split use it anyway).
+
+    Each result also holds the evaluation's cost: ``eval_tokens``, ``eval_seconds``,
+    ``eval_tokens_per_s``, ``eval_peak_mem_mb`` (memory above what was in use when the
+    evaluation began; `ckmerge_ray.objectives.batching.PeakMemory`), ``eval_batch_size`` and
+    ``eval_path`` ("chunked" or "full").
     """
 
     mode = "min"
@@ -102,20 +125,34 @@ class HeldoutLoss(Objective):
         text_field: str = "text",
         seq_len: int = 512,
         max_tokens: int = 65536,
-        batch_size: int = 8,
+        batch_size: Optional[int] = None,
+        full_logits: bool = False,
     ):
         if seq_len < 2:
             raise ObjectiveError(f"seq_len must be at least 2, got {seq_len}")
         if max_tokens < 2:
             raise ObjectiveError(f"max_tokens must be at least 2, got {max_tokens}")
-        if batch_size < 1:
+        if batch_size is not None and batch_size < 1:
             raise ObjectiveError(f"batch_size must be positive, got {batch_size}")
         self.path = Path(path)
         self.text_field = text_field
         self.seq_len = seq_len
         self.max_tokens = max_tokens
         self.batch_size = batch_size
+        self.full_logits = bool(full_logits)
         self.windows: Optional[np.ndarray] = None  # (n_windows, seq_len) token ids, set by prepare
+        self._reset_worker_state()
+
+    def _reset_worker_state(self) -> None:
+        # Set on the worker by the first evaluate and kept for its later trials (not pickled).
+        self._split_key: Optional[Tuple[int, str]] = None  # which model the split below is for
+        self._split: Optional[SplitModel] = None
+        self._batch: Optional[int] = self.batch_size  # the size that worked last
+
+    def __getstate__(self) -> Dict:
+        state = dict(self.__dict__)
+        state.update(_split_key=None, _split=None, _batch=self.batch_size)
+        return state
 
     def __repr__(self) -> str:
         return f"HeldoutLoss({str(self.path)!r}, seq_len={self.seq_len}, max_tokens={self.max_tokens})"
@@ -134,20 +171,59 @@ class HeldoutLoss(Objective):
     def evaluate(self, model: torch.nn.Module, device: torch.device) -> Dict[str, float]:
         if self.windows is None:
             raise ObjectiveError("HeldoutLoss.evaluate called before prepare")
-        nll, count = 0.0, 0
-        with torch.inference_mode():
-            for start in range(0, len(self.windows), self.batch_size):
-                ids = torch.from_numpy(self.windows[start : start + self.batch_size]).to(device)
-                logits = model(input_ids=ids).logits.float()  # (B, T, V)
-                loss = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.size(-1)),
-                    ids[:, 1:].reshape(-1),
-                    reduction="sum",
-                )
-                nll += float(loss)
-                count += ids[:, 1:].numel()
+        device = torch.device(device)
+        windows = self.windows
+        with Stopwatch(device) as clock, PeakMemory(device) as peak, torch.inference_mode():
+            split = self._split_for(model, device)
+            chunk = chunk_positions(split.vocab) if split else 0
+
+            def nll_of(n_start: int, n_end: int) -> torch.Tensor:
+                ids = torch.from_numpy(windows[n_start:n_end]).to(device)  # (B, T)
+                return chunked_nll(split, ids, chunk) if split else full_logits_nll(model, ids)
+
+            def run(batch: int) -> float:
+                total = torch.zeros((), dtype=torch.float64, device=device)
+                for start in range(0, len(windows), batch):
+                    total += nll_of(start, start + batch)
+                return float(total)
+
+            if self._batch is None:
+                self._batch = self._first_batch(lambda n: nll_of(0, n), device)
+            nll, self._batch = halving(run, self._batch, device, "held-out loss")
+        count = int(windows.shape[0] * (windows.shape[1] - 1))
         mean = nll / count
-        return {"score": mean, "loss": mean, "perplexity": math.exp(mean), "tokens": count}
+        return {"score": mean, "loss": mean, "perplexity": math.exp(mean), "tokens": count,
+                "eval_tokens": count, "eval_seconds": clock.seconds,
+                "eval_tokens_per_s": count / max(clock.seconds, 1e-9),
+                "eval_peak_mem_mb": peak.mb, "eval_batch_size": self._batch,
+                "eval_path": "chunked" if split else "full"}
+
+    def _split_for(self, model: torch.nn.Module, device: torch.device) -> Optional[SplitModel]:
+        """The model split for the chunked loss, checked once per model on this worker; None
+        (the full-logits path) when it does not split or `full_logits` is set."""
+        key = (id(model), type(model).__name__)
+        if self._split_key != key:
+            self._split_key, self._split = key, None
+            if not self.full_logits:
+                probe = torch.from_numpy(self.windows[:1]).to(device)
+                self._split, why = split_model(model, probe)
+                if self._split is None:
+                    log.warning("held-out loss through the full logits: %s", why)
+        return self._split
+
+    def _first_batch(self, run: Callable[[int], object], device: torch.device) -> int:
+        n = len(self.windows)
+        if device.type != "cuda":
+            return min(n, cpu_batch(self.seq_len))
+        if n < 2:
+            return 1
+        try:
+            return fit_batch(run, device, limit=n)
+        except Exception as e:  # noqa: BLE001 - out of memory at 1-2 windows: let halving say so
+            if not is_oom(e):
+                raise
+        free_cached(device)
+        return 1
 
 
 def make_windows(texts: List[str], tokenizer, seq_len: int, max_tokens: int) -> np.ndarray:
