@@ -11,15 +11,19 @@ requests go into one forward pass.
   ``torch.cuda.max_memory_allocated`` (the peak counter is reset at the start). On CPU, the
   process's resident set: the larger of its kernel high-water mark (``VmHWM``, when the
   evaluation raised it) and the RSS polled every millisecond by a thread, minus the RSS at the
-  start. The high-water mark is never reset (it is the worker's ``rss_peak_mb``), so a spike
-  shorter than a millisecond below an earlier peak can be missed.
+  start, which is taken after ``malloc_trim`` has handed glibc's freed pages back (otherwise an
+  evaluation reusing the previous one's freed heap would show no growth). The high-water mark is
+  never reset (it is the worker's ``rss_peak_mb``), so a spike shorter than a millisecond below
+  an earlier peak can be missed.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import os
+import sys
 import threading
 import time
 from typing import Callable, Optional, Tuple, TypeVar
@@ -119,6 +123,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
+            _malloc_trim()
             self._base = self._polled = _rss()
             self._hwm = _hwm()
             self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -160,6 +165,15 @@ class Stopwatch:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.seconds = time.perf_counter() - self._start
+
+
+def _malloc_trim() -> None:
+    """Hand glibc's freed heap pages back to the OS (nothing elsewhere)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
