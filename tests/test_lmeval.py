@@ -28,6 +28,11 @@ def model(trajectory):
     return AutoModelForCausalLM.from_pretrained(trajectory[-1]).eval()
 
 
+def _scores(row):
+    """A result without its cost accounting (eval_seconds, ...), which differs run to run."""
+    return {k: v for k, v in row.items() if not k.startswith("eval_")}
+
+
 def test_multiple_choice_on_the_in_memory_model_cached_equals_uncached(task_dir, trajectory, model):
     cached = parse_objective(f"lmeval:{MC}", include_path=task_dir, limit=16, batch_size=4)
     cached.prepare(trajectory[-1])
@@ -38,14 +43,19 @@ def test_multiple_choice_on_the_in_memory_model_cached_equals_uncached(task_dir,
     # Closed-form standard error of a mean of 16 Bernoulli scores, as lm-eval computes it.
     p = first["score"]
     assert first["score_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / 15), rel=1e-6)
-    assert cached.evaluate(model, torch.device("cpu")) == first  # requests reused: same answer
+    assert _scores(cached.evaluate(model, torch.device("cpu"))) == _scores(first)  # requests reused
 
     uncached = LmEvalObjective([MC], include_path=task_dir, limit=16, batch_size=4,
                                cache_requests=False)
     uncached.prepare(trajectory[-1])
-    assert uncached.evaluate(model, torch.device("cpu")) == first  # simple_evaluate from scratch
+    assert _scores(uncached.evaluate(model, torch.device("cpu"))) == _scores(first)  # from scratch
     cheap = cached.with_limit(4).evaluate(model, torch.device("cpu"))
     assert cheap["score"] * 4 == pytest.approx(round(cheap["score"] * 4))  # a 4-document subset
+    # The cost of each evaluation: a multiple-choice document is one request per choice.
+    choices = first["eval_requests"] / 16
+    assert choices == int(choices) >= 2 and cheap["eval_requests"] == 4 * choices
+    assert first["eval_batch_size"] == 4 and first["eval_seconds"] > 0
+    assert first["eval_requests_per_s"] == pytest.approx(first["eval_requests"] / first["eval_seconds"])
 
 
 def test_rolling_perplexity_task(task_dir, trajectory, model):
@@ -58,6 +68,8 @@ def test_rolling_perplexity_task(task_dir, trajectory, model):
     assert row[f"{PPL}/bits_per_byte"] == pytest.approx(math.log2(row[f"{PPL}/byte_perplexity"]))
     assert 1.0 < row[f"{PPL}/byte_perplexity"] < 256.0
     assert "score_stderr" not in row  # lm-eval computes no standard error for perplexities
+    assert row["eval_requests"] == 2  # one rolling request per document
+    assert row["eval_batch_size"] == 8  # the CPU default
 
 
 def test_bad_tasks_metrics_and_tokenizers_are_refused_before_any_trial(task_dir, trajectory, tiny_pair,
@@ -194,3 +206,16 @@ def test_example_mmlu_style_task_from_csv_and_jsonl(tmp_path, trajectory, model)
         assert row[f"{name}/sample_len"] == 8 and 0 <= row["score"] <= 1
         scores.append(row["score"])
     assert scores[0] == scores[1]  # the same questions, read from either layout
+
+
+def test_auto_batch_size_is_detected_once_and_kept(task_dir, trajectory, model):
+    """batch_size="auto" (the GPU default): lm-eval's detection runs on the first trial only; its
+    size is kept for the worker's later trials and recorded in the row."""
+    obj = LmEvalObjective([MC], include_path=task_dir, limit=4, batch_size="auto")
+    obj.prepare(trajectory[-1])
+    first = obj.evaluate(model, torch.device("cpu"))
+    assert isinstance(obj._batch, int) and first["eval_batch_size"] == obj._batch >= 1
+    second = obj.evaluate(model, torch.device("cpu"))
+    assert second["eval_batch_size"] == obj._batch and second["score"] == first["score"]
+    with pytest.raises(ObjectiveError, match="batch_size must be a positive int or 'auto'"):
+        LmEvalObjective([MC], batch_size=0)

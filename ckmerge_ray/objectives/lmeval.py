@@ -10,6 +10,11 @@ built once: the documents do not change between trials, only the weights. So a t
 `lm_eval.evaluator.evaluate` on the already-loaded tasks with lm-eval's request cache, instead of
 `simple_evaluate`, which reloads the datasets and collects environment information (a `pip list`
 subprocess) on every call.
+
+Batching: ``batch_size="auto"`` on a GPU by default (lm-eval finds the largest batch that fits,
+halving from ``max_batch_size`` on out-of-memory), 8 on CPU; the size found on a worker's first
+trial is kept for its later trials. A fixed size that runs out of memory is halved and the
+evaluation started over, each size once (`ckmerge_ray.objectives.batching.halving`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 
 from ckmerge_ray.errors import ObjectiveError
 from ckmerge_ray.objectives.base import Objective
+from ckmerge_ray.objectives.batching import PeakMemory, Stopwatch, free_cached, halving, is_oom
 
 # (include_path, include_defaults) -> TaskManager; indexing the built-in tasks costs seconds, so
 # each process (driver, worker) builds it once.
@@ -33,6 +39,7 @@ _TASK_MANAGERS: Dict[Tuple[Optional[str], bool], object] = {}
 # Objective.task_key() -> (loaded task dict, private request-cache directory), once per process.
 _LOADED: Dict[Tuple, Tuple[Dict, str]] = {}
 
+CPU_BATCH_SIZE = 8  # requests per pass on CPU when batch_size is not given
 STDERR_BOOTSTRAP_ITERS = 100  # closed form for mean metrics; a 100-draw bootstrap for the others
 
 
@@ -57,7 +64,10 @@ class LmEvalObjective(Objective):
         include_path: a directory of task YAMLs. When every task is found there, the built-in
             tasks are not indexed (``include_defaults=False``).
         limit: documents per task (count, or fraction), the same documents in every trial.
-        num_fewshot, batch_size, max_length, apply_chat_template: passed to lm-eval.
+        num_fewshot, max_length, apply_chat_template: passed to lm-eval.
+        batch_size: requests per forward pass, an int or ``"auto"``. Default None: ``"auto"``
+            on a GPU, 8 on CPU. The size used is kept for the worker's later trials (for
+            ``"auto"``, the smallest lm-eval detected), and halved on out-of-memory.
         cache_requests: load the tasks and build their requests once per worker (default True).
             False runs ``simple_evaluate`` from scratch on every trial (for comparison).
         stderr: also compute each metric's standard error (closed form for mean metrics such as
@@ -75,7 +85,7 @@ class LmEvalObjective(Objective):
         include_path: Optional[str | Path] = None,
         limit: Optional[int | float] = None,
         num_fewshot: Optional[int] = None,
-        batch_size: int = 8,
+        batch_size: Optional[int | str] = None,
         max_length: Optional[int] = None,
         apply_chat_template: bool = False,
         cache_requests: bool = True,
@@ -101,7 +111,16 @@ class LmEvalObjective(Objective):
         self.batch_size, self.max_length = batch_size, max_length
         self.apply_chat_template = apply_chat_template
         self.cache_requests, self.stderr = bool(cache_requests), bool(stderr)
+        if not (batch_size is None or batch_size == "auto"
+                or (isinstance(batch_size, int) and batch_size >= 1)):
+            raise ObjectiveError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
         self.tokenizer = None
+        self._batch: Optional[int | str] = batch_size  # the size that worked last, on a worker
+
+    def __getstate__(self) -> Dict:
+        state = dict(self.__dict__)
+        state["_batch"] = self.batch_size  # worker state starts afresh where it is unpickled
+        return state
 
     def __repr__(self) -> str:
         return (f"LmEvalObjective({self.tasks!r}, metrics={self.metrics!r}, limit={self.limit!r}, "
@@ -183,16 +202,44 @@ class LmEvalObjective(Objective):
     # --- worker ------------------------------------------------------------------------------
 
     def evaluate(self, model: torch.nn.Module, device: torch.device) -> Dict[str, float]:
-        from lm_eval.models.huggingface import HFLM
-
-        lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size,
-                  max_length=self.max_length, device=str(device))
+        """Run the tasks on `model`; the result holds the score, every task metric and the
+        evaluation's cost: ``eval_requests`` (requests the model answered), ``eval_seconds``,
+        ``eval_requests_per_s``, ``eval_peak_mem_mb`` and ``eval_batch_size``."""
+        device = torch.device(device)
         if self.stderr:
             # lm-eval's bootstrap otherwise starts a pool of cpu_count() processes inside a
             # worker that Ray gave a CPU or two.
             os.environ.setdefault("DISABLE_MULTIPROC", "1")
-        out = self._run_cached(lm) if self.cache_requests else self._run_uncached(lm)
-        return self._score(out)
+        if self._batch is None:
+            self._batch = "auto" if device.type == "cuda" else CPU_BATCH_SIZE
+        lms: List = []  # the last HFLM built, for its request count and detected batch sizes
+
+        def run(batch: int | str) -> Dict:
+            lms[:] = [_hflm_class()(pretrained=model, tokenizer=self.tokenizer, batch_size=batch,
+                                    max_length=self.max_length, device=str(device))]
+            return self._run_cached(lms[0]) if self.cache_requests else self._run_uncached(lms[0])
+
+        with Stopwatch(device) as clock, PeakMemory(device) as peak:
+            batch, out = self._batch, None
+            if batch == "auto":
+                try:
+                    out = run("auto")
+                except Exception as e:  # noqa: BLE001 - filtered just below
+                    if not is_oom(e):
+                        raise
+                detected = lms[0].detected if lms else []
+                batch = min(detected) if detected else "auto"
+                if out is None:  # the detected size did not fit a later, longer batch
+                    free_cached(device)
+                    batch = max(1, (batch if batch != "auto" else 64) // 2)
+            if out is None:
+                out, batch = halving(run, batch, device, "lm-eval")
+        self._batch = batch
+        requests = lms[0].requests if lms else 0
+        return {**self._score(out), "eval_requests": requests, "eval_seconds": clock.seconds,
+                "eval_requests_per_s": requests / max(clock.seconds, 1e-9),
+                "eval_peak_mem_mb": peak.mb,
+                "eval_batch_size": batch if isinstance(batch, int) else math.nan}
 
     def _run_cached(self, lm) -> Dict:
         from lm_eval.caching import cache as lm_eval_cache
@@ -274,6 +321,44 @@ class LmEvalObjective(Objective):
                 f"lm-eval reports higher_is_better={higher} for {task}/{metric}, but the objective "
                 f"was set up to {self.mode}imize it"
             )
+
+
+_HFLM_CLASS = None
+
+
+def _hflm_class():
+    """lm-eval's HFLM, extended to count the requests it answers and to remember the batch
+    sizes its ``batch_size="auto"`` detection found (defined on first use: lm-eval imports
+    slowly)."""
+    global _HFLM_CLASS
+    if _HFLM_CLASS is None:
+        from lm_eval.models.huggingface import HFLM
+
+        class CountingHFLM(HFLM):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.requests = 0
+                self.detected: List[int] = []
+
+            def _detect_batch_size(self, *args, **kwargs):
+                size = super()._detect_batch_size(*args, **kwargs)
+                self.detected.append(int(size))
+                return size
+
+            def loglikelihood(self, requests, *args, **kwargs):
+                self.requests += len(requests)
+                return super().loglikelihood(requests, *args, **kwargs)
+
+            def loglikelihood_rolling(self, requests, *args, **kwargs):
+                self.requests += len(requests)
+                return super().loglikelihood_rolling(requests, *args, **kwargs)
+
+            def generate_until(self, requests, *args, **kwargs):
+                self.requests += len(requests)
+                return super().generate_until(requests, *args, **kwargs)
+
+        _HFLM_CLASS = CountingHFLM
+    return _HFLM_CLASS
 
 
 def _leaves(name: str, loaded: Dict) -> List[str]:
