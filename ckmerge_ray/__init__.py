@@ -1,10 +1,12 @@
 """ckmerge-ray: tune the linear merge of adjacent pretraining checkpoints with Ray Tune.
 
 Data flow, one module each: checkpoints (read, validate) -> store (shards in the object store)
--> merge (lerp into a resident model) -> objectives (score it) -> search (choose λ) -> trial and
-tuner (run on Ray Tune) -> results (tables, best model) -> cli. Beside them: baselines and
-evaluator (other merges of the same shards), compare (baselines vs the tuned merge), sweep
-(every adjacent pair of a run) and plots.
+-> model and merge (the resident model, lerp into it) -> objectives (score it) -> search
+(choose λ) -> trial (the Tune trainable) -> tuner (the run's steps) -> results (tables, best
+model) -> cli. Settings are values (config); the cluster (cluster), the output directory
+(rundir) and a run's checked inputs (inputs) have modules of their own. Beside them: baselines
+and evaluator (other merges of the same shards), compare (baselines vs the tuned merge), sweep
+(every adjacent pair of a run) and plots. See README's "How it works".
 
 The public names below are imported on first use, so that `import ckmerge_ray.merge` (or
 `checkpoints`) needs neither Ray nor transformers: a GPU box without Ray can still run the merge
@@ -18,7 +20,9 @@ from ckmerge_ray.errors import CheckpointError, CkmergeError, ConfigError, Objec
 __version__ = "0.1.0"
 
 _LAZY = {
-    "tune_merge": "tuner", "TuneMergeResult": "tuner",
+    "tune_merge": "tuner", "TuneMergeResult": "results",
+    "SearchConfig": "config", "RunConfig": "config", "CheckpointConfig": "config",
+    "BaselineConfig": "config", "Resources": "config",
     "compare_merges": "compare", "CompareResult": "compare",
     "sweep_trajectory": "sweep", "SweepResult": "sweep", "discover_checkpoints": "sweep",
     "GPHedgeSearch": "search",

@@ -17,7 +17,7 @@ from typing import Dict, Iterator, List, Tuple
 import torch
 from safetensors import safe_open
 
-from ckmerge_ray.errors import CheckpointError
+from ckmerge_ray.errors import CheckpointError, ConfigError
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -189,8 +189,8 @@ def plan_shards(info: CheckpointInfo, max_shard_bytes: int) -> List[List[str]]:
     Both checkpoints of a pair use the plan of the later one, so shard i of each holds the same
     tensors and a trial merges them pairwise.
     """
-    if max_shard_bytes <= 0:
-        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    if not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
+        raise ConfigError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
     groups: List[List[str]] = []
     for fname in info.shard_files:
         current: List[str] = []

@@ -5,7 +5,8 @@
         --objective loss:heldout.jsonl --alpha 0.5 --trials 12 \\
         --cpus-per-trial 1 --gpus-per-trial 0 --output runs/x
 
-Exit codes: 0 on success, 2 on bad input or a failed run (one line on stderr), 130 on Ctrl-C.
+Exit codes: 0 on success; 2 on bad input, a failed run, a sweep whose every pair failed or a
+comparison whose every method failed (one line on stderr); 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -25,7 +26,21 @@ def build_parser() -> argparse.ArgumentParser:
         "with Bayesian optimization on Ray Tune.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_tune_parser(sub)
+    _add_compare_parser(sub)
+    _add_sweep_parser(sub)
+    pl = sub.add_parser("plot", help="redraw the plots of a run, sweep or comparison",
+                        description="Redraw the PNG plots of RUN_DIR from its saved tables.")
+    pl.add_argument("run_dir")
+    d = sub.add_parser("demo", help="make a small trajectory from the stdlib and tune its last pair")
+    d.add_argument("--workdir", default="ckmerge_demo", help="where checkpoints and results go")
+    d.add_argument("--trials", type=int, default=8)
+    d.add_argument("--max-concurrent", type=int, default=2)
+    d.add_argument("--steps", type=int, default=None, help="training steps (default 400)")
+    return parser
 
+
+def _add_tune_parser(sub) -> None:
     t = sub.add_parser("tune", help="tune the merge of two checkpoints",
                        description="Tune λ for EARLIER and LATER (Hugging Face model directories).")
     t.add_argument("earlier", nargs="?", help="the earlier checkpoint Θ(t-1)")
@@ -41,14 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "first (count, or fraction < 1); only competitive λ get the full evaluation")
     t.add_argument("--screen-keep", type=float, default=0.5,
                    help="fraction of screened λ that go on to the full evaluation (default 0.5)")
-    t.add_argument("--alpha", type=float, default=0.5, help="search λ in [alpha, 1] (default 0.5)")
-    t.add_argument("--trials", type=int, default=10,
-                   help="distinct λ values to evaluate in [alpha, 1] (default 10)")
-    t.add_argument("--max-concurrent", type=int, default=None,
-                   help="trials at once (default: what the cluster fits)")
-    t.add_argument("--cpus-per-trial", type=float, default=1.0, help="default 1")
-    t.add_argument("--gpus-per-trial", type=float, default=0.0, help="default 0; fractions allowed")
-    t.add_argument("--acquisitions", default="ei,pi,ucb",
+    _add_shared_arguments(t, "ckmerge_runs/latest", 10,
+                          "distinct λ values to evaluate in [alpha, 1] (default 10)",
+                          "trials at once (default: what the cluster fits)")
+    t.add_argument("--acquisitions", default=None,
                    help="GP-Hedge portfolio, a comma list of ei, pi, ucb (default all; one alone "
                    "disables the hedge)")
     t.add_argument("--eta", type=float, default=1.0, help="hedge learning rate (default 1)")
@@ -57,31 +68,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--kappa", type=float, default=1.0, help="UCB exploration (default 1.0)")
     t.add_argument("--xi", type=float, default=0.0, help="EI/PI margin (default 0)")
     t.add_argument("--gp-noise", type=float, default=1e-6, help="GP noise variance (default 1e-6)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--output", default="ckmerge_runs/latest", help="output directory")
-    t.add_argument("--overwrite", action="store_true", help="reuse an output directory with a run")
     t.add_argument("--no-export", action="store_true", help="do not write the best model")
-    t.add_argument("--allow-pickle", action="store_true",
-                   help="accept pytorch_model.bin (loaded with torch.load(weights_only=True))")
     t.add_argument("--storage-path", default=None,
                    help="Ray Tune storage path (shared filesystem or URI on multi-node clusters)")
-    t.add_argument("--address", default=None,
-                   help="join this Ray cluster (HEAD_IP:6379, or auto on a cluster node) instead "
-                   "of starting a local Ray; default: $RAY_ADDRESS, which `ray job submit` sets")
     t.add_argument("--no-gpu-shard-cache", action="store_true",
                    help="GPU trials: stream both checkpoints from host memory in every trial "
                    "instead of keeping them in device memory (when they take <= half of it)")
     t.add_argument("--allow-spilling", action="store_true",
                    help="run even if the two checkpoints exceed a node's object store (slow)")
-    t.add_argument("--quiet", action="store_true", help="no progress output")
 
+
+def _add_compare_parser(sub) -> None:
     c = sub.add_parser("compare", help="the tuned merge against merging baselines",
                        description="Score baselines (soups, moving averages, Fisher, RegMean, "
                        "grid/random λ) and the tuned merge of the last pair, on CHECKPOINTS "
                        "(oldest first); writes compare.parquet and compare.md.")
     c.add_argument("checkpoints", nargs="+", help="two or more checkpoint directories, oldest first")
-    c.add_argument("--methods", default=",".join(_METHODS),
-                   help=f"comma list from {','.join(_METHODS)} (default all)")
+    c.add_argument("--methods", default=None,
+                   help="comma list from uniform, greedy, sma, ema, wma, fisher, regmean, grid, "
+                   "random, tuned (default all)")
     c.add_argument("--last-n", type=int, default=None,
                    help="SMA/EMA/WMA window: the last N checkpoints (default all)")
     c.add_argument("--ema-alpha", type=float, default=0.5, help="EMA weight of the newest (default 0.5)")
@@ -93,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RegMean off-diagonal scaling (default 0.9)")
     _add_run_arguments(c, default_output="ckmerge_runs/compare")
 
+
+def _add_sweep_parser(sub) -> None:
     w = sub.add_parser("sweep", help="tune every adjacent pair of a run's checkpoints",
                        description="Tune λ for every adjacent pair of checkpoints in DIR "
                        "(checkpoint-<step>/, step<N>/, iter_<N>/, sorted by step) or of the "
@@ -104,21 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--heatmap-lambda", type=float, default=0.5,
                    help="weight of the later checkpoint in heatmap merges (default 0.5)")
     _add_run_arguments(w, default_output="ckmerge_runs/sweep")
-
-    pl = sub.add_parser("plot", help="redraw the plots of a run, sweep or comparison",
-                        description="Redraw the PNG plots of RUN_DIR from its saved tables.")
-    pl.add_argument("run_dir")
-
-    d = sub.add_parser("demo", help="make a small trajectory from the stdlib and tune its last pair")
-    d.add_argument("--workdir", default="ckmerge_demo", help="where checkpoints and results go")
-    d.add_argument("--trials", type=int, default=8)
-    d.add_argument("--max-concurrent", type=int, default=2)
-    d.add_argument("--steps", type=int, default=None, help="training steps (default 400)")
-    return parser
-
-
-_METHODS = ("uniform", "greedy", "sma", "ema", "wma", "fisher", "regmean", "grid", "random",
-            "tuned")  # ckmerge_ray.compare.METHODS, without importing Ray for --help
 
 
 def _add_objective_arguments(p: argparse.ArgumentParser, required: bool) -> None:
@@ -142,22 +134,31 @@ def _add_objective_arguments(p: argparse.ArgumentParser, required: bool) -> None
 
 
 def _add_run_arguments(c: argparse.ArgumentParser, default_output: str) -> None:
-    """Options compare and sweep share with tune."""
+    """Options compare and sweep share with tune, with their own defaults."""
     _add_objective_arguments(c, required=True)
-    c.add_argument("--alpha", type=float, default=0.5, help="search λ in [alpha, 1] (default 0.5)")
-    c.add_argument("--trials", type=int, default=8,
-                   help="λ evaluations in [alpha, 1] per tuned pair (and for grid/random; default 8)")
-    c.add_argument("--max-concurrent", type=int, default=None,
-                   help="evaluations at once (default: what the cluster fits)")
-    c.add_argument("--cpus-per-trial", type=float, default=1.0, help="default 1")
-    c.add_argument("--gpus-per-trial", type=float, default=0.0, help="default 0; fractions allowed")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--output", default=default_output, help=f"output directory (default {default_output})")
-    c.add_argument("--overwrite", action="store_true", help="replace the results in --output")
-    c.add_argument("--allow-pickle", action="store_true",
+    _add_shared_arguments(c, default_output, 8, "λ evaluations in [alpha, 1] per tuned pair "
+                          "(and for grid/random; default 8)",
+                          "evaluations at once (default: what the cluster fits)")
+
+
+def _add_shared_arguments(p: argparse.ArgumentParser, default_output: str, trials: int,
+                          trials_help: str, concurrent_help: str) -> None:
+    """The search space, budget, resources and run options of tune, compare and sweep."""
+    p.add_argument("--alpha", type=float, default=0.5, help="search λ in [alpha, 1] (default 0.5)")
+    p.add_argument("--trials", type=int, default=trials, help=trials_help)
+    p.add_argument("--max-concurrent", type=int, default=None, help=concurrent_help)
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="default 1")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="default 0; fractions allowed")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=default_output,
+                   help=f"output directory (default {default_output})")
+    p.add_argument("--overwrite", action="store_true", help="replace the results in --output")
+    p.add_argument("--allow-pickle", action="store_true",
                    help="accept pytorch_model.bin (loaded with torch.load(weights_only=True))")
-    c.add_argument("--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS)")
-    c.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--address", default=None,
+                   help="join this Ray cluster (HEAD_IP:6379, or auto on a cluster node) instead "
+                   "of starting a local Ray; default: $RAY_ADDRESS, which `ray job submit` sets")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -183,10 +184,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _tune(args) -> int:
+    from ckmerge_ray.config import CheckpointConfig, RunConfig, SearchConfig
     from ckmerge_ray.tuner import resume_run, tune_merge
 
-    if args.address:  # tune_merge joins the cluster named by RAY_ADDRESS (see _ensure_ray)
-        os.environ["RAY_ADDRESS"] = args.address
+    _join_cluster(args)
     if args.resume:
         if args.earlier or args.objective:
             raise ConfigError("--resume RUN_DIR takes the run's own arguments; give no checkpoints "
@@ -196,21 +197,23 @@ def _tune(args) -> int:
         return 0
     if not (args.earlier and args.later and args.objective):
         raise ConfigError("tune needs EARLIER LATER --objective SPEC (or --resume RUN_DIR)")
-    result = tune_merge(
-        (args.earlier, args.later),
-        {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial},
-        objective=args.objective,
-        objective_options=_objective_options(args),
-        alpha=args.alpha, num_trials=args.trials, max_concurrent=args.max_concurrent,
-        output_dir=args.output, seed=args.seed, acquisitions=_csv(args.acquisitions, str),
-        eta=args.eta, initial_lambdas=_csv(args.initial, float), kappa=args.kappa,
-        xi=args.xi, gp_noise=args.gp_noise, allow_pickle=args.allow_pickle,
-        export_best=not args.no_export, overwrite=args.overwrite,
-        storage_path=args.storage_path, progress=not args.quiet,
-        allow_spilling=args.allow_spilling, noise_aware=args.noise_aware,
-        screen_limit=_count_or_fraction(args.screen_limit), screen_keep=args.screen_keep,
+    extra = {"acquisitions": _csv(args.acquisitions, str)} if args.acquisitions else {}
+    search = SearchConfig(
+        alpha=args.alpha, num_trials=args.trials, eta=args.eta, kappa=args.kappa, xi=args.xi,
+        gp_noise=args.gp_noise, initial_lambdas=_csv(args.initial, float), seed=args.seed,
+        noise_aware=args.noise_aware, screen_limit=_count_or_fraction(args.screen_limit),
+        screen_keep=args.screen_keep, **extra,
+    )
+    run = RunConfig(
+        output_dir=args.output, overwrite=args.overwrite, storage_path=args.storage_path,
+        progress=not args.quiet, max_concurrent=args.max_concurrent,
+        allow_spilling=args.allow_spilling, export_best=not args.no_export,
         gpu_shard_cache=not args.no_gpu_shard_cache,
     )
+    result = tune_merge((args.earlier, args.later), _resources(args), args.objective,
+                        search=search, run=run,
+                        checkpoint=CheckpointConfig(allow_pickle=args.allow_pickle),
+                        objective_options=_objective_options(args))
     _report(result, args.quiet)
     return 0
 
@@ -218,34 +221,48 @@ def _tune(args) -> int:
 def _report(result, quiet: bool) -> None:
     """The end of the output, also what `ray job logs` shows of a job: the final table and the
     best model's path (tune_merge printed them already unless --quiet), and where the run is."""
-    from ckmerge_ray.tuner import format_result
+    from ckmerge_ray.results import format_result
 
     if quiet:
         print(format_result(result), flush=True)
     print(f"[ckmerge] results: {result.output_dir} (trials.parquet, summary.json)", flush=True)
 
 
-def _common(args) -> dict:
-    """tune_merge-style arguments of compare and sweep."""
+def _join_cluster(args) -> None:
+    """--address: the run joins that cluster (see cluster.connect, which reads RAY_ADDRESS)."""
     if args.address:
         os.environ["RAY_ADDRESS"] = args.address
+
+
+def _resources(args) -> dict:
+    return {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
+
+
+def _settings(args) -> dict:
+    """The settings values compare and sweep share with tune, from their common options."""
+    from ckmerge_ray.config import CheckpointConfig, RunConfig, SearchConfig
+
+    _join_cluster(args)
     return dict(
-        resources={"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial},
-        objective=args.objective, objective_options=_objective_options(args), alpha=args.alpha,
-        num_trials=args.trials, max_concurrent=args.max_concurrent, output_dir=args.output,
-        seed=args.seed, allow_pickle=args.allow_pickle, overwrite=args.overwrite,
-        progress=not args.quiet,
+        search=SearchConfig(alpha=args.alpha, num_trials=args.trials, seed=args.seed),
+        run=RunConfig(output_dir=args.output, overwrite=args.overwrite, progress=not args.quiet,
+                      max_concurrent=args.max_concurrent),
+        checkpoint=CheckpointConfig(allow_pickle=args.allow_pickle),
+        objective_options=_objective_options(args),
     )
 
 
 def _compare(args) -> int:
     from ckmerge_ray.compare import compare_merges
+    from ckmerge_ray.config import BaselineConfig
 
-    result = compare_merges(
-        args.checkpoints, methods=args.methods, last_n=args.last_n, ema_alpha=args.ema_alpha,
-        stats_tokens=args.stats_tokens, calibration=args.calibration,
-        regmean_alpha=args.regmean_alpha, **_common(args),
+    baselines = BaselineConfig(
+        last_n=args.last_n, ema_alpha=args.ema_alpha, stats_tokens=args.stats_tokens,
+        calibration=args.calibration, regmean_alpha=args.regmean_alpha,
+        **({"methods": args.methods} if args.methods else {}),
     )
+    result = compare_merges(args.checkpoints, _resources(args), args.objective,
+                            baselines=baselines, **_settings(args))
     if args.quiet:
         print(result.markdown(), flush=True)
     print(f"[ckmerge] results: {result.output_dir} (compare.parquet, compare.md, summary.json)",
@@ -257,8 +274,8 @@ def _sweep(args) -> int:
     from ckmerge_ray.sweep import sweep_trajectory
 
     checkpoints = args.checkpoints[0] if len(args.checkpoints) == 1 else args.checkpoints
-    result = sweep_trajectory(checkpoints, heatmap=args.heatmap,
-                              heatmap_lambda=args.heatmap_lambda, **_common(args))
+    result = sweep_trajectory(checkpoints, _resources(args), args.objective, heatmap=args.heatmap,
+                              heatmap_lambda=args.heatmap_lambda, **_settings(args))
     for r in result.table.to_pylist():
         what = (f"best λ={r['best_lambda']:.4f} gain {r['gain']:+.5f}" if r["status"] == "ok"
                 else f"FAILED: {r['error']}")

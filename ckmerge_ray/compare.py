@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,18 +28,27 @@ import pyarrow as pa
 import ray
 
 from ckmerge_ray import baselines
-from ckmerge_ray.checkpoints import CheckpointInfo, load_checkpoint_info, plan_shards, validate_pair
-from ckmerge_ray.errors import ConfigError
-from ckmerge_ray.evaluator import start_evaluators
-from ckmerge_ray.objectives import HeldoutLoss, Objective, parse_objective
+from ckmerge_ray.checkpoints import CheckpointInfo
+from ckmerge_ray.cluster import check_object_store, ray_session, trial_slots
+from ckmerge_ray.config import (
+    METHODS, BaselineConfig, CheckpointConfig, Resources, RunConfig, SearchConfig, split_options,
+)
+from ckmerge_ray.errors import CkmergeError, ConfigError, RunError
+from ckmerge_ray.evaluator import (
+    greedy_method, grid_lambdas, lambda_method, one_hot, pair_weights, random_lambdas,
+    start_evaluators, stats_method, weights_method,
+)
+from ckmerge_ray.inputs import Log, WindowStore, load_window, prepare_objective, printer
+from ckmerge_ray.model import dtypes_of
+from ckmerge_ray.objectives import HeldoutLoss, Objective
 from ckmerge_ray.plots import draw_plots
-from ckmerge_ray.results import SUMMARY_FILE, write_bytes_atomic, write_json_atomic, write_table_atomic
-from ckmerge_ray.store import StoredCheckpoint, put_checkpoint
+from ckmerge_ray.results import (
+    COMPARE_MD, COMPARE_TABLE, SUMMARY_FILE, TUNED_DIR, write_bytes_atomic, write_json_atomic,
+    write_table_atomic,
+)
+from ckmerge_ray.rundir import check_claimable, claim_output_dir
+from ckmerge_ray.store import StoredCheckpoint
 
-METHODS = ("uniform", "greedy", "sma", "ema", "wma", "fisher", "regmean", "grid", "random", "tuned")
-COMPARE_FILE = "compare.parquet"
-COMPARE_MD = "compare.md"
-TUNED_DIR = "tuned"
 ENDPOINT = "later endpoint"
 
 _LABELS = {
@@ -71,251 +79,241 @@ class CompareResult:
         return markdown_table(self.table.to_pylist(), self.mode)
 
 
+@dataclass
+class _Compare:
+    """One comparison's settings and checked inputs."""
+
+    search: SearchConfig
+    run: RunConfig
+    checkpoint: CheckpointConfig
+    baselines: BaselineConfig
+    resources: Resources
+    log: Log
+    infos: List[CheckpointInfo]
+    objective: Objective
+    windows: Optional[np.ndarray]  # calibration tokens for Fisher / RegMean, or None
+    tuned: Dict[str, Any]  # tune_merge's arguments for the tuned method
+    out: Path = Path()
+
+
 def compare_merges(
     checkpoints: Sequence[str | os.PathLike],
-    resources: Optional[Mapping[str, float]] = None,
+    resources: "Resources | Mapping[str, float] | None" = None,
     objective: str | Objective = "",
-    methods: Sequence[str] = METHODS,
-    alpha: float = 0.5,
-    num_trials: int = 10,
-    last_n: Optional[int] = None,
-    ema_alpha: float = 0.5,
-    stats_tokens: int = 8192,
-    calibration: Optional[str | os.PathLike] = None,
-    regmean_alpha: float = 0.9,
-    fisher_floor: float = 1e-6,
-    max_concurrent: Optional[int] = None,
-    output_dir: str | os.PathLike = "ckmerge_runs/compare",
-    seed: int = 0,
+    *,
+    search: Optional[SearchConfig] = None,
+    run: Optional[RunConfig] = None,
+    checkpoint: Optional[CheckpointConfig] = None,
+    baselines: Optional[BaselineConfig] = None,
     objective_options: Optional[Mapping[str, Any]] = None,
-    allow_pickle: bool = False,
-    max_shard_bytes: int = 1 << 30,
-    overwrite: bool = False,
-    progress: bool = True,
     tune_options: Optional[Mapping[str, Any]] = None,
+    **options,
 ) -> CompareResult:
     """Score the baselines and the tuned merge on a window of checkpoints (oldest first).
 
     Args:
         checkpoints: two or more Hugging Face model directories of one run, oldest first.
-        resources, objective, alpha, num_trials, max_concurrent, seed, objective_options,
-            allow_pickle, max_shard_bytes: as in `tune_merge`. The grid and random searches get
-            `num_trials` evaluations in [alpha, 1], the tuned run's budget (which spends one more
-            on λ = 0 when alpha > 0).
-        methods: any of "uniform", "greedy", "sma", "ema", "wma", "fisher", "regmean",
-            "grid", "random", "tuned" (default all).
-        last_n: window of the moving averages (SMA, EMA, WMA): the last N checkpoints (default
-            all given).
-        ema_alpha: EMA's weight of the newest checkpoint (default 0.5).
-        stats_tokens: tokens Fisher and RegMean compute their statistics on, per checkpoint
-            (default 8192), taken from the held-out loss objective's text or `calibration`.
-        calibration: a text file (jsonl/parquet/txt) for the Fisher and RegMean statistics;
-            needed with lm-eval objectives, which hold no token stream.
-        regmean_alpha: RegMean's scaling of the Grams' off-diagonal entries (default 0.9).
-        fisher_floor: smallest Fisher value (default 1e-6).
-        output_dir: gets compare.parquet and compare.md (rewritten after every method),
-            summary.json, the tuned run under ``tuned/``, and compare.png.
-        tune_options: further `tune_merge` arguments for the tuned run (e.g. ``acquisitions``).
+        resources, objective, search, run, checkpoint, objective_options: as in `tune_merge`
+            (``run.output_dir`` defaults to ``ckmerge_runs/compare``). The grid and random
+            searches get ``search.num_trials`` evaluations in [alpha, 1], the tuned run's budget
+            (which spends one more on λ = 0 when alpha > 0).
+        baselines: a `BaselineConfig`: which methods (default all of `METHODS`), the moving
+            averages' window and EMA weight, Fisher / RegMean statistics and calibration text.
+        tune_options: further `tune_merge` keywords for the tuned run (e.g. ``acquisitions``).
+        **options: any field of the settings values by name (``alpha``, ``methods``, ...).
 
     Returns:
-        A `CompareResult`. Gains are over the later checkpoint alone (positive = better).
+        A `CompareResult`. Gains are over the later checkpoint alone (positive = better). The
+        table, compare.md, summary.json, compare.png and the tuned run (``tuned/``) are in
+        ``output_dir``.
+
+    Raises:
+        CkmergeError for bad input, before anything is stored; RunError when the later
+        checkpoint cannot be scored or every method failed.
     """
+    settings = split_options(options, {"output_dir": "ckmerge_runs/compare"}, search=search,
+                             run=run, checkpoint=checkpoint, baselines=baselines)
+    ctx = check_compare(checkpoints, objective, objective_options, resources, tune_options,
+                        **settings)
+    ctx.out = claim_output_dir(ctx.out, COMPARE_TABLE, ctx.run.overwrite,
+                               extra=(COMPARE_MD, TUNED_DIR))
     started = time.perf_counter()
-    log = _printer(progress)
-    from ckmerge_ray.tuner import _concurrency, _ensure_ray, _normalize_resources
+    with ray_session(ctx.log):
+        q = trial_slots(ctx.resources, ctx.run.max_concurrent, ctx.search.num_trials)
+        check_object_store(sum(i.nbytes for i in ctx.infos), ctx.resources, False, ctx.log)
+        window = WindowStore(ctx.infos, ctx.checkpoint, ctx.log)
+        stored = window.all()
+        table = Table(ctx.out, ctx.objective.mode, [])
+        score_baselines(ctx, stored, q, table)
+        tuned = run_tuned(ctx, stored, table) if "tuned" in ctx.baselines.methods else None
+        summary = compare_summary(ctx, table, tuned, window, q, time.perf_counter() - started)
+        result = CompareResult(table.write(), ctx.objective.mode, table.later_score, ctx.out,
+                               summary)
+        summary["plots"] = draw_plots(ctx.out, "compare", table.rows, summary, ctx.log,
+                                      extra=[f"{TUNED_DIR}/{p}" for p in (tuned or {}).get(
+                                          "plots", [])])
+        write_json_atomic(ctx.out / SUMMARY_FILE, summary)
+    ctx.log("\n" + result.markdown())
+    if not any(r["status"] == "ok" for r in table.rows if r["key"] in ctx.baselines.methods):
+        raise RunError(f"every method failed; first error: {table.first_error()} "
+                       f"(table in {ctx.out / COMPARE_TABLE})")
+    return result
 
-    resources = _normalize_resources(resources)
-    methods = check_methods(methods)
-    paths = [Path(p) for p in checkpoints]
-    _check_compare_arguments(paths, alpha, num_trials, last_n, ema_alpha, regmean_alpha,
-                             stats_tokens)
-    out = claim_output_dir(Path(output_dir).resolve(), COMPARE_FILE, overwrite,
-                           extra=(COMPARE_MD, TUNED_DIR))
 
-    infos = load_window(paths, allow_pickle)
+def check_compare(checkpoints, objective, objective_options, resources, tune_options,
+                  search: SearchConfig, run: RunConfig, checkpoint: CheckpointConfig,
+                  baselines: BaselineConfig) -> _Compare:
+    """Every check `tune_merge` makes, and the baselines', before anything is stored."""
+    log, resources = printer(run.progress), Resources.of(resources)
+    if isinstance(checkpoints, (str, os.PathLike)) or len(checkpoints) < 2:
+        raise ConfigError(f"compare needs at least two checkpoints (oldest first), got "
+                          f"{checkpoints!r}")
+    if baselines.last_n is not None and baselines.last_n > len(checkpoints):
+        raise ConfigError(f"last_n must be in [1, {len(checkpoints)}] (the checkpoints given), "
+                          f"got {baselines.last_n}")
+    out = Path(run.output_dir).resolve()
+    check_claimable(out, COMPARE_TABLE, run.overwrite)
+    tuned = split_options(dict(tune_options or {}), search=search,
+                          run=RunConfig(output_dir=str(out / TUNED_DIR), overwrite=True,
+                                        progress=run.progress, export_best=False,
+                                        max_concurrent=run.max_concurrent),
+                          checkpoint=checkpoint)
+    infos = load_window(checkpoints, checkpoint)
     objective_arg = objective
-    objective = parse_objective(objective, **dict(objective_options or {}))
-    objective.prepare(infos[-1].path)
+    objective = prepare_objective(objective, objective_options, infos[-1].path, search, log)
     windows = None
-    if {"fisher", "regmean"} & set(methods):
-        windows = calibration_windows(objective, calibration, stats_tokens, infos[-1].path)
-    log(f"objective {objective!r} ready ({objective.mode}imize); {len(infos)} checkpoints, "
-        f"methods: {', '.join(methods)}")
+    if {"fisher", "regmean"} & set(baselines.methods):
+        windows = calibration_windows(objective, baselines.calibration, baselines.stats_tokens,
+                                      infos[-1].path)
+    log(f"{len(infos)} checkpoints, methods: {', '.join(baselines.methods)}")
+    tuned.update(objective=objective_arg, objective_options=objective_options)
+    return _Compare(search, run, checkpoint, baselines, resources, log, infos, objective,
+                    windows, tuned, out)
 
-    started_ray = _ensure_ray(log)
-    actors: List = []
+
+def score_baselines(ctx: _Compare, stored: List[StoredCheckpoint], q: int, table: "Table") -> None:
+    """The later checkpoint alone (every gain is over it), then each baseline method, on
+    evaluator actors (λ methods spread over `q` of them). A method that fails is recorded with
+    its error; the later checkpoint failing ends the comparison (RunError)."""
+    methods, n = ctx.baselines.methods, len(ctx.infos)
+    pool = q if {"grid", "random"} & set(methods) else 1
+    actors = start_evaluators(pool, ctx.resources.to_dict(), ctx.infos[-1].config,
+                              dtypes_of(ctx.infos[-1]), stored, ctx.objective, ctx.windows)
     try:
-        q = _concurrency(resources, max_concurrent, num_trials)
-        stored = store_checkpoints(infos, resources, max_shard_bytes, log)
-        n = len(infos)
-        rows: List[Dict] = []
-        table = Table(out, objective.mode, rows)
-        # λ methods run their evaluations in parallel; the others are sequential.
-        pool = q if {"grid", "random"} & set(methods) else 1
-        actors = start_evaluators(pool, resources, infos[-1].config, _dtypes(infos[-1]), stored,
-                                  objective, windows)
-        actor = actors[0]
-        log(f"{len(actors)} evaluator(s) ready")
-
-        def score(weights: Sequence[float]) -> Dict:
-            return ray.get(actor.score.remote(list(weights)))
-
-        # The later checkpoint first: every gain is measured against it.
-        singles = [n - 1] + (list(range(n - 1)) if "greedy" in methods else [])
-        single_scores: Dict[int, float] = {}
-        for i in singles:
-            t0 = time.perf_counter()
-            m = score(_one_hot(i, n))
-            single_scores[i] = m["score"]
-            if i == n - 1:
-                table.later_score = m["score"]
-            key = "endpoint" if i == n - 1 else f"checkpoint:{i}"
-            label = ENDPOINT if i == n - 1 else f"checkpoint {infos[i].path.name}"
-            table.add(key, label, m["score"], 1, time.perf_counter() - t0, _one_hot(i, n),
-                      "none", checkpoint=infos[i].path.name)
-            log(f"{label} ({infos[i].path.name}): score={m['score']:.5f}")
-
-        recipes: Dict[str, Callable[[], Dict]] = {
-            "uniform": lambda: _weights_method(score, baselines.uniform_weights(n)),
-            "sma": lambda: _weights_method(score, baselines.sma_weights(n, last_n)),
-            "ema": lambda: _weights_method(score, baselines.ema_weights(n, ema_alpha, last_n)),
-            "wma": lambda: _weights_method(score, baselines.wma_weights(n, last_n)),
-            "greedy": lambda: _greedy(score, [single_scores[i] for i in range(n)], objective.mode),
-            "fisher": lambda: _stats_method(
-                actor.fisher, baselines.uniform_weights(n), fisher_floor, windows,
-                "fwd+bwd"),
-            "regmean": lambda: _stats_method(
-                actor.regmean, baselines.uniform_weights(n), regmean_alpha, windows, "fwd"),
-            "grid": lambda: _lambda_method(actors, n, _grid(alpha, num_trials), objective.mode),
-            "random": lambda: _lambda_method(
-                actors, n, _random(alpha, num_trials, seed), objective.mode),
-        }
+        ctx.log(f"{len(actors)} evaluator(s) ready")
+        score = lambda weights: ray.get(actors[0].score.remote(list(weights)))  # noqa: E731
+        singles = score_singles(ctx, score, table, [n - 1] + (
+            list(range(n - 1)) if "greedy" in methods else []))
+        recipes = method_recipes(ctx, score, actors, singles)
         for method in [m for m in methods if m != "tuned"]:
             t0 = time.perf_counter()
             try:
                 r = recipes[method]()
             except Exception as e:  # noqa: BLE001 - one failing baseline must not stop the rest
-                table.add(method, _LABELS[method], None, 0, time.perf_counter() - t0, None, "",
-                          error=f"{type(e).__name__}: {e}")
-                log(f"{_LABELS[method]}: FAILED: {type(e).__name__}: {e}")
+                table.add_error(method, _LABELS[method], time.perf_counter() - t0, e)
+                ctx.log(f"{_LABELS[method]}: FAILED: {type(e).__name__}: {e}")
                 continue
             table.add(method, _LABELS[method], r["score"], r["evaluations"],
                       time.perf_counter() - t0, r.get("weights"), r["extra_cost"],
                       lam=r.get("lam"))
-            log(f"{_LABELS[method]}: score={r['score']:.5f} ({r['evaluations']} evaluation(s))")
+            ctx.log(f"{_LABELS[method]}: score={r['score']:.5f} ({r['evaluations']} evaluation(s))")
+    finally:
         for a in actors:  # free their CPUs/GPUs for the tuned run's trials
             ray.kill(a)
-        actors = []
-
-        tuned_summary = None
-        if "tuned" in methods:
-            from ckmerge_ray.tuner import tune_merge
-
-            t0 = time.perf_counter()
-            try:
-                result = tune_merge(
-                    (infos[-2].path, infos[-1].path), resources, objective=objective_arg,
-                    objective_options=objective_options, alpha=alpha, num_trials=num_trials,
-                    max_concurrent=max_concurrent, output_dir=out / TUNED_DIR, seed=seed,
-                    allow_pickle=allow_pickle, overwrite=True, progress=progress,
-                    stored=stored[-2:], **{"export_best": False, **dict(tune_options or {})},
-                )
-            except Exception as e:  # noqa: BLE001
-                table.add("tuned", _LABELS["tuned"], None, 0, time.perf_counter() - t0, None, "",
-                          error=f"{type(e).__name__}: {e}")
-                log(f"tuned: FAILED: {e}")
-            else:
-                tuned_summary = result.summary
-                lam = result.best_lambda
-                table.add("tuned", _LABELS["tuned"], result.best_score, result.table.num_rows,
-                          time.perf_counter() - t0, _pair_weights(n, lam),
-                          "Ray Tune start-up and a model build per trial worker", lam=lam)
-
-        summary = {
-            "kind": "compare",
-            "checkpoints": [str(i.path) for i in infos],
-            "objective": repr(objective),
-            "mode": objective.mode,
-            "later_score": table.later_score,
-            "methods": list(methods),
-            "settings": {"alpha": alpha, "num_trials": num_trials, "last_n": last_n,
-                         "ema_alpha": ema_alpha, "stats_tokens": stats_tokens,
-                         "stats_windows": None if windows is None else int(len(windows)),
-                         "calibration": str(calibration) if calibration else None,
-                         "regmean_alpha": regmean_alpha, "fisher_floor": fisher_floor,
-                         "seed": seed, "max_concurrent": q, "resources_per_trial": resources},
-            "best_method": table.best_key(),
-            "tuned_endpoint_scores": (tuned_summary or {}).get("endpoint_scores"),
-            "object_store": {"puts_per_checkpoint": 1,
-                             "object_ids": {i.path.name: s.object_ids
-                                            for i, s in zip(infos, stored)}},
-            "seconds": time.perf_counter() - started,
-        }
-        write_json_atomic(out / SUMMARY_FILE, summary)
-        draw_plots(out, log)
-        result = CompareResult(table.write(), objective.mode, table.later_score, out,
-                               json.loads((out / SUMMARY_FILE).read_text()))
-        log("\n" + result.markdown())
-        return result
-    finally:
-        for a in actors:
-            ray.kill(a)
-        if started_ray:
-            ray.shutdown()
 
 
-# --- the methods ---------------------------------------------------------------------------------
+def score_singles(ctx: _Compare, score, table: "Table", which: List[int]) -> Dict[int, float]:
+    """Each listed checkpoint alone, the later one first; its failure ends the comparison."""
+    n, scores = len(ctx.infos), {}
+    for i in which:
+        t0 = time.perf_counter()
+        try:
+            m = score(one_hot(i, n))
+        except Exception as e:  # noqa: BLE001
+            if i != n - 1:
+                raise
+            raise RunError(f"the later checkpoint {ctx.infos[i].path} could not be scored, so no "
+                           f"gain can be measured: {_last_line(e)}") from e
+        scores[i] = m["score"]
+        if i == n - 1:
+            table.later_score = m["score"]
+        key = "endpoint" if i == n - 1 else f"checkpoint:{i}"
+        label = ENDPOINT if i == n - 1 else f"checkpoint {ctx.infos[i].path.name}"
+        table.add(key, label, m["score"], 1, time.perf_counter() - t0, one_hot(i, n), "none",
+                  checkpoint=ctx.infos[i].path.name)
+        ctx.log(f"{label} ({ctx.infos[i].path.name}): score={m['score']:.5f}")
+    return scores
 
 
-def _weights_method(score, weights: List[float]) -> Dict:
-    m = score(weights)
-    return {"score": m["score"], "evaluations": 1, "weights": weights, "extra_cost": "none"}
+def method_recipes(ctx: _Compare, score, actors: List, singles: Dict[int, float]
+                   ) -> Dict[str, Callable[[], Dict]]:
+    """Each baseline as a call that returns its score, evaluations, weights and extra cost."""
+    b, n, mode, actor = ctx.baselines, len(ctx.infos), ctx.objective.mode, actors[0]
+    alpha, count = ctx.search.alpha, ctx.search.num_trials
+    return {
+        "uniform": lambda: weights_method(score, baselines.uniform_weights(n)),
+        "sma": lambda: weights_method(score, baselines.sma_weights(n, b.last_n)),
+        "ema": lambda: weights_method(score, baselines.ema_weights(n, b.ema_alpha, b.last_n)),
+        "wma": lambda: weights_method(score, baselines.wma_weights(n, b.last_n)),
+        "greedy": lambda: greedy_method(score, [singles[i] for i in range(n)], mode),
+        "fisher": lambda: stats_method(actor.fisher, baselines.uniform_weights(n),
+                                        b.fisher_floor, ctx.windows, "fwd+bwd"),
+        "regmean": lambda: stats_method(actor.regmean, baselines.uniform_weights(n),
+                                         b.regmean_alpha, ctx.windows, "fwd"),
+        "grid": lambda: lambda_method(actors, n, grid_lambdas(alpha, count), mode),
+        "random": lambda: lambda_method(actors, n, random_lambdas(alpha, count, ctx.search.seed), mode),
+    }
 
 
-def _greedy(score, singles: List[float], mode: str) -> Dict:
-    members, best, soups = baselines.greedy_soup(singles, lambda w: score(w)["score"], mode)
-    return {"score": best, "evaluations": len(singles) + soups,
-            "weights": baselines.members_to_weights(members, len(singles)),
-            "extra_cost": f"{len(singles)} single-checkpoint + {soups} soup evaluations"}
+def run_tuned(ctx: _Compare, stored: List[StoredCheckpoint], table: "Table") -> Optional[Dict]:
+    """`tune_merge` on the last pair, on the shards already stored; returns its summary.
+    A failed run is a failed method; bad input (any other CkmergeError) propagates."""
+    from ckmerge_ray.tuner import tune_merge
+
+    t0 = time.perf_counter()
+    pair = (ctx.infos[-2].path, ctx.infos[-1].path)
+    try:
+        result = tune_merge(pair, ctx.resources, stored=stored[-2:], **ctx.tuned)
+    except RunError as e:
+        table.add_error("tuned", _LABELS["tuned"], time.perf_counter() - t0, e)
+        ctx.log(f"tuned: FAILED: {e}")
+        return None
+    lam, n = result.best_lambda, len(ctx.infos)
+    table.add("tuned", _LABELS["tuned"], result.best_score, result.table.num_rows,
+              time.perf_counter() - t0, pair_weights(n, lam),
+              "Ray Tune start-up and a model build per trial worker", lam=lam)
+    return result.summary
 
 
-def _stats_method(method, weights: List[float], param: float, windows: np.ndarray,
-                  passes: str) -> Dict:
-    m = ray.get(method.remote(weights, param))
-    tokens = int(windows.size)
-    return {"score": m["score"], "evaluations": 1, "weights": weights,
-            "extra_cost": f"{passes} on {tokens} tokens per checkpoint "
-                          f"({m['stats_s']:.1f}s of statistics)"}
+def compare_summary(ctx: _Compare, table: "Table", tuned: Optional[Dict], window: WindowStore,
+                    q: int, seconds: float) -> Dict:
+    """summary.json of a comparison (``plots`` is added when they are drawn)."""
+    b = ctx.baselines
+    return {
+        "kind": "compare",
+        "checkpoints": [str(i.path) for i in ctx.infos],
+        "objective": repr(ctx.objective),
+        "mode": ctx.objective.mode,
+        "later_score": table.later_score,
+        "methods": list(b.methods),
+        "settings": {"alpha": ctx.search.alpha, "num_trials": ctx.search.num_trials,
+                     "last_n": b.last_n, "ema_alpha": b.ema_alpha,
+                     "stats_tokens": b.stats_tokens,
+                     "stats_windows": None if ctx.windows is None else int(len(ctx.windows)),
+                     "calibration": b.calibration, "regmean_alpha": b.regmean_alpha,
+                     "fisher_floor": b.fisher_floor, "seed": ctx.search.seed,
+                     "max_concurrent": q, "resources_per_trial": ctx.resources.to_dict()},
+        "best_method": table.best_key(),
+        "tuned_endpoint_scores": (tuned or {}).get("endpoint_scores"),
+        "object_store": {"puts_per_checkpoint": 1, "object_ids": window.object_ids},
+        "seconds": seconds,
+    }
 
 
-def _lambda_method(actors: List, n: int, lams: List[float], mode: str) -> Dict:
-    """Score λ·Θ(t) + (1-λ)·Θ(t-1) (the window's last pair) at each λ, spread over the actors."""
-    from ray.util import ActorPool
-
-    pool = ActorPool(actors)
-    results = list(pool.map(lambda a, lam: a.score.remote(_pair_weights(n, lam)), lams))
-    scores = [r["score"] for r in results]
-    best = int(np.argmin(scores) if mode == "min" else np.argmax(scores))
-    return {"score": scores[best], "evaluations": len(lams), "lam": lams[best],
-            "weights": _pair_weights(n, lams[best]), "extra_cost": "none"}
-
-
-def _grid(alpha: float, count: int) -> List[float]:
-    """`count` evenly spaced λ in [alpha, 1], both ends included."""
-    return [float(x) for x in np.linspace(alpha, 1.0, count)]
-
-
-def _random(alpha: float, count: int, seed: int) -> List[float]:
-    """`count` λ drawn uniformly from [alpha, 1]."""
-    return [float(x) for x in np.random.default_rng(seed).uniform(alpha, 1.0, count)]
-
-
-def _pair_weights(n: int, lam: float) -> List[float]:
-    return [0.0] * (n - 2) + [1.0 - lam, lam]
-
-
-def _one_hot(i: int, n: int) -> List[float]:
-    return [1.0 if j == i else 0.0 for j in range(n)]
+def _last_line(e: BaseException) -> str:
+    """The last line of an error (a Ray task error carries the worker's whole traceback)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
 
 
 # --- the table -----------------------------------------------------------------------------------
@@ -344,6 +342,13 @@ class Table:
         })
         self.write()
 
+    def add_error(self, key: str, label: str, wall_s: float, error: BaseException) -> None:
+        self.add(key, label, None, 0, wall_s, None, "",
+                 error=f"{type(error).__name__}: {_last_line(error)}")
+
+    def first_error(self) -> Optional[str]:
+        return next((r["error"] for r in self.rows if r.get("error")), None)
+
     def best_key(self) -> Optional[str]:
         ok = [r for r in self.rows if r["status"] == "ok"]
         if not ok:
@@ -352,7 +357,7 @@ class Table:
         return pick(ok, key=lambda r: r["score"])["key"]
 
     def write(self) -> pa.Table:
-        table = write_table_atomic(self.out / COMPARE_FILE, self.rows)
+        table = write_table_atomic(self.out / COMPARE_TABLE, self.rows)
         write_bytes_atomic(self.out / COMPARE_MD, (markdown_table(self.rows, self.mode) + "\n").encode())
         return table
 
@@ -374,77 +379,7 @@ def markdown_table(rows: List[Dict], mode: str) -> str:
     return "\n".join(lines)
 
 
-# --- shared with the trajectory sweep ----------------------------------------------------------
-
-
-def check_methods(methods: Sequence[str]) -> List[str]:
-    if isinstance(methods, str):
-        methods = [m.strip() for m in methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise ConfigError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-    return list(dict.fromkeys(methods))
-
-
-def _check_compare_arguments(paths, alpha, num_trials, last_n, ema_alpha, regmean_alpha,
-                             stats_tokens) -> None:
-    if len(paths) < 2:
-        raise ConfigError(f"compare needs at least two checkpoints (oldest first), got {len(paths)}")
-    if not 0.0 <= alpha < 1.0:
-        raise ConfigError(f"alpha must be in [0, 1), got {alpha}")
-    if not isinstance(num_trials, int) or num_trials < 2:
-        raise ConfigError(f"num_trials must be at least 2, got {num_trials!r}")
-    if last_n is not None and not 1 <= last_n <= len(paths):
-        raise ConfigError(f"last_n must be in [1, {len(paths)}] (the checkpoints given), "
-                          f"got {last_n}")
-    if not 0.0 < ema_alpha <= 1.0:
-        raise ConfigError(f"ema_alpha must be in (0, 1], got {ema_alpha}")
-    if not 0.0 <= regmean_alpha <= 1.0:
-        raise ConfigError(f"regmean_alpha must be in [0, 1], got {regmean_alpha}")
-    if stats_tokens < 2:
-        raise ConfigError(f"stats_tokens must be at least 2, got {stats_tokens}")
-
-
-def claim_output_dir(out: Path, table_file: str, overwrite: bool, extra: Sequence[str] = ()) -> Path:
-    """Refuse a directory that holds a table of this kind unless `overwrite`."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir is a file: {out}")
-    if (out / table_file).exists():
-        if not overwrite:
-            raise ConfigError(f"{out} already holds {table_file}; pass overwrite=True "
-                              "(CLI: --overwrite) or choose another directory")
-        for name in (table_file, SUMMARY_FILE, *extra):
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def load_window(paths: Sequence[Path], allow_pickle: bool) -> List[CheckpointInfo]:
-    """Read and validate every checkpoint's headers against the newest, before any tensor."""
-    from ckmerge_ray.tuner import _check_architecture
-
-    if len(set(p.resolve() for p in paths)) != len(paths):
-        raise ConfigError("the same checkpoint is listed twice")
-    infos = [load_checkpoint_info(p, allow_pickle=allow_pickle) for p in paths]
-    for info in infos[:-1]:
-        validate_pair(info, infos[-1])
-    _check_architecture(infos[-1])
-    return infos
-
-
-def store_checkpoints(infos: Sequence[CheckpointInfo], resources: Dict[str, float],
-                      max_shard_bytes: int, log) -> List[StoredCheckpoint]:
-    """Put every checkpoint into the object store once, all with the newest one's shard plan."""
-    from ckmerge_ray.tuner import _check_object_store
-
-    _check_object_store(sum(i.nbytes for i in infos), resources, False, log)
-    plan = plan_shards(infos[-1], max_shard_bytes)
-    reference: Dict = {}
-    return [put_checkpoint(info, plan, reference=reference, progress=log) for info in infos]
+# --- calibration tokens for Fisher and RegMean -------------------------------------------
 
 
 def calibration_windows(objective: Objective, calibration: Optional[str | os.PathLike],
@@ -466,12 +401,17 @@ def calibration_windows(objective: Objective, calibration: Optional[str | os.Pat
     )
 
 
-def _dtypes(info: CheckpointInfo) -> Dict[str, str]:
-    return {n: str(s.dtype).replace("torch.", "") for n, s in info.specs.items()}
+# Names of earlier versions, kept working: every output file is now named once, in results.py.
+_RENAMED = {'COMPARE_FILE': 'COMPARE_TABLE'}
 
 
-def _printer(enabled: bool):
-    def log(msg: str) -> None:
-        if enabled:
-            print(f"[ckmerge] {msg}", flush=True)
-    return log
+def __getattr__(name: str):
+    if name in _RENAMED:
+        import warnings
+
+        from ckmerge_ray import results
+
+        warnings.warn(f"ckmerge_ray.compare.{name} is deprecated; use "
+                      f"ckmerge_ray.results.{_RENAMED[name]}", DeprecationWarning, stacklevel=2)
+        return getattr(results, _RENAMED[name])
+    raise AttributeError(f"module 'ckmerge_ray.compare' has no attribute {name!r}")

@@ -4,7 +4,8 @@ Tuning runs its trials on Ray Tune (`trial.py`); comparisons and trajectory swee
 merges of the same stored shards (weighted averages of several checkpoints, Fisher and RegMean
 merges, fixed-λ pairs). A `MergeEvaluator` builds its model once, maps the shards of every
 checkpoint from the object store once (zero-copy, like a trial), and writes each requested
-merge into that model before scoring it with the run's objective.
+merge into that model before scoring it with the run's objective. The functions at the end run
+the comparison's baseline methods on such actors.
 """
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ import torch
 
 from ckmerge_ray import baselines
 from ckmerge_ray.merge import weighted_merge_shard_into_
-from ckmerge_ray.objectives.base import Objective
-from ckmerge_ray.store import StoredCheckpoint, shard_tensors
-from ckmerge_ray.trial import (
+from ckmerge_ray.model import (
     build_model,
     release_freed_memory,
     tensor_map,
     trial_device,
     worker_memory_mb,
 )
+from ckmerge_ray.objectives.base import Objective
+from ckmerge_ray.store import StoredCheckpoint, shard_tensors
 
 
 class MergeEvaluator:
@@ -66,7 +67,7 @@ class MergeEvaluator:
         members = [i for i, w in enumerate(weights) if w > 0]
         params, fishers = [], []
         for i in members:
-            self._merge(_one_hot(i, len(self.checkpoints)))
+            self._merge(one_hot(i, len(self.checkpoints)))
             fishers.append(baselines.diagonal_fisher(self.model, self._windows(), self.device))
             params.append({n: p.detach().float().clone()
                            for n, p in baselines.float_parameters(self.model).items()})
@@ -86,7 +87,7 @@ class MergeEvaluator:
         layer_weights: Dict[str, List[torch.Tensor]] = {n: [] for n in linears}
         grams: Dict[str, List[torch.Tensor]] = {n: [] for n in linears}
         for i in members:
-            self._merge(_one_hot(i, len(self.checkpoints)))
+            self._merge(one_hot(i, len(self.checkpoints)))
             for name, g in baselines.linear_input_grams(self.model, self._windows(),
                                                         self.device).items():
                 grams[name].append(g)
@@ -141,10 +142,6 @@ class MergeEvaluator:
         return {**metrics, **timings, "eval_s": time.perf_counter() - t0}
 
 
-def _one_hot(i: int, n: int) -> List[float]:
-    return [1.0 if j == i else 0.0 for j in range(n)]
-
-
 def start_evaluators(count: int, resources: Dict[str, float], model_config: Dict,
                      dtypes: Dict[str, str], checkpoints: List[StoredCheckpoint],
                      objective: Objective, calibration: Optional[np.ndarray] = None) -> List:
@@ -158,3 +155,57 @@ def start_evaluators(count: int, resources: Dict[str, float], model_config: Dict
     actors = [actor.remote(model_config, dtypes, checkpoints, data) for _ in range(count)]
     ray.get([a.ready.remote() for a in actors])
     return actors
+
+
+# --- baseline methods on evaluator actors (used by compare) ---------------------------------------------------------------------------------
+
+
+def weights_method(score, weights: List[float]) -> Dict:
+    m = score(weights)
+    return {"score": m["score"], "evaluations": 1, "weights": weights, "extra_cost": "none"}
+
+
+def greedy_method(score, singles: List[float], mode: str) -> Dict:
+    members, best, soups = baselines.greedy_soup(singles, lambda w: score(w)["score"], mode)
+    return {"score": best, "evaluations": len(singles) + soups,
+            "weights": baselines.members_to_weights(members, len(singles)),
+            "extra_cost": f"{len(singles)} single-checkpoint + {soups} soup evaluations"}
+
+
+def stats_method(method, weights: List[float], param: float, windows: np.ndarray,
+                  passes: str) -> Dict:
+    m = ray.get(method.remote(weights, param))
+    tokens = int(windows.size)
+    return {"score": m["score"], "evaluations": 1, "weights": weights,
+            "extra_cost": f"{passes} on {tokens} tokens per checkpoint "
+                          f"({m['stats_s']:.1f}s of statistics)"}
+
+
+def lambda_method(actors: List, n: int, lams: List[float], mode: str) -> Dict:
+    """Score λ·Θ(t) + (1-λ)·Θ(t-1) (the window's last pair) at each λ, spread over the actors."""
+    from ray.util import ActorPool
+
+    pool = ActorPool(actors)
+    results = list(pool.map(lambda a, lam: a.score.remote(pair_weights(n, lam)), lams))
+    scores = [r["score"] for r in results]
+    best = int(np.argmin(scores) if mode == "min" else np.argmax(scores))
+    return {"score": scores[best], "evaluations": len(lams), "lam": lams[best],
+            "weights": pair_weights(n, lams[best]), "extra_cost": "none"}
+
+
+def grid_lambdas(alpha: float, count: int) -> List[float]:
+    """`count` evenly spaced λ in [alpha, 1], both ends included."""
+    return [float(x) for x in np.linspace(alpha, 1.0, count)]
+
+
+def random_lambdas(alpha: float, count: int, seed: int) -> List[float]:
+    """`count` λ drawn uniformly from [alpha, 1]."""
+    return [float(x) for x in np.random.default_rng(seed).uniform(alpha, 1.0, count)]
+
+
+def pair_weights(n: int, lam: float) -> List[float]:
+    return [0.0] * (n - 2) + [1.0 - lam, lam]
+
+
+def one_hot(i: int, n: int) -> List[float]:
+    return [1.0 if j == i else 0.0 for j in range(n)]

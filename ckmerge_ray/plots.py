@@ -1,11 +1,12 @@
-"""Pictures drawn from a run's saved tables, so that `ckmerge-ray plot RUN_DIR` can redraw them.
+"""Pictures of a run, drawn from its rows and summary: the same data its tables hold on disk.
 
-Every plot reads only files on disk (trials.parquet, sweep.parquet, heatmap.parquet,
-compare.parquet and summary.json), never a live searcher or Tune experiment; the GP band of a
-landscape is refitted from the trials table with the run's own settings.
+A run calls `draw_plots` with the rows and summary it has in memory, before it writes
+summary.json once (with the returned paths under ``plots``); `ckmerge-ray plot RUN_DIR`
+(`plot_run`) redraws them later from the saved tables. Never a live searcher or Tune experiment:
+the GP band of a landscape is refitted from the trials with the run's own settings.
 
     from ckmerge_ray.plots import plot_run
-    plot_run("ckmerge_runs/latest")   # writes landscape.png, records it in summary.json
+    plot_run("ckmerge_runs/latest")   # redraws landscape.png, records it in summary.json
 
 Figures are `matplotlib.figure.Figure` objects rendered by the Agg canvas, never pyplot: no
 display is needed and the caller's matplotlib backend is left alone. matplotlib is imported
@@ -26,20 +27,14 @@ import numpy as np
 
 from ckmerge_ray.errors import ConfigError
 from ckmerge_ray.results import (
-    SUMMARY_FILE, TRIALS_FILE, read_rows, write_bytes_atomic, write_json_atomic,
+    COMPARE_PLOT, COMPARE_TABLE, HEATMAP_TABLE, LANDSCAPE_PLOT, SUMMARY_FILE, SWEEP_GAIN_PLOT,
+    SWEEP_HEATMAP_PLOT, SWEEP_TABLE, TRIALS_FILE, TUNED_DIR, read_rows, write_bytes_atomic,
+    write_json_atomic,
 )
 
 PathLike = Union[str, os.PathLike]
 
-LANDSCAPE_FILE = "landscape.png"
-SWEEP_GAIN_FILE = "sweep_gain.png"
-SWEEP_HEATMAP_FILE = "sweep_heatmap.png"
-COMPARE_FILE = "compare.png"
-SWEEP_TABLE = "sweep.parquet"
-HEATMAP_TABLE = "heatmap.parquet"
-COMPARE_TABLE = "compare.parquet"
-TUNED_DIR = "tuned"  # the tuned merge's run dir inside a compare dir
-LATER_ENDPOINT = "later endpoint"  # the compare table's reference method
+LATER_ENDPOINT = "later endpoint"  # the compare table's reference method (compare.ENDPOINT)
 
 # One fixed colour per acquisition, so that plots of different runs read alike.
 ACQUISITION_COLOURS = {
@@ -53,13 +48,11 @@ DPI = 120
 
 # --- Tune run: the λ landscape ------------------------------------------------------------------
 
-def plot_landscape(run_dir: PathLike) -> Path:
-    """Draw `run_dir/landscape.png`: scores over λ, the refitted GP, endpoints and the chosen λ."""
+def plot_landscape(rows: Sequence[Dict], summary: Dict, path: Path) -> Path:
+    """Draw a tune run's landscape.png at `path`: scores over λ, the GP refitted from `rows`,
+    endpoints and the chosen λ (`summary` as tune_merge writes it)."""
     from matplotlib.figure import Figure
 
-    run_dir = Path(run_dir)
-    rows = read_rows(run_dir / TRIALS_FILE)
-    summary = read_summary(run_dir)
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
     alpha = float(summary["alpha"])
@@ -78,7 +71,7 @@ def plot_landscape(run_dir: PathLike) -> Path:
     ax.set_title(landscape_title(summary), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return save_figure(fig, run_dir / LANDSCAPE_FILE)
+    return save_figure(fig, path)
 
 
 def draw_posterior(ax, rows: Sequence[Dict], summary: Dict) -> None:
@@ -176,19 +169,12 @@ def score_label(mode: Optional[str]) -> str:
 
 # --- Sweep: every adjacent pair of a trajectory -------------------------------------------------
 
-def plot_sweep(sweep_dir: PathLike) -> List[Path]:
-    """Draw sweep_gain.png, sweep_heatmap.png (with heatmap.parquet) and each pair's landscape."""
-    sweep_dir = Path(sweep_dir)
-    rows = read_rows(sweep_dir / SWEEP_TABLE)
-    summary = read_summary(sweep_dir)
-    paths = [plot_sweep_gain(rows, sweep_dir / SWEEP_GAIN_FILE)]
-    heat = read_rows(sweep_dir / HEATMAP_TABLE)
+def plot_sweep(rows: Sequence[Dict], heat: Sequence[Dict], summary: Dict, out: Path
+               ) -> List[Path]:
+    """Draw sweep_gain.png and, when there are heatmap rows, sweep_heatmap.png into `out`."""
+    paths = [plot_sweep_gain(rows, out / SWEEP_GAIN_PLOT)]
     if heat:
-        paths.append(plot_heatmap(heat, summary, sweep_dir / SWEEP_HEATMAP_FILE))
-    for row in rows:
-        pair_dir = sweep_dir / str(row.get("run_dir") or "")
-        if row.get("run_dir") and is_tune_run(pair_dir):
-            paths.append(plot_landscape(pair_dir))
+        paths.append(plot_heatmap(heat, summary, out / SWEEP_HEATMAP_PLOT))
     return paths
 
 
@@ -269,15 +255,9 @@ def annotate_cells(ax, scores: np.ndarray, lams: np.ndarray) -> None:
 
 # --- Compare: the tuned merge against baselines -------------------------------------------------
 
-def plot_compare(compare_dir: PathLike) -> List[Path]:
-    """Draw compare.png (score per method) and, if the tuned method ran, its landscape."""
-    compare_dir = Path(compare_dir)
-    rows = read_rows(compare_dir / COMPARE_TABLE)
-    summary = read_summary(compare_dir)
-    paths = [plot_compare_bars(rows, summary.get("mode"), compare_dir / COMPARE_FILE)]
-    if is_tune_run(compare_dir / TUNED_DIR):
-        paths.append(plot_landscape(compare_dir / TUNED_DIR))
-    return paths
+def plot_compare(rows: Sequence[Dict], summary: Dict, out: Path) -> List[Path]:
+    """Draw compare.png (score per method) into `out`."""
+    return [plot_compare_bars(rows, summary.get("mode"), out / COMPARE_PLOT)]
 
 
 def plot_compare_bars(rows: Sequence[Dict], mode: Optional[str], path: Path) -> Path:
@@ -332,45 +312,54 @@ def score_limits(scores: Sequence[float]):
 
 # --- Dispatch -----------------------------------------------------------------------------------
 
+def draw_plots(out: Path, kind: str, rows: Sequence[Dict], summary: Dict, log=None,
+               heat: Sequence[Dict] = (), extra: Sequence[str] = ()) -> List[str]:
+    """Draw the plots of a finished run of `kind` ("tune", "sweep" or "compare") into `out`
+    and return their paths relative to `out`, followed by `extra` (plots its sub-runs drew).
+    A failure is logged, never raised: a plot must never lose a finished run's results."""
+    try:
+        if kind == "tune":
+            paths = [plot_landscape(rows, summary, out / LANDSCAPE_PLOT)]
+        elif kind == "sweep":
+            paths = plot_sweep(rows, heat, summary, out)
+        else:
+            paths = plot_compare(rows, summary, out)
+    except Exception as e:  # noqa: BLE001
+        if log:
+            log(f"warning: plots not drawn: {type(e).__name__}: {e}")
+        return list(extra)
+    if log:
+        log(f"plots: {', '.join(str(p) for p in paths)}")
+    return [Path(p).relative_to(out).as_posix() for p in paths] + list(extra)
+
+
 def plot_run(run_dir: PathLike) -> List[Path]:
-    """Draw every plot a run dir's tables allow and list them in its summary.json under "plots"."""
+    """Redraw every plot of a finished tune, sweep or compare directory from its saved tables
+    (and those of its tune runs in subfolders), and record them in its summary.json."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} does not exist")
+    summary = read_summary(run_dir)
     if (run_dir / SWEEP_TABLE).exists():
-        paths = plot_sweep(run_dir)
+        rows = read_rows(run_dir / SWEEP_TABLE)
+        paths = plot_sweep(rows, read_rows(run_dir / HEATMAP_TABLE), summary, run_dir)
+        subruns = [run_dir / str(r["run_dir"]) for r in rows if r.get("run_dir")]
     elif (run_dir / COMPARE_TABLE).exists():
-        paths = plot_compare(run_dir)
+        paths = plot_compare(read_rows(run_dir / COMPARE_TABLE), summary, run_dir)
+        subruns = [run_dir / TUNED_DIR]
     elif (run_dir / TRIALS_FILE).exists():
-        paths = [plot_landscape(run_dir)]
+        paths = [plot_landscape(read_rows(run_dir / TRIALS_FILE), summary,
+                                run_dir / LANDSCAPE_PLOT)]
+        subruns = []
     else:
         raise ConfigError(
             f"{run_dir} holds none of {SWEEP_TABLE}, {COMPARE_TABLE} or {TRIALS_FILE}: "
             "pass the output directory of a tune, sweep or compare run"
         )
-    record_plots(run_dir, paths)
-    return paths
-
-
-def draw_plots(run_dir: PathLike, log=None) -> List[Path]:
-    """`plot_run` at the end of a run: a failure is reported, never raised, so that a plot can
-    never lose a finished run's results."""
-    try:
-        paths = plot_run(run_dir)
-    except Exception as e:  # noqa: BLE001
-        if log:
-            log(f"warning: plots not drawn: {type(e).__name__}: {e}")
-        return []
-    if log:
-        log(f"plots: {', '.join(str(p) for p in paths)}")
-    return paths
-
-
-def record_plots(run_dir: Path, paths: Sequence[Path]) -> None:
-    """Rewrite summary.json with "plots": the paths relative to run_dir, other keys kept."""
-    summary = read_summary(run_dir)
+    paths += [p for sub in subruns if is_tune_run(sub) for p in plot_run(sub)]
     summary["plots"] = [Path(p).relative_to(run_dir).as_posix() for p in paths]
     write_json_atomic(run_dir / SUMMARY_FILE, summary)
+    return paths
 
 
 # --- Helpers ------------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,13 +21,27 @@ import ray
 from safetensors.torch import save_file
 
 from ckmerge_ray.merge import merge_state_dicts
+from ckmerge_ray.search import LAMBDA
 from ckmerge_ray.store import StoredCheckpoint, shard_tensors
 
-TRIALS_FILE = "trials.parquet"
-SUMMARY_FILE = "summary.json"
-BEST_DIR = "best"
-RUN_FILE = "run.json"  # the run's arguments and Tune experiment path, for resume
+# Every file and folder a run writes, named once. A tune run's directory:
+TRIALS_FILE = "trials.parquet"  # one row per trial, rewritten after each
+SUMMARY_FILE = "summary.json"  # written once, when the run has finished
+BEST_DIR = "best"  # the best merged model (Hugging Face layout)
+RUN_FILE = "run.json"  # the run's settings and Tune experiment path, for resume
 JOURNAL_DIR = "evaluations"  # one JSON per finished evaluation, written by the worker
+LANDSCAPE_PLOT = "landscape.png"
+# A comparison's directory (compare_merges):
+COMPARE_TABLE = "compare.parquet"
+COMPARE_MD = "compare.md"
+COMPARE_PLOT = "compare.png"
+TUNED_DIR = "tuned"  # the tuned merge's own tune run
+# A trajectory sweep's directory (sweep_trajectory):
+SWEEP_TABLE = "sweep.parquet"
+HEATMAP_TABLE = "heatmap.parquet"
+SWEEP_GAIN_PLOT = "sweep_gain.png"
+SWEEP_HEATMAP_PLOT = "sweep_heatmap.png"
+PAIRS_DIR = "pairs"  # each pair's own tune run
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -82,14 +97,13 @@ def export_merged(
     """Write the merge at λ as a Hugging Face model directory (sharded safetensors + index).
 
     Shards come from the object store one pair at a time, so memory stays bounded by a shard.
-    The directory is built under a temporary name beside `dest` and renamed into place; an
-    existing `dest` is replaced only after the new one is complete. Leftovers of an export that
-    was killed (temporary directories beside `dest`) are removed first.
+    The directory is built under a temporary name beside `dest` and published with
+    `publish_dir`, so `dest` is replaced only after the new one is complete; what a killed
+    export left behind is first put right by `recover_published`.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    for stale in [*dest.parent.glob(f".{dest.name}-tmp-*"), *dest.parent.glob(f".{dest.name}-old-*")]:
-        shutil.rmtree(stale, ignore_errors=True)
+    recover_published(dest)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-tmp-"))
     try:
         n = len(later.refs)
@@ -111,24 +125,103 @@ def export_merged(
         (tmp / "config.json").write_bytes(config_json)
         for f in extra_files:
             shutil.copy2(f, tmp / f.name)
-        _replace_dir(tmp, dest)
+        publish_dir(tmp, dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
-def _replace_dir(new: Path, dest: Path) -> None:
-    """Move `new` to `dest`; an old `dest` is moved aside first and removed after."""
+def publish_dir(new: Path, dest: Path) -> None:
+    """Put the complete directory `new` at `dest`: an old `dest` is moved aside
+    (``.NAME-old-<µs>``), `new` renamed in, and only then the old copy removed. Killed at any
+    point, one complete copy exists: `dest`, or the old one under its aside name, which
+    `recover_published` moves back."""
     old = None
     if dest.exists():
-        old = dest.parent / f".{dest.name}-old-{int(time.time() * 1e6)}"
+        old = dest.parent / f".{dest.name}-old-{time.time_ns() // 1000:017d}"
         os.replace(dest, old)
     os.replace(new, dest)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def recover_published(dest: Path) -> None:
+    """Put right what a killed `export_merged` left beside `dest`: unfinished temporary
+    directories are removed; if `dest` is missing (killed between the two renames of
+    `publish_dir`) the newest old copy is moved back; old copies beside a complete `dest` are
+    removed."""
+    dest = Path(dest)
+    for tmp in dest.parent.glob(f".{dest.name}-tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    olds = sorted(dest.parent.glob(f".{dest.name}-old-*"))
+    if olds and not dest.exists():
+        os.replace(olds.pop(), dest)
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
+
+
+# --- a tune run's result ------------------------------------------------------------------
+
+
+@dataclass
+class TuneMergeResult:
+    """What a tuning run produced; everything here is also on disk under `output_dir`."""
+
+    best_lambda: float
+    best_score: float
+    endpoint_scores: Dict[float, float]  # {0.0: score of Θ(t-1), 1.0: score of Θ(t)}
+    mode: str  # "min" or "max": how scores compare
+    table: pa.Table  # one row per trial, also in trials.parquet
+    output_dir: Path
+    best_model_path: Optional[Path]
+    result_grid: Any  # ray.tune.ResultGrid
+    summary: Dict = field(default_factory=dict)
+
+    def gain_over(self, lam: float) -> float:
+        """How much better the best merge is than the endpoint at λ (positive = better)."""
+        diff = self.endpoint_scores[lam] - self.best_score
+        return diff if self.mode == "min" else -diff
+
+
+def format_result(result: TuneMergeResult) -> str:
+    """The final table: every λ with its score and gain over both endpoints."""
+    e0, e1 = result.endpoint_scores[0.0], result.endpoint_scores[1.0]
+    sign = 1 if result.mode == "min" else -1
+    lines = [f"{'λ':>8}  {'score':>10}  {'gain vs λ=0':>12}  {'gain vs λ=1':>12}  acquisition"]
+    for r in sorted(result.table.to_pylist(), key=lambda r: r[LAMBDA]):
+        if r["status"] != "ok":
+            lines.append(f"{r[LAMBDA]:8.4f}  {'failed':>10}  {'':>12}  {'':>12}  {r['acquisition']}")
+            continue
+        g0, g1 = sign * (e0 - r["score"]), sign * (e1 - r["score"])
+        mark = "  <- best" if r[LAMBDA] == result.best_lambda else ""
+        lines.append(f"{r[LAMBDA]:8.4f}  {r['score']:10.5f}  {g0:+12.5f}  {g1:+12.5f}  "
+                     f"{r['acquisition']}{mark}")
+    lines.append(
+        f"best λ={result.best_lambda:.4f} score={result.best_score:.5f}; gain over Θ(t) "
+        f"{result.gain_over(1.0):+.5f}, over Θ(t-1) {result.gain_over(0.0):+.5f}"
+    )
+    if result.best_model_path:
+        lines.append(f"best model: {result.best_model_path}")
+    return "\n".join(lines)
+
+
+def load_result(output_dir: str | os.PathLike, log: Optional[Callable[[str], None]] = None) -> TuneMergeResult:
+    """A finished run, read back from its directory (summary.json and trials.parquet)."""
+    out = Path(output_dir)
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    best = summary.get("best_model_path")
+    result = TuneMergeResult(
+        best_lambda=summary["best_lambda"], best_score=summary["best_score"],
+        endpoint_scores={float(k): v for k, v in summary["endpoint_scores"].items()},
+        mode=summary["mode"], table=rows_to_table(read_rows(out / TRIALS_FILE)), output_dir=out,
+        best_model_path=Path(best) if best else None, result_grid=None, summary=summary,
+    )
+    if log:
+        log(format_result(result))
+    return result

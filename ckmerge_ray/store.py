@@ -51,6 +51,15 @@ class StoredCheckpoint:
         return [ref.hex() for ref in self.refs]
 
 
+def pair_digest(earlier: StoredCheckpoint, later: StoredCheckpoint) -> str:
+    """A short digest of a pair's object IDs: equal digests mean the same stored objects (what
+    each trial reports as ``store_digest``)."""
+    import hashlib
+
+    ids = ",".join(earlier.object_ids + later.object_ids)
+    return hashlib.sha1(ids.encode()).hexdigest()[:16]
+
+
 def tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
     """A numpy array sharing the tensor's bytes (bf16 as its int16 bit pattern)."""
     t = t.detach().cpu().contiguous()

@@ -4,7 +4,8 @@ merges of every pair (i, j) for a heatmap of the whole trajectory.
 Each checkpoint is read from disk and put into the object store once, although it belongs to
 two pairs: pair k reuses checkpoint k+1's shards as pair k+1's earlier checkpoint. Pairs run one
 after another, each with the whole cluster's trial concurrency; without the heatmap at most two
-checkpoints are in the store at a time. Example::
+checkpoints are in the store at a time. Every check a pair's `tune_merge` would make runs before
+anything is stored. Example::
 
     from ckmerge_ray import sweep_trajectory
     result = sweep_trajectory("ckpts/", {"cpu": 1}, objective="loss:heldout.jsonl",
@@ -13,8 +14,6 @@ checkpoints are in the store at a time. Example::
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import re
@@ -24,20 +23,21 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import pyarrow as pa
-import ray
 
-from ckmerge_ray.checkpoints import plan_shards
-from ckmerge_ray.compare import _dtypes, _printer, claim_output_dir, load_window
-from ckmerge_ray.errors import ConfigError
+from ckmerge_ray.checkpoints import CheckpointInfo
+from ckmerge_ray.cluster import check_object_store, ray_session, trial_slots
+from ckmerge_ray.config import CheckpointConfig, Resources, RunConfig, SearchConfig, split_options
+from ckmerge_ray.errors import ConfigError, RunError
 from ckmerge_ray.evaluator import start_evaluators
-from ckmerge_ray.objectives import Objective, parse_objective
+from ckmerge_ray.inputs import Log, WindowStore, load_window, prepare_objective, printer
+from ckmerge_ray.model import dtypes_of
+from ckmerge_ray.objectives import Objective
 from ckmerge_ray.plots import draw_plots
-from ckmerge_ray.results import SUMMARY_FILE, write_json_atomic, write_table_atomic
-from ckmerge_ray.store import StoredCheckpoint, put_checkpoint
-
-SWEEP_FILE = "sweep.parquet"
-HEATMAP_FILE = "heatmap.parquet"
-PAIRS_DIR = "pairs"
+from ckmerge_ray.results import (
+    HEATMAP_TABLE, PAIRS_DIR, SUMMARY_FILE, SWEEP_TABLE, write_json_atomic, write_table_atomic,
+)
+from ckmerge_ray.rundir import check_claimable, claim_output_dir
+from ckmerge_ray.store import StoredCheckpoint, pair_digest
 
 # HF Trainer's checkpoint-<step>, and step<N> / step_<N> / iter_<N> / global_step<N> layouts.
 CHECKPOINT_NAME = re.compile(r"^(?:checkpoint-|step_?|iter_|global_step)(\d+)$")
@@ -52,6 +52,22 @@ class SweepResult:
     mode: str
     output_dir: Path
     summary: Dict = field(default_factory=dict)
+
+
+@dataclass
+class _Sweep:
+    """One sweep's settings and checked inputs."""
+
+    search: SearchConfig
+    run: RunConfig
+    checkpoint: CheckpointConfig
+    resources: Resources
+    log: Log
+    steps: List[int]
+    infos: List[CheckpointInfo]
+    objective: Objective
+    tuned: Dict[str, Any]  # tune_merge's arguments for every pair (but the run directory)
+    out: Path = Path()
 
 
 def discover_checkpoints(source: str | os.PathLike | Sequence[str | os.PathLike]
@@ -93,155 +109,169 @@ def discover_checkpoints(source: str | os.PathLike | Sequence[str | os.PathLike]
 
 def sweep_trajectory(
     checkpoints: str | os.PathLike | Sequence[str | os.PathLike],
-    resources: Optional[Mapping[str, float]] = None,
+    resources: "Resources | Mapping[str, float] | None" = None,
     objective: str | Objective = "",
-    num_trials: int = 8,
-    alpha: float = 0.5,
+    *,
+    search: Optional[SearchConfig] = None,
+    run: Optional[RunConfig] = None,
+    checkpoint: Optional[CheckpointConfig] = None,
     heatmap: bool = False,
     heatmap_lambda: float = 0.5,
-    max_concurrent: Optional[int] = None,
-    output_dir: str | os.PathLike = "ckmerge_runs/sweep",
-    seed: int = 0,
     objective_options: Optional[Mapping[str, Any]] = None,
-    allow_pickle: bool = False,
-    max_shard_bytes: int = 1 << 30,
-    overwrite: bool = False,
-    progress: bool = True,
     tune_options: Optional[Mapping[str, Any]] = None,
+    **options,
 ) -> SweepResult:
     """Tune λ for every adjacent pair of checkpoints and tabulate the gains along the run.
 
     Args:
         checkpoints: a directory of checkpoints (see `discover_checkpoints`) or a list of
             checkpoint directories, oldest first.
-        resources, objective, num_trials, alpha, max_concurrent, seed, objective_options,
-            allow_pickle, max_shard_bytes: as in `tune_merge`, for every pair.
+        resources, objective, search, run, checkpoint, objective_options: as in `tune_merge`,
+            for every pair (``search.num_trials`` defaults to 8 here, ``run.output_dir`` to
+            ``ckmerge_runs/sweep``).
         heatmap: also score heatmap_lambda·Θ(j) + (1-heatmap_lambda)·Θ(i) for every pair
             i < j, and every checkpoint alone (n(n+1)/2 evaluations; all checkpoints are then
             held in the object store together).
-        output_dir: gets sweep.parquet (rewritten after every pair), heatmap.parquet, each
-            pair's tuning run under ``pairs/``, summary.json and the plots.
-        tune_options: further `tune_merge` arguments for every pair (e.g. ``acquisitions``).
+        tune_options: further `tune_merge` keywords for every pair (e.g. ``acquisitions``).
+        **options: any field of the settings values by name (``alpha``, ``num_trials``, ...).
 
     Returns:
         A `SweepResult`; gains are over each pair's later checkpoint (positive = better).
-    """
-    started = time.perf_counter()
-    log = _printer(progress)
-    from ckmerge_ray.tuner import _ensure_ray, _normalize_resources, tune_merge
+        sweep.parquet (rewritten after every pair), heatmap.parquet, each pair's run under
+        ``pairs/``, summary.json and the plots are in ``output_dir``.
 
-    resources = _normalize_resources(resources)
+    Raises:
+        CkmergeError for bad input, before anything is stored (also when it would only show in
+        a pair's run); RunError when every pair failed.
+    """
+    settings = split_options(options, {"num_trials": 8, "output_dir": "ckmerge_runs/sweep"},
+                             search=search, run=run, checkpoint=checkpoint)
+    ctx = check_sweep(checkpoints, objective, objective_options, resources, tune_options,
+                      heatmap_lambda, **settings)
+    ctx.out = claim_output_dir(ctx.out, SWEEP_TABLE, ctx.run.overwrite,
+                               extra=(HEATMAP_TABLE, PAIRS_DIR))
+    started = time.perf_counter()
+    with ray_session(ctx.log):
+        sizes = [i.nbytes for i in ctx.infos]
+        need = sum(sizes) if heatmap else max(a + b for a, b in zip(sizes, sizes[1:]))
+        check_object_store(need, ctx.resources, False, ctx.log)
+        window = WindowStore(ctx.infos, ctx.checkpoint, ctx.log)
+        rows, plots = tune_pairs(ctx, window, keep=heatmap)
+        heat = (score_heatmap(ctx, window.all(), heatmap_lambda) if heatmap else None)
+    summary = sweep_summary(ctx, rows, window, heatmap, heatmap_lambda,
+                            time.perf_counter() - started)
+    summary["plots"] = draw_plots(ctx.out, "sweep", rows, summary, ctx.log,
+                                  heat=heat.to_pylist() if heat is not None else (), extra=plots)
+    write_json_atomic(ctx.out / SUMMARY_FILE, summary)
+    for r in rows:
+        if r["status"] == "ok":
+            ctx.log(f"{Path(r['earlier']).name} -> {Path(r['later']).name}: best λ="
+                    f"{r['best_lambda']:.4f}, gain over the later checkpoint {r['gain']:+.5f}")
+    if not any(r["status"] == "ok" for r in rows):
+        raise RunError(f"every pair failed; first error: {rows[0]['error']} "
+                       f"(table in {ctx.out / SWEEP_TABLE})")
+    return SweepResult(write_table_atomic(ctx.out / SWEEP_TABLE, rows), heat,
+                       ctx.objective.mode, ctx.out, summary)
+
+
+def check_sweep(checkpoints, objective, objective_options, resources, tune_options,
+                heatmap_lambda: float, search: SearchConfig, run: RunConfig,
+                checkpoint: CheckpointConfig) -> _Sweep:
+    """Every check a pair's `tune_merge` makes, and the sweep's own, before anything is stored."""
+    log, resources = printer(run.progress), Resources.of(resources)
+    if not 0.0 < heatmap_lambda < 1.0:
+        raise ConfigError(f"heatmap_lambda must be in (0, 1), got {heatmap_lambda}")
     found = discover_checkpoints(checkpoints)
     if len(found) < 2:
         raise ConfigError(f"a sweep needs at least two checkpoints, got {len(found)}")
-    if not 0.0 < heatmap_lambda < 1.0:
-        raise ConfigError(f"heatmap_lambda must be in (0, 1), got {heatmap_lambda}")
-    out = claim_output_dir(Path(output_dir).resolve(), SWEEP_FILE, overwrite,
-                           extra=(HEATMAP_FILE, PAIRS_DIR))
-    steps = [s for s, _ in found]
-    infos = load_window([p for _, p in found], allow_pickle)
+    out = Path(run.output_dir).resolve()
+    check_claimable(out, SWEEP_TABLE, run.overwrite)
+    tuned = split_options(dict(tune_options or {}), search=search,
+                          run=RunConfig(progress=run.progress, export_best=False,
+                                        max_concurrent=run.max_concurrent),
+                          checkpoint=checkpoint)
+    infos = load_window([p for _, p in found], checkpoint)
     objective_arg = objective
-    objective = parse_objective(objective, **dict(objective_options or {}))
-    objective.prepare(infos[-1].path)  # refuse bad data before anything is stored
-    names = [i.path.name for i in infos]
-    log(f"sweep of {len(infos)} checkpoints ({', '.join(names)}), {len(infos) - 1} adjacent "
-        f"pair(s); objective {objective!r}")
-
-    started_ray = _ensure_ray(log)
-    try:
-        from ckmerge_ray.tuner import _check_object_store
-
-        sizes = [i.nbytes for i in infos]
-        need = sum(sizes) if heatmap else max(a + b for a, b in zip(sizes, sizes[1:]))
-        _check_object_store(need, resources, False, log)
-        plan = plan_shards(infos[-1], max_shard_bytes)
-        reference: Dict = {}
-        stored: Dict[int, StoredCheckpoint] = {}
-        puts = {name: 0 for name in names}
-        object_ids: Dict[str, List[str]] = {}
-
-        def ensure_stored(k: int) -> StoredCheckpoint:
-            if k not in stored:
-                stored[k] = put_checkpoint(infos[k], plan, reference=reference, progress=log)
-                puts[names[k]] += 1
-                object_ids[names[k]] = stored[k].object_ids
-            return stored[k]
-
-        rows: List[Dict] = []
-        for k in range(len(infos) - 1):
-            pair = (ensure_stored(k), ensure_stored(k + 1))
-            run_dir = Path(PAIRS_DIR) / f"{k:02d}-{names[k]}-{names[k + 1]}"
-            log(f"pair {k + 1}/{len(infos) - 1}: {names[k]} -> {names[k + 1]}")
-            t0 = time.perf_counter()
-            row = {"pair": k, "earlier": str(infos[k].path), "later": str(infos[k + 1].path),
-                   "earlier_step": steps[k], "later_step": steps[k + 1],
-                   "run_dir": str(run_dir), "store_digest": _digest(pair)}
-            try:
-                result = tune_merge(
-                    (infos[k].path, infos[k + 1].path), resources, objective=objective_arg,
-                    objective_options=objective_options, alpha=alpha, num_trials=num_trials,
-                    max_concurrent=max_concurrent, output_dir=out / run_dir, seed=seed,
-                    allow_pickle=allow_pickle, progress=progress, stored=pair,
-                    **{"export_best": False, **dict(tune_options or {})},
-                )
-            except Exception as e:  # noqa: BLE001 - a failed pair must not lose the others
-                row.update(status="error", error=f"{type(e).__name__}: {e}")
-                log(f"pair {names[k]} -> {names[k + 1]} FAILED: {row['error']}")
-            else:
-                row.update(
-                    status="ok", error=None,
-                    earlier_score=result.endpoint_scores[0.0],
-                    later_score=result.endpoint_scores[1.0],
-                    best_lambda=result.best_lambda, best_score=result.best_score,
-                    gain=result.gain_over(1.0), gain_over_earlier=result.gain_over(0.0),
-                    evaluations=result.table.num_rows,
-                )
-            row["wall_s"] = time.perf_counter() - t0
-            rows.append(row)
-            write_table_atomic(out / SWEEP_FILE, rows)
-            if not heatmap:
-                stored.pop(k)  # pair k+1 needs only checkpoint k+1 again: let Ray free k
-
-        heat_table = None
-        if heatmap:
-            heat_table = _heatmap(infos, steps, [ensure_stored(k) for k in range(len(infos))],
-                                  objective, resources, max_concurrent, heatmap_lambda, out, log)
-
-        summary = {
-            "kind": "sweep",
-            "checkpoints": [str(i.path) for i in infos],
-            "steps": steps,
-            "objective": repr(objective),
-            "mode": objective.mode,
-            "alpha": alpha, "num_trials": num_trials, "seed": seed,
-            "heatmap": {"enabled": heatmap, "lambda": heatmap_lambda},
-            "pairs_ok": sum(r["status"] == "ok" for r in rows),
-            "object_store": {"puts_per_checkpoint": puts, "object_ids": object_ids},
-            "seconds": time.perf_counter() - started,
-        }
-        write_json_atomic(out / SUMMARY_FILE, summary)
-        draw_plots(out, log)
-        for r in rows:
-            if r["status"] == "ok":
-                log(f"{Path(r['earlier']).name} -> {Path(r['later']).name}: best λ="
-                    f"{r['best_lambda']:.4f}, gain over the later checkpoint {r['gain']:+.5f}")
-        return SweepResult(write_table_atomic(out / SWEEP_FILE, rows), heat_table, objective.mode,
-                           out, json.loads((out / SUMMARY_FILE).read_text()))
-    finally:
-        if started_ray:
-            ray.shutdown()
+    objective = prepare_objective(objective, objective_options, infos[-1].path, search, log)
+    log(f"sweep of {len(infos)} checkpoints ({', '.join(i.path.name for i in infos)}), "
+        f"{len(infos) - 1} adjacent pair(s)")
+    tuned.update(objective=objective_arg, objective_options=objective_options)
+    return _Sweep(search, run, checkpoint, resources, log, [s for s, _ in found], infos,
+                  objective, tuned, out)
 
 
-def _heatmap(infos, steps, stored, objective, resources, max_concurrent, lam, out, log) -> pa.Table:
+def tune_pairs(ctx: _Sweep, window: WindowStore, keep: bool) -> Tuple[List[Dict], List[str]]:
+    """Tune every adjacent pair in turn on the window's stored checkpoints; sweep.parquet is
+    rewritten after each. Returns the rows and the pairs' plots (relative to the sweep).
+    Without `keep`, checkpoint k is released once pair k is done."""
+    import dataclasses
+
+    from ckmerge_ray.tuner import tune_merge
+
+    rows, plots, names = [], [], [i.path.name for i in ctx.infos]
+    for k in range(len(ctx.infos) - 1):
+        pair = (window.get(k), window.get(k + 1))
+        run_dir = Path(PAIRS_DIR) / f"{k:02d}-{names[k]}-{names[k + 1]}"
+        ctx.log(f"pair {k + 1}/{len(ctx.infos) - 1}: {names[k]} -> {names[k + 1]}")
+        t0 = time.perf_counter()
+        row = {"pair": k, "earlier": str(ctx.infos[k].path), "later": str(ctx.infos[k + 1].path),
+               "earlier_step": ctx.steps[k], "later_step": ctx.steps[k + 1],
+               "run_dir": str(run_dir), "store_digest": pair_digest(*pair)}
+        run = dataclasses.replace(ctx.tuned["run"], output_dir=str(ctx.out / run_dir))
+        try:
+            result = tune_merge((ctx.infos[k].path, ctx.infos[k + 1].path), ctx.resources,
+                                stored=pair, **{**ctx.tuned, "run": run})
+        except RunError as e:  # every trial of this pair failed: the others may not
+            row.update(status="error", error=f"{type(e).__name__}: {e}")
+            ctx.log(f"pair {names[k]} -> {names[k + 1]} FAILED: {row['error']}")
+        else:
+            row.update(pair_row(result))
+            plots += [(run_dir / p).as_posix() for p in result.summary.get("plots", [])]
+        row["wall_s"] = time.perf_counter() - t0
+        rows.append(row)
+        write_table_atomic(ctx.out / SWEEP_TABLE, rows)
+        if not keep:
+            window.release(k)  # pair k+1 needs only checkpoint k+1 again: let Ray free k
+    return rows, plots
+
+
+def pair_row(result) -> Dict:
+    """A pair's columns of sweep.parquet, from its `TuneMergeResult`."""
+    return dict(status="ok", error=None,
+                earlier_score=result.endpoint_scores[0.0], later_score=result.endpoint_scores[1.0],
+                best_lambda=result.best_lambda, best_score=result.best_score,
+                gain=result.gain_over(1.0), gain_over_earlier=result.gain_over(0.0),
+                evaluations=result.table.num_rows)
+
+
+def sweep_summary(ctx: _Sweep, rows: List[Dict], window: WindowStore, heatmap: bool,
+                  heatmap_lambda: float, seconds: float) -> Dict:
+    """summary.json of a sweep (``plots`` is added when they are drawn)."""
+    return {
+        "kind": "sweep",
+        "checkpoints": [str(i.path) for i in ctx.infos],
+        "steps": ctx.steps,
+        "objective": repr(ctx.objective),
+        "mode": ctx.objective.mode,
+        "alpha": ctx.search.alpha, "num_trials": ctx.search.num_trials, "seed": ctx.search.seed,
+        "heatmap": {"enabled": heatmap, "lambda": heatmap_lambda},
+        "pairs_ok": sum(r["status"] == "ok" for r in rows),
+        "object_store": {"puts_per_checkpoint": window.puts, "object_ids": window.object_ids},
+        "seconds": seconds,
+    }
+
+
+def score_heatmap(ctx: _Sweep, stored: List[StoredCheckpoint], lam: float) -> pa.Table:
     """Score lam·Θ(j) + (1-lam)·Θ(i) for all i < j, and each Θ(i) alone, on evaluator actors."""
+    import ray
     from ray.util import ActorPool
 
-    from ckmerge_ray.tuner import _concurrency
-
+    infos, steps, log = ctx.infos, ctx.steps, ctx.log
     n = len(infos)
     cells = [(i, j) for i in range(n) for j in range(i, n)]
-    q = _concurrency(resources, max_concurrent, len(cells))
-    actors = start_evaluators(q, resources, infos[-1].config, _dtypes(infos[-1]), stored, objective)
+    q = trial_slots(ctx.resources, ctx.run.max_concurrent, len(cells))
+    actors = start_evaluators(q, ctx.resources.to_dict(), infos[-1].config, dtypes_of(infos[-1]),
+                              stored, ctx.objective)
     try:
         def weights(cell):
             i, j = cell
@@ -260,10 +290,20 @@ def _heatmap(infos, steps, stored, objective, resources, max_concurrent, lam, ou
     rows = [{"i": i, "j": j, "step_i": steps[i], "step_j": steps[j],
              "lam": 1.0 if i == j else lam, "score": float(r["score"])}
             for (i, j), r in zip(cells, results) if math.isfinite(r["score"])]
-    return write_table_atomic(out / HEATMAP_FILE, rows)
+    return write_table_atomic(ctx.out / HEATMAP_TABLE, rows)
 
 
-def _digest(pair: Sequence[StoredCheckpoint]) -> str:
-    """The store digest the pair's trials report (see `trial.store_digest`)."""
-    ids = ",".join(pair[0].object_ids + pair[1].object_ids)
-    return hashlib.sha1(ids.encode()).hexdigest()[:16]
+# Names of earlier versions, kept working: every output file is now named once, in results.py.
+_RENAMED = {'SWEEP_FILE': 'SWEEP_TABLE', 'HEATMAP_FILE': 'HEATMAP_TABLE'}
+
+
+def __getattr__(name: str):
+    if name in _RENAMED:
+        import warnings
+
+        from ckmerge_ray import results
+
+        warnings.warn(f"ckmerge_ray.sweep.{name} is deprecated; use "
+                      f"ckmerge_ray.results.{_RENAMED[name]}", DeprecationWarning, stacklevel=2)
+        return getattr(results, _RENAMED[name])
+    raise AttributeError(f"module 'ckmerge_ray.sweep' has no attribute {name!r}")

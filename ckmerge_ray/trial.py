@@ -7,13 +7,10 @@ weights in place. Trials receive object references, never file paths.
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import json
 import math
 import os
 import socket
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +19,20 @@ from typing import Dict, List, Optional, Tuple
 import ray
 import torch
 
-from ckmerge_ray.errors import CheckpointError
 from ckmerge_ray.merge import merge_buffers_into_, merge_shard_into_
+from ckmerge_ray.model import (
+    adopt_flat_layout,
+    build_model,
+    import_model_code,
+    release_freed_memory,
+    tensor_map,
+    trial_device,
+    worker_memory_mb,
+)
 from ckmerge_ray.objectives.base import Objective
-from ckmerge_ray.store import Layout, ShardView, StoredCheckpoint, shard_view
+from ckmerge_ray.results import write_json_atomic
+from ckmerge_ray.search import search_record
+from ckmerge_ray.store import ShardView, StoredCheckpoint, pair_digest, shard_view
 
 
 @dataclass
@@ -64,78 +71,6 @@ class Resident:
 _RESIDENT: Dict[str, Resident] = {}
 
 
-def build_model(model_config: Dict, dtypes: Dict[str, str], device: torch.device | str = "cpu"):
-    """A causal LM from its config with uninitialized weights, each in its checkpoint dtype."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = dict(model_config)
-    cfg = AutoConfig.for_model(config.pop("model_type"), **config)
-    # Build in the checkpoint's main dtype: building in fp32 and casting would first allocate
-    # a full fp32 copy of the model.
-    main = max(set(dtypes.values()), key=list(dtypes.values()).count) if dtypes else "float32"
-    with _no_init_weights():
-        model = AutoModelForCausalLM.from_config(
-            cfg, trust_remote_code=False, dtype=getattr(torch, main)
-        )
-    model.tie_weights()  # skipped by no_init_weights; shared embeddings must be one tensor
-    model.eval().requires_grad_(False)
-    for name, t in tensor_map(model).items():
-        want = getattr(torch, dtypes.get(name, str(t.dtype).replace("torch.", "")))
-        if t.dtype != want:
-            t.data = t.data.to(want)
-    return model.to(device)
-
-
-def import_model_code(model_config: Dict) -> None:
-    """Import the architecture's modeling code (what `build_model` would import first), so that
-    memory measured after this counts the model's weights, not transformers' code."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    config = dict(model_config)
-    try:
-        MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.for_model(config.pop("model_type"), **config))]
-    except (KeyError, ValueError):
-        pass  # not a built-in causal LM: build_model raises the specific error
-
-
-def tensor_map(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """State-dict names to the model's own tensors; tied weights appear under every name."""
-    named = dict(model.named_parameters(remove_duplicate=False))
-    named.update(model.named_buffers(remove_duplicate=False))
-    return named
-
-
-def check_model_covers(model: torch.nn.Module, names, shapes: Dict[str, Tuple[int, ...]]) -> None:
-    """Every checkpoint tensor must exist in the model with its shape, and every parameter
-    must be written by some checkpoint tensor (directly or through a tied weight)."""
-    tensors = tensor_map(model)
-    unknown = [n for n in names if n not in tensors]
-    if unknown:
-        raise CheckpointError(
-            f"checkpoint tensors unknown to {type(model).__name__}: {unknown[:3]}"
-            f"{' ...' if len(unknown) > 3 else ''}"
-        )
-    for n in names:
-        if tuple(tensors[n].shape) != tuple(shapes[n]):
-            raise CheckpointError(
-                f"tensor {n!r} has shape {list(shapes[n])} but {type(model).__name__} expects "
-                f"{list(tensors[n].shape)}"
-            )
-    covered = {id(tensors[n]) for n in names}
-    # Two names may hold the same Parameter object (tied weights): compare by identity.
-    missing = [n for n, p in model.named_parameters() if id(p) not in covered]
-    if missing:
-        raise CheckpointError(f"checkpoint lacks weights for parameters {missing[:3]}")
-
-
-def trial_device() -> torch.device:
-    """CUDA when Ray gave this trial a GPU, else CPU."""
-    if torch.cuda.is_available() and ray.is_initialized() and ray.get_gpu_ids():
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 def resident_model(plan: TrialPlan, device: torch.device) -> Tuple[Resident, bool]:
     """The worker's model for this run: built on first use, reused by later trials."""
     built = False
@@ -156,43 +91,6 @@ def new_resident(plan: TrialPlan, device: torch.device | str) -> Resident:
     resident.shards = list(iter_shard_pairs(plan))
     resident.flat = adopt_flat_layout(resident.tensors, [l.layout for _, l in resident.shards])
     return resident
-
-
-def adopt_flat_layout(tensors: Dict[str, torch.Tensor],
-                      layouts: List[Layout]) -> Optional[List[Dict[str, torch.Tensor]]]:
-    """Move the model's tensors into one flat buffer per shard and dtype, at the offsets the
-    stored shards use, so that a merge is one `torch.lerp` per buffer rather than one per tensor.
-
-    Why: per-tensor ops cost ~5-25 µs each (dispatch, thread-pool wake-up; a kernel launch on a
-    GPU), a fifth of the merge time of a 14M-parameter model on 2 CPU cores. Each tensor's old
-    storage is freed before its shard's buffer is allocated, so memory does not double; the
-    values are not kept (the next merge writes every tensor). Returns None, changing nothing, when
-    the layouts cannot be shared: one model tensor under two checkpoint names, or dtypes that
-    differ from the model's.
-    """
-    names = [n for layout in layouts for n in layout]
-    if len({tensors[n].data_ptr() for n in names}) != len(names):
-        return None
-    if any(tensors[n].dtype != getattr(torch, dtype)
-           for layout in layouts for n, (dtype, _, _) in layout.items()):
-        return None
-    flats = []
-    with torch.no_grad():
-        for layout in layouts:
-            device = tensors[next(iter(layout))].device
-            sizes: Dict[str, int] = {}
-            for n, (dtype, offset, _) in layout.items():
-                sizes[dtype] = max(sizes.get(dtype, 0), offset + tensors[n].numel())
-                tensors[n].data = torch.empty(0, dtype=tensors[n].dtype, device=device)  # free
-            buffers = {d: torch.empty(size, dtype=getattr(torch, d), device=device)
-                       for d, size in sizes.items()}
-            for n, (dtype, offset, shape) in layout.items():
-                count = 1
-                for d in shape:
-                    count *= d
-                tensors[n].data = buffers[dtype][offset:offset + count].view(shape)
-            flats.append(buffers)
-    return flats
 
 
 def iter_shard_pairs(plan: TrialPlan, cache: Optional[Resident] = None):
@@ -260,8 +158,7 @@ def merge_into_model(
 
 def store_digest(plan: TrialPlan) -> str:
     """A short digest of the object IDs a trial read: equal digests mean the same stored objects."""
-    ids = ",".join(plan.earlier.object_ids + plan.later.object_ids)
-    return hashlib.sha1(ids.encode()).hexdigest()[:16]
+    return pair_digest(plan.earlier, plan.later)
 
 
 def evaluate_lambda(plan: TrialPlan, lam: float, objective: Optional[Objective] = None) -> Dict:
@@ -295,29 +192,6 @@ def evaluate_lambda(plan: TrialPlan, lam: float, objective: Optional[Objective] 
         "shards_on_device": on_device,
         "store_digest": store_digest(plan),
     }
-
-
-def release_freed_memory() -> None:
-    """Hand the memory an evaluation freed back to the OS. glibc keeps freed heap pages in its
-    arenas, so without this a worker's footprint between trials grows to the model plus its
-    largest evaluation so far (measured: up to 1.7x the model's bytes on a 134M model, 1.0x
-    right after the first merge; benchmarks/trial_overhead.py)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
-            pass
-
-
-def worker_memory_mb() -> Dict[str, float]:
-    """This process's memory: peak RSS so far (counts the object-store pages it has read, which
-    are shared, not copied) and USS (private memory only: the model and any temporaries)."""
-    import resource
-
-    import psutil
-
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"rss_peak_mb": peak_kb / 1024, "uss_mb": psutil.Process().memory_full_info().uss / 2**20}
 
 
 @ray.remote(num_cpus=0)
@@ -391,7 +265,7 @@ def evaluate_stage(plan: TrialPlan, lam: float, config: Dict, stage: str) -> Dic
         result = evaluate_lambda(plan, lam, objective)
     except Exception as e:  # noqa: BLE001 - any failure of the merge or objective at this λ
         result = {"score": math.nan, "lam": lam, "error": f"{type(e).__name__}: {e}"}
-    result["acquisition"] = config.get("acquisition", "")
+    result["acquisition"] = search_record(config)["acquisition"]
     result["fidelity"] = stage
     write_journal(plan.journal_dir, lam, result, stage)
     return result
@@ -407,8 +281,6 @@ def journal_file(journal_dir: str, lam: float, stage: str = FULL) -> Path:
 def write_journal(journal_dir: Optional[str], lam: float, result: Dict, stage: str = FULL) -> None:
     """Record a finished evaluation from the worker, before Tune hears of it."""
     if journal_dir:
-        from ckmerge_ray.results import write_json_atomic
-
         write_json_atomic(journal_file(journal_dir, lam, stage), result)
 
 
@@ -421,10 +293,3 @@ def read_journal(journal_dir: Optional[str], lam: float, stage: str = FULL) -> O
     result = json.loads(path.read_text())
     result["score"] = float(result["score"])  # NaN of a failed evaluation round-trips as NaN
     return result
-def _no_init_weights():
-    """transformers' context that skips random init (weights are overwritten by the merge)."""
-    try:
-        from transformers.initialization import no_init_weights  # transformers >= 5
-    except ImportError:  # pragma: no cover - transformers 4.x
-        from transformers.modeling_utils import no_init_weights
-    return no_init_weights()

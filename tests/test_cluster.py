@@ -229,7 +229,8 @@ from ray.cluster_utils import Cluster
 
 from ckmerge_ray import tune_merge
 from ckmerge_ray.errors import ConfigError
-from ckmerge_ray.tuner import _check_object_store, _concurrency
+from ckmerge_ray.cluster import check_object_store, trial_slots
+from ckmerge_ray.config import Resources
 
 earlier, later, heldout, out = sys.argv[1:5]
 MiB = 2**20
@@ -265,17 +266,17 @@ try:
     # 2. Slots from fractional GPUs: head 1 (1 CPU), worker 2 (2 CPUs, 2 x 0.5 GPU). The
     #    object-store check uses the smallest store among the driver's node and the nodes that
     #    can run a trial (here the worker's 100 MiB).
-    res = {"cpu": 1.0, "gpu": 0.5}
-    report["slots"] = _concurrency(res, None, 10)
+    res = Resources(cpu=1.0, gpu=0.5)
+    report["slots"] = trial_slots(res, None, 10)
     try:
-        _check_object_store(120 * MiB, res, False, print)
+        check_object_store(120 * MiB, res, False, print)
         report["store_refused"] = None
     except ConfigError as e:
         report["store_refused"] = str(e)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _check_object_store(90 * MiB, res, False, print)   # fits, but < 20 % headroom
-        _check_object_store(40 * MiB, res, False, print)   # fits comfortably
+        check_object_store(90 * MiB, res, False, print)   # fits, but < 20 % headroom
+        check_object_store(40 * MiB, res, False, print)   # fits comfortably
     report["store_warnings"] = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
 
     # 3. The run. A watcher records, while it runs: the object locations of every shard (the

@@ -101,7 +101,7 @@ def test_flat_layout_merge_equals_the_per_tensor_merge():
     """A model moved into the shards' flat layout merges with one lerp per buffer, and gets
     exactly what the per-tensor merge writes, tied weights included."""
     from ckmerge_ray.store import pack_shard, shard_view
-    from ckmerge_ray.trial import adopt_flat_layout, tensor_map
+    from ckmerge_ray.model import adopt_flat_layout, tensor_map
     from tests.conftest import tiny_llama
 
     earlier = tiny_llama(0, tie_word_embeddings=True).to(torch.bfloat16).state_dict()

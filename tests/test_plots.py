@@ -1,4 +1,5 @@
-"""Plots are drawn from saved tables only: a real tune run, hand-made sweep and compare tables."""
+"""Plots of a real tune run (drawn by the run, redrawn from its saved tables), and of sweep
+and compare tables around it."""
 
 from __future__ import annotations
 
@@ -20,55 +21,28 @@ from ckmerge_ray.search import posterior_from_rows
 PAIR_DIR = "pairs/01-step80-step120"
 
 
-TRIALS = 5  # λ = 0, 0.5, 1 (the initial points), then two GP-Hedge choices
+TRIALS = 5  # λ = 0, 0.5, 1 (the initial points), then two GP-Hedge choices: num_trials=4
 
 
 @pytest.fixture(scope="module")
-def tune_run(trajectory, tmp_path_factory) -> Path:
-    """A finished tune run dir for checkpoint-80 → checkpoint-120, written without Ray Tune.
+def tune_run(ray_session, trajectory, tmp_path_factory) -> Path:
+    """A real, finished tune run (checkpoint-80 → checkpoint-120): its plots were drawn by the
+    run itself from the rows and summary it had in memory."""
+    from ckmerge_ray import tune_merge
 
-    Why not `tune_merge`: its Tune overhead (about 15 s for five sub-second evaluations on two
-    cores) would double this file's time. Instead the run's real searcher picks each λ, the
-    real objective scores the real merge, and the tables are written in tune_merge's format
-    (the columns and summary keys that plots read).
-    """
-    from transformers import AutoModelForCausalLM
-
-    from ckmerge_ray.merge import merge_state_dicts
-    from ckmerge_ray.objectives import HeldoutLoss
-    from ckmerge_ray.search import merge_searcher
-
-    earlier, later = trajectory[1], trajectory[2]
-    objective = HeldoutLoss(trajectory[0].parent / "heldout.jsonl", seq_len=64, max_tokens=2048)
-    objective.prepare(later)
-    model = AutoModelForCausalLM.from_pretrained(later).eval()
-    theta_later = {k: v.clone() for k, v in model.state_dict().items()}
-    theta_earlier = AutoModelForCausalLM.from_pretrained(earlier).state_dict()
-    search = {"acquisitions": ["ei", "pi", "ucb"], "eta": 1.0, "kappa": 1.0, "xi": 0.0,
-              "gp_noise": 1e-6, "seed": 0, "noise_key": None}
-    searcher = merge_searcher(0.5, "min", batch_size=1, **search)
-    rows = []
-    for k in range(TRIALS):
-        config = searcher.suggest(f"t{k}")
-        model.load_state_dict(merge_state_dicts(theta_earlier, theta_later, config["lam"]))
-        score = objective.evaluate(model, torch.device("cpu"))["score"]
-        searcher.on_trial_complete(f"t{k}", {"score": score})
-        rows.append({"trial_id": f"t{k}", "lam": config["lam"],
-                     "acquisition": config["acquisition"],
-                     "batch": config["batch"], "status": "ok", "score": score, "loss": score,
-                     "fidelity": "full", "error": None})
     out = tmp_path_factory.mktemp("plots_run")
-    write_table_atomic(out / "trials.parquet", rows)
-    in_space = [r for r in rows if r["lam"] >= 0.5]
-    best = min(in_space, key=lambda r: r["score"])
-    endpoint = {str(lam): next(r["score"] for r in rows if r["lam"] == lam) for lam in (0.0, 1.0)}
-    write_summary(out, {
-        "earlier": str(earlier), "later": str(later), "objective": repr(objective),
-        "mode": "min", "alpha": 0.5, "best_lambda": best["lam"], "best_score": best["score"],
-        "endpoint_scores": endpoint, "trials": TRIALS,
-        "search": {"searcher": "GPHedgeSearch", **search, "batch_size": 1},
-    })
+    tune_merge((trajectory[1], trajectory[2]), {"cpu": 1},
+               f"loss:{trajectory[0].parent / 'heldout.jsonl'}",
+               objective_options={"seq_len": 64, "max_tokens": 2048}, num_trials=TRIALS - 1,
+               max_concurrent=2, output_dir=out, export_best=False, progress=False)
     return out
+
+
+def test_the_run_drew_its_landscape_and_listed_it_once(tune_run):
+    summary = read_summary(tune_run)
+    assert summary["plots"] == ["landscape.png"]
+    assert_drawn_png(tune_run / "landscape.png")
+    assert len(read_rows(tune_run / "trials.parquet")) == TRIALS
 
 
 def copy_run(run: Path, dest: Path) -> Path:
@@ -103,7 +77,7 @@ def assert_drawn_png(path: Path) -> None:
     assert len(colours) > 10, f"{path.name}: only {len(colours)} distinct colours"
 
 
-def test_landscape_is_drawn_and_listed_in_summary(tune_run, tmp_path):
+def test_landscape_is_redrawn_from_the_saved_tables(tune_run, tmp_path):
     run = copy_run(tune_run, tmp_path / "run")
     before = read_summary(run)
 
@@ -111,9 +85,7 @@ def test_landscape_is_drawn_and_listed_in_summary(tune_run, tmp_path):
 
     assert paths == [run / "landscape.png"]
     assert_drawn_png(run / "landscape.png")
-    after = read_summary(run)
-    assert after.pop("plots") == ["landscape.png"]
-    assert after == before  # every other key kept
+    assert read_summary(run) == before  # the same plots listed, every other key kept
 
 
 def test_gp_refit_interpolates_the_observed_scores(tune_run):

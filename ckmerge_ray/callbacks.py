@@ -1,0 +1,133 @@
+"""Ray Tune callbacks of a tuning run: the trials table, written as trials finish, and the stop
+when every trial fails.
+
+`TrialTableWriter` is the run's record: one row per trial (λ, the searcher's record, status,
+score and every metric the trial reported), trials.parquet rewritten atomically after each, and
+one progress line per trial. After a restore it starts from the table on disk.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Dict, List
+
+from ray import tune
+
+from ckmerge_ray.results import read_rows, write_table_atomic
+from ckmerge_ray.search import LAMBDA, search_record
+
+
+class TrialTableWriter(tune.Callback):
+    """Appends a row per finished or failed trial and rewrites trials.parquet atomically."""
+
+    def __init__(self, path: Path, total: int, mode: str, progress: bool):
+        self.path = Path(path)
+        self.total = total
+        self.mode = mode
+        self.progress = progress
+        self.rows: List[Dict] = []
+        self._reconciled = True  # nothing from an earlier process to reconcile
+
+    def setup(self, **info):
+        # On a restored experiment this object comes back from Tune's pickled state, rows and
+        # all as of the run's start: the table on disk is the record, so start from it.
+        self.rows = read_rows(self.path)
+        self._reconciled = not self.rows
+
+    def on_step_begin(self, iteration: int, trials, **info):
+        # After a restore, drop rows of trials that Tune's last experiment snapshot did not hold
+        # (they finished after it): the restored searcher proposes them again and the journal
+        # answers without recomputing, under a new trial ID. Without this they would count twice.
+        if self._reconciled:
+            return
+        self._reconciled = True
+        known = {t.trial_id for t in trials}
+        kept = [r for r in self.rows if r["trial_id"] in known]
+        if len(kept) != len(self.rows):
+            self.rows = kept
+            write_table_atomic(self.path, self.rows)
+
+    def on_trial_complete(self, iteration: int, trials, trial, **info):
+        r = dict(trial.last_result or {})
+        score = r.get("score")
+        ok = r.get("error") is None and isinstance(score, (int, float)) and math.isfinite(score)
+        row = {
+            "trial_id": trial.trial_id,
+            LAMBDA: float(trial.config.get(LAMBDA, r.get(LAMBDA, math.nan))),
+            **search_record(trial.config),
+            "status": "ok" if ok else "error",
+            "score": score if ok else None,
+        }
+        for key, value in r.items():
+            if key in row or key in TUNE_BOOKKEEPING or isinstance(value, (dict, list)):
+                continue
+            row[key] = value
+        row["duration_s"] = r.get("time_total_s")
+        row["error"] = None if ok else (r.get("error") or "no finite score reported")
+        self._add(row)
+
+    def on_trial_error(self, iteration: int, trials, trial, **info):
+        self._add({
+            "trial_id": trial.trial_id,
+            LAMBDA: float(trial.config.get(LAMBDA, math.nan)),
+            **search_record(trial.config),
+            "status": "error",
+            "score": None,
+            "error": trial_error(trial),
+        })
+
+    def _add(self, row: Dict) -> None:
+        # A trial re-run after a restore keeps its trial_id: one row per trial, never two.
+        self.rows = [r for r in self.rows if r["trial_id"] != row["trial_id"]] + [row]
+        write_table_atomic(self.path, self.rows)
+        if self.progress:
+            if row["status"] == "ok":
+                timing = f"merge {row.get('merge_s', 0):.2f}s, eval {row.get('eval_s', 0):.2f}s"
+                what = f"score={row['score']:.5f} ({timing})"
+            else:
+                what = f"FAILED: {row['error']}"
+            if row.get("fidelity") == "screen":
+                what += " on the screening subset: not competitive, stopped"
+            if row.get("from_journal"):
+                what += " (from the run's journal, not recomputed)"
+            print(
+                f"[ckmerge] trial {len(self.rows)}/{self.total} λ={row[LAMBDA]:.4f} "
+                f"[{row['acquisition']}] {what}",
+                flush=True,
+            )
+
+
+class StopWhenAllFail(tune.stopper.Stopper):
+    """Ends the experiment once `after` trials have ended and every one of them failed: a broken
+    objective or model fails every λ alike, and the run should say so, not spin through all."""
+
+    def __init__(self, writer: TrialTableWriter, after: int):
+        self.writer = writer
+        self.after = after
+
+    def __call__(self, trial_id: str, result: Dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        rows = self.writer.rows
+        return len(rows) >= self.after and all(r["status"] != "ok" for r in rows)
+
+
+TUNE_BOOKKEEPING = {
+    "timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date",
+    "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "time_since_restore",
+    "iterations_since_restore", "config", "should_checkpoint", "experiment_tag",
+}
+
+
+
+def trial_error(trial) -> str:
+    """The last line of a failed trial's error (Ray keeps the full traceback in error.txt)."""
+    try:
+        path = getattr(trial, "error_file", None)
+        text = Path(path).read_text() if path and Path(path).exists() else str(trial.status)
+    except Exception as e:  # the error file may live on another node's disk
+        text = f"trial failed ({e})"
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "trial failed"

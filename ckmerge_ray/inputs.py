@@ -1,0 +1,109 @@
+"""A run's inputs, checked before any work, then stored once.
+
+`tune_merge`, `compare_merges` and `sweep_trajectory` all start the same way: read the headers of
+a window of checkpoints (oldest first) and validate each against the newest and against the
+model class; parse and prepare the objective on the newest checkpoint's tokenizer. Every check
+that can fail on bad input runs here, before Ray starts or anything is put into the object store.
+Then `WindowStore` puts each checkpoint into the store at most once, all with the newest
+checkpoint's shard plan, so shard i of every checkpoint holds the same tensors.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+from ckmerge_ray.checkpoints import CheckpointInfo, load_checkpoint_info, plan_shards, validate_pair
+from ckmerge_ray.config import CheckpointConfig, SearchConfig
+from ckmerge_ray.errors import ConfigError
+from ckmerge_ray.model import check_architecture
+from ckmerge_ray.objectives import Objective, parse_objective
+from ckmerge_ray.store import StoredCheckpoint, put_checkpoint
+
+Log = Callable[[str], None]
+
+
+def printer(enabled: bool) -> Log:
+    """The progress log of a run: ``[ckmerge] ...`` lines on stdout, or nothing."""
+    def log(msg: str) -> None:
+        if enabled:
+            print(f"[ckmerge] {msg}", flush=True)
+    return log
+
+
+def load_window(paths: Sequence[str | os.PathLike], checkpoint: CheckpointConfig
+                ) -> List[CheckpointInfo]:
+    """Read and validate every checkpoint's headers against the newest, before any tensor.
+
+    Raises CheckpointError (missing files, mismatched names, shapes, dtypes or architecture)
+    and ConfigError (a checkpoint listed twice).
+    """
+    paths = [Path(p) for p in paths]
+    if len(set(p.resolve() for p in paths)) != len(paths):
+        raise ConfigError("the same checkpoint is listed twice")
+    infos = [load_checkpoint_info(p, allow_pickle=checkpoint.allow_pickle) for p in paths]
+    for info in infos[:-1]:
+        validate_pair(info, infos[-1])
+    check_architecture(infos[-1])
+    return infos
+
+
+def prepare_objective(spec: str | Objective, options: Optional[Mapping[str, Any]],
+                      tokenizer_dir: Path, search: SearchConfig, log: Log) -> Objective:
+    """The objective, parsed and prepared (data read and tokenized) on `tokenizer_dir`, with the
+    screening stage checked against it. Raises ObjectiveError or ConfigError."""
+    objective = parse_objective(spec, **dict(options or {}))
+    if search.screen_limit is not None:
+        check_screen_limit(objective, search.screen_limit)
+    objective.prepare(tokenizer_dir)
+    log(f"objective {objective!r} ready ({objective.mode}imize)")
+    return objective
+
+
+def check_screen_limit(objective: Objective, screen_limit: float) -> None:
+    """The cheap stage must be an objective of its own kind, and cheaper than the full one."""
+    objective.with_limit(screen_limit)  # raises for objectives without a subset
+    full = getattr(objective, "limit", None)
+    if full is not None and type(full) is type(screen_limit) and screen_limit >= full:
+        raise ConfigError(f"screen_limit={screen_limit} is not smaller than the objective's own "
+                          f"limit={full}: screening would cost as much as the full evaluation")
+
+
+class WindowStore:
+    """Puts the checkpoints of a window into the object store, each at most once.
+
+    All use the newest checkpoint's shard plan (`checkpoints.plan_shards`). Non-float tensors
+    (integer buffers) must be equal across the window: they cannot be interpolated. `release(k)`
+    drops this store's reference to checkpoint k, so Ray frees it once no trial holds it.
+    """
+
+    def __init__(self, infos: Sequence[CheckpointInfo], checkpoint: CheckpointConfig, log: Log):
+        self.infos = list(infos)
+        self.plan = plan_shards(self.infos[-1], checkpoint.max_shard_bytes)
+        self.log = log
+        self.puts = {info.path.name: 0 for info in self.infos}
+        self.object_ids: Dict[str, List[str]] = {}
+        self._stored: Dict[int, StoredCheckpoint] = {}
+        self._reference: Dict = {}
+
+    def get(self, k: int) -> StoredCheckpoint:
+        """Checkpoint k (oldest first), read and put on first use."""
+        if k not in self._stored:
+            info = self.infos[k]
+            self._stored[k] = put_checkpoint(info, self.plan, reference=self._reference,
+                                             progress=self.log)
+            self.puts[info.path.name] += 1
+            self.object_ids[info.path.name] = self._stored[k].object_ids
+        return self._stored[k]
+
+    def all(self) -> List[StoredCheckpoint]:
+        return [self.get(k) for k in range(len(self.infos))]
+
+    def release(self, k: int) -> None:
+        self._stored.pop(k, None)
+
+    def summary(self) -> Dict:
+        """The object-store record of summary.json: puts and object IDs per checkpoint."""
+        return {"shards_per_checkpoint": len(self.plan), "puts_per_checkpoint": self.puts,
+                "object_ids": self.object_ids}
