@@ -6,7 +6,7 @@ For Llama shapes from 134M to 6.7B parameters (bf16; sizes that do not fit are s
 - on-device: both checkpoints already on the GPU; ratio against a device-to-device copy of one
   tensor as large as the model (merge moves 3 × model bytes, the copy 2 ×); per tensor
   (`merge_shard_into_`) and in the flat layout trials use (`merge_buffers_into_`: the shard's
-  tensors end to end in one buffer, one lerp; see `store.pack_shard`, `trial.adopt_flat_layout`);
+  tensors end to end in one buffer, one lerp; see `store.pack_shard`, `model.adopt_flat_layout`);
 - from pinned host memory, and from pageable host memory (what a trial reads from Ray's object
   store: shared memory, not pinned): the merge then includes the host-to-device transfer of both
   checkpoints, which is what a GPU trial pays per λ today;
