@@ -6,33 +6,49 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ckmerge_ray.search.hedge import ACQUISITIONS, GPHedgeSearch
+from ckmerge_ray.search.hedge import ACQUISITIONS, SEARCH_KEY, GPHedgeSearch, finite_real
 
 LAMBDA = "lam"
 
 __all__ = [
-    "GPHedgeSearch", "ACQUISITIONS", "LAMBDA", "initial_points", "merge_searcher",
-    "posterior_from_rows", "search_record",
+    "GPHedgeSearch", "ACQUISITIONS", "LAMBDA", "SEARCH_KEY", "finite_real", "initial_points",
+    "merge_searcher", "posterior_from_rows", "search_record",
 ]
 
 
 def search_record(config: Dict) -> Dict:
     """What the searcher recorded about a trial in its config: the acquisition that proposed it
-    (``""`` for an initial point), the batch index, and the hedge probabilities ``p_<name>``.
-    Consumers (the trial table, the journal) read it only through this function."""
-    info = {"acquisition": config.get("acquisition", "") or "", "batch": config.get("batch")}
-    info.update({k: v for k, v in config.items() if k.startswith("p_")})
+    (``"initial"``, ``"explore"``, ``"ei"``, ...; ``""`` when the config holds no record), the
+    batch index (None then), and the hedge probabilities ``p_<name>``.
+
+    The record lives under the one key ``SEARCH_KEY`` ("_ckmerge_search"), so it never collides
+    with a user's parameters (a ``batch`` in ``param_space`` stays the user's). Consumers (the
+    trial table, the journal) read it only through this function.
+    """
+    record = config.get(SEARCH_KEY) if isinstance(config, dict) else None
+    record = record if isinstance(record, dict) else {}
+    info = {"acquisition": record.get("acquisition", "") or "", "batch": record.get("batch")}
+    info.update({k: v for k, v in record.items() if k.startswith("p_")})
     return info
 
 
 def initial_points(alpha: float, extra: Sequence[float] = ()) -> List[Dict[str, float]]:
-    """λ = 0 (Θ(t-1) alone), the paper's λ = α and λ = 1, then `extra`.
+    """λ = 0 (Θ(t-1) alone), the paper's λ = α and λ = 1, then `extra`, each once.
 
     When alpha = 0 the first two coincide, and λ = 0.5 takes the third place: the GP sees three
-    points, and so a curvature, before its first choice in every search space.
+    points, and so a curvature, before its first choice in every search space. A repeated
+    `extra` value (or one equal to a point above) is merged; one outside [alpha, 1] or not a
+    finite number is refused with ValueError, so a run of `num_trials` evaluates that many
+    distinct λ in [alpha, 1].
     """
     lams = [0.0, float(alpha), 1.0] if alpha > 0 else [0.0, 1.0, 0.5]
-    lams += [float(x) for x in extra if all(abs(float(x) - y) > 1e-12 for y in lams)]
+    bad = [x for x in extra if finite_real(x) is None or not alpha <= float(x) <= 1.0]
+    if bad:
+        raise ValueError(f"initial λ values must be numbers in [alpha, 1] = [{alpha}, 1], "
+                         f"got {bad}")
+    for x in extra:
+        if all(abs(float(x) - y) > 1e-12 for y in lams):
+            lams.append(float(x))
     return [{LAMBDA: lam} for lam in lams]
 
 

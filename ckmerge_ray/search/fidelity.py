@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
+from ckmerge_ray.search import search_record
+
 
 class ScreeningScheduler(ASHAScheduler):
     """ASHA with `max_t=2` (screen, full), keeping the best `keep` fraction at the screen."""
@@ -24,6 +26,7 @@ class ScreeningScheduler(ASHAScheduler):
 
     def on_trial_result(self, tune_controller, trial, result):
         action = super().on_trial_result(tune_controller, trial, result)  # records the score
-        if trial.config.get("acquisition") == "initial" and result.get("fidelity") == "screen":
+        initial = search_record(trial.config)["acquisition"] == "initial"
+        if initial and result.get("fidelity") == "screen":
             return TrialScheduler.CONTINUE
         return action

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import time
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -18,12 +19,44 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from bayes_opt.util import NotUniqueError
 from ray.tune.search.bayesopt import BayesOptSearch
-from ray.tune.utils.util import unflatten_dict
+from ray.tune.utils.util import flatten_dict, unflatten_dict
 
 logger = logging.getLogger(__name__)
 
 ACQUISITIONS = ("ei", "pi", "ucb")
 _BYO_KIND = {"ei": "ei", "pi": "poi", "ucb": "ucb"}
+
+# The one config key the searcher writes besides the user's parameters: its per-trial
+# bookkeeping, {"acquisition", "batch", "p_<name>"...}. Read it with `search.search_record`.
+SEARCH_KEY = "_ckmerge_search"
+
+# BayesOptSearch arguments GPHedgeSearch does not take, and what to use instead.
+_REFUSED = {
+    "random_state": "pass seed= instead (it seeds the GP fits, candidates and hedge draws)",
+    "utility_kwargs": "pass acquisitions=, kappa= and xi= instead (a portfolio, not one utility)",
+    "random_search_steps": "GPHedgeSearch has its own initial design: points_to_evaluate, then "
+                           "space-filling points until two results are in",
+    "patience": "GPHedgeSearch never repeats a point, so it never stops early",
+    "skip_duplicate": "GPHedgeSearch never suggests a point within min_spacing of a taken one",
+    "repeat_float_precision": "GPHedgeSearch never suggests a point within min_spacing of a "
+                              "taken one; set min_spacing instead",
+}
+
+
+def finite_real(value) -> Optional[float]:
+    """`value` as a float if it is a finite real number of any Python or numpy type, else None.
+
+    A score is valid whatever its type: ``np.float32`` (a float32 model's loss), ``np.int64``
+    (a count), a 0-d array or ``Repeater``'s mean. Booleans and complex numbers are not scores.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf":
+        value = value.item()
+    if not isinstance(value, numbers.Real):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 class GPHedgeSearch(BayesOptSearch):
@@ -135,7 +168,14 @@ class GPHedgeSearch(BayesOptSearch):
         seed: int = 0,
         n_candidates: int = 2000,
         analysis=None,
+        verbose: int = 0,
+        **bayesopt_only,
     ):
+        for name in bayesopt_only:
+            if name in _REFUSED:
+                raise TypeError(f"GPHedgeSearch does not take BayesOptSearch's {name}=: "
+                                f"{_REFUSED[name]}")
+            raise TypeError(f"GPHedgeSearch got an unexpected keyword argument {name!r}")
         acquisitions = tuple(dict.fromkeys(acquisitions))
         if not acquisitions or any(a not in ACQUISITIONS for a in acquisitions):
             raise ValueError(
@@ -171,17 +211,29 @@ class GPHedgeSearch(BayesOptSearch):
         self._trial_info: Dict[str, Dict] = {}
         self._failed: List[List[float]] = []
         self.suggest_seconds = 0.0  # time spent choosing points, for the run's time budget
+        if points_to_evaluate is not None and not isinstance(points_to_evaluate, (list, tuple)):
+            raise TypeError(f"points_to_evaluate must be a list of dicts, got "
+                            f"{type(points_to_evaluate).__name__}")
+        for p in points_to_evaluate or []:
+            if not isinstance(p, dict):
+                raise TypeError(f"points_to_evaluate must be a list of dicts, got {p!r}")
         super().__init__(
             space=space, metric=metric, mode=mode,
-            points_to_evaluate=[dict(p) for p in (points_to_evaluate or [])],
+            points_to_evaluate=[flatten_dict(dict(p)) for p in (points_to_evaluate or [])],
             random_state=seed, random_search_steps=0, patience=10**9, skip_duplicate=False,
-            analysis=analysis,
+            analysis=analysis, verbose=verbose,
         )
 
     # --- Searcher contract -------------------------------------------------------------------
 
     def _setup_optimizer(self):
-        super()._setup_optimizer()
+        # BayesOptSearch registers `analysis` at the end of its own set-up; our keys, bounds and
+        # GP settings must exist first, so hold the analysis back and register it afterwards.
+        analysis, self._analysis = self._analysis, None
+        try:
+            super()._setup_optimizer()
+        finally:
+            self._analysis = analysis
         self.optimizer.set_gp_params(alpha=self.gp_noise, random_state=self.seed)
         self._keys = list(self.optimizer.space.keys)
         self._bounds = np.asarray(self.optimizer.space.bounds, dtype=float)  # (d, 2)
@@ -192,6 +244,33 @@ class GPHedgeSearch(BayesOptSearch):
             self.optimizer.set_gp_params(
                 kernel=Matern(nu=2.5, length_scale=max(1.0, low), length_scale_bounds=(low, 1e5))
             )
+        self._points_to_evaluate = self._checked_points(self._points_to_evaluate or [])
+        if self._analysis is not None:
+            self.register_analysis(self._analysis)
+
+    def _checked_points(self, points: List[Dict]) -> List[Dict[str, float]]:
+        """`points_to_evaluate` against the space, once it is known: every point names each
+        parameter with a finite number (else ValueError); repeats are merged (logged)."""
+        out, seen = [], set()
+        for p in points:
+            flat = flatten_dict(dict(p))
+            missing = [k for k in self._keys if k not in flat]
+            if missing:
+                raise ValueError(f"points_to_evaluate: {p!r} has no value for {missing} "
+                                 f"(the space's parameters are {self._keys})")
+            values = {k: finite_real(flat[k]) for k in self._keys}
+            bad = [k for k, v in values.items() if v is None]
+            if bad:
+                raise ValueError(f"points_to_evaluate: {p!r} must give a finite number for "
+                                 f"{bad}")
+            key = tuple(round(v, 12) for v in values.values())
+            if key in seen:
+                logger.warning("GPHedgeSearch: points_to_evaluate repeats %s; it runs once",
+                               values)
+                continue
+            seen.add(key)
+            out.append(values)
+        return out
 
     def suggest(self, trial_id: str) -> Optional[Dict]:
         start = time.perf_counter()
@@ -224,7 +303,8 @@ class GPHedgeSearch(BayesOptSearch):
         info.update({f"p_{a}": self._batch_probs[a] for a in self.acquisitions})
         self._trial_info[trial_id] = info
         self._outstanding[self.batch_index].append(trial_id)
-        return {**unflatten_dict(dict(params)), **info}
+        # The bookkeeping rides in one namespaced key, never beside the user's parameters.
+        return {**unflatten_dict(dict(params)), SEARCH_KEY: dict(info)}
 
     def on_trial_complete(
         self, trial_id: str, result: Optional[Dict] = None, error: bool = False
@@ -243,9 +323,8 @@ class GPHedgeSearch(BayesOptSearch):
 
         Public so that a saved trials table can rebuild the GP a run ended with (plots).
         """
-        value = (result or {}).get(self._metric)
-        finite = isinstance(value, (int, float)) and math.isfinite(value)
-        screened = (result or {}).get("fidelity") == "screen"
+        finite = finite_real(_get(result, self._metric)) is not None
+        screened = _get(result, "fidelity") == "screen"
         if error or not finite:
             self._failed.append(self._to_array(params).tolist())
         elif screened and not self._finite_stderr(result):
@@ -254,21 +333,26 @@ class GPHedgeSearch(BayesOptSearch):
             self._register_result(params, result)
 
     def _register_result(self, params, result):
-        params = {k: float(params[k]) for k in self._keys}
+        # Also reached directly from BayesOptSearch.register_analysis (a dataframe row and a
+        # trial's whole config), so check everything here.
+        flat = flatten_dict(dict(params))
+        value = finite_real(_get(result, self._metric))
+        if value is None or any(finite_real(flat.get(k)) is None for k in self._keys):
+            return
+        params = {k: float(flat[k]) for k in self._keys}
         with warnings.catch_warnings():
             # Initial points may lie outside the bounds on purpose (λ = 0 informs the GP).
             warnings.filterwarnings("ignore", message="(?s).*outside the bounds")
             try:
-                super()._register_result(params, result)
+                super()._register_result(params, {self._metric: value})
             except (KeyError, NotUniqueError) as e:  # the point is already known
                 logger.info("GPHedgeSearch: not registering a repeated point: %s", e)
                 return
         self._obs_stderr.append(self._finite_stderr(result) or math.nan)
 
     def _finite_stderr(self, result: Optional[Dict]) -> Optional[float]:
-        value = (result or {}).get(self.noise_key) if self.noise_key else None
-        ok = isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
-        return float(value) if ok else None
+        value = finite_real(_get(result, self.noise_key)) if self.noise_key else None
+        return value if value is not None and value >= 0 else None
 
     def get_state(self) -> Dict:
         state = super().get_state()
@@ -437,6 +521,16 @@ class GPHedgeSearch(BayesOptSearch):
 
     def _to_params(self, x: np.ndarray) -> Dict[str, float]:
         return {k: float(v) for k, v in zip(self._keys, x)}
+
+
+def _get(result, key):
+    """`result[key]` or None, for a dict, a pandas row (register_analysis) or None."""
+    if result is None:
+        return None
+    try:
+        return result.get(key)
+    except AttributeError:
+        return None
 
 
 def _kriging_believer(gp, X: np.ndarray, y: np.ndarray, pending: np.ndarray, noise: float):
