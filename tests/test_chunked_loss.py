@@ -125,6 +125,7 @@ def test_heldout_objective_scores_gpt2_like_transformers(tmp_path):
 
 
 def test_chunk_positions_follow_the_byte_budget():
-    assert chunk_positions(32_000) == 524  # 64 MiB of fp32 logits
+    assert chunk_positions(32_000) == 524  # 64 MiB of fp32 logits on CPU
     assert chunk_positions(256_000) == 65
+    assert chunk_positions(128_000, "cuda") == 2097  # 1 GiB on a GPU
     assert chunk_positions(10**12) == 1

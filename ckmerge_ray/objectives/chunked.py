@@ -35,9 +35,13 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-#: Bytes of fp32 logits one head chunk may hold (the head's own output and the cross-entropy's
-#: log-softmax add about two more blocks of this size). 64 MiB is 512 positions at 32k, 128 at 128k.
-HEAD_CHUNK_BYTES = 64 * 2**20
+#: Bytes of fp32 logits one head chunk may hold, per device type (the head's own output and the
+#: cross-entropy's log-softmax add about two more blocks of this size). Each chunk reads the whole
+#: head matrix (vocab x hidden), so a chunk must be long enough for the matmul to be compute-bound:
+#: on a GPU, 1 GiB is 2048 positions at 128k (about 1000 FLOP per byte of a bf16 head); on CPU,
+#: 64 MiB is 512 positions at 32k, 128 at 128k. The peak is bounded by the budget, not by the
+#: vocabulary or the batch.
+HEAD_CHUNK_BYTES = {"cuda": 2**30, "cpu": 64 * 2**20}
 PROBE_TOKENS = 64  # tokens of the first window the split is checked on
 
 
@@ -52,8 +56,11 @@ class SplitModel:
     vocab: int
 
 
-def chunk_positions(vocab: int, budget_bytes: int = HEAD_CHUNK_BYTES) -> int:
-    """Positions per head chunk: the most whose fp32 logits fit in `budget_bytes`."""
+def chunk_positions(vocab: int, device_type: str = "cpu", budget_bytes: Optional[int] = None) -> int:
+    """Positions per head chunk: the most whose fp32 logits fit in `budget_bytes` (default
+    HEAD_CHUNK_BYTES for the device type; the CPU's for other devices)."""
+    if budget_bytes is None:
+        budget_bytes = HEAD_CHUNK_BYTES.get(device_type, HEAD_CHUNK_BYTES["cpu"])
     return max(1, budget_bytes // (4 * vocab))
 
 

@@ -91,9 +91,10 @@ class HeldoutLoss(Objective):
     """Mean next-token NLL (nats per token) of the model on held-out text; also reports perplexity.
 
     Memory does not grow with the vocabulary: the model body runs once per batch, then the output
-    head and the cross-entropy run over chunks of positions (`ckmerge_ray.objectives.chunked`,
-    which says which architectures split and which fall back to the full logits). The score is
-    the same as through the full logits, to fp32 round-off.
+    head and the cross-entropy run over chunks of positions, 64 MiB of fp32 logits at a time on
+    CPU, 1 GiB on a GPU (`ckmerge_ray.objectives.chunked`, which says which architectures split
+    and which fall back to the full logits). The score is the same as through the full logits,
+    to fp32 round-off.
 
     Args:
         path: a .jsonl, .parquet or .txt file.
@@ -175,7 +176,7 @@ class HeldoutLoss(Objective):
         windows = self.windows
         with Stopwatch(device) as clock, PeakMemory(device) as peak, torch.inference_mode():
             split = self._split_for(model, device)
-            chunk = chunk_positions(split.vocab) if split else 0
+            chunk = chunk_positions(split.vocab, device.type) if split else 0
 
             def nll_of(n_start: int, n_end: int) -> torch.Tensor:
                 ids = torch.from_numpy(windows[n_start:n_end]).to(device)  # (B, T)
