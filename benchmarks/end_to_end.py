@@ -68,7 +68,10 @@ def main(argv=None) -> int:
     print(body)
     if not args.quick:
         write_section("End to end", body)
-    print(headline(wall_q1=rows[0]["wall"], wall_q2=rows[1]["wall"], speedup_q2=rows[0]["wall"] / rows[1]["wall"]))
+    # The table's parts per concurrency, so that tests can check relations among them.
+    parts = {f"{k}_q{x['q']}": x[k] for x in rows for k in ("ray_start", "search", "merge_sum", "eval_sum")}
+    print(headline(wall_q1=rows[0]["wall"], wall_q2=rows[1]["wall"], speedup_q2=rows[0]["wall"] / rows[1]["wall"],
+                   **parts, trials_q1=rows[0]["trials"], trials_q2=rows[1]["trials"]))
     return 0
 
 

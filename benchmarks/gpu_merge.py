@@ -156,7 +156,8 @@ def main(argv=None) -> int:
                                          "skipped": skipped}, indent=1))
     print(headline(gpu_merge_bw_ratio_min=min(r["ratio"] for r in rows),
                    gpu_flat_ratio_min=min(r["flat_ratio"] for r in rows),
-                   gpu_from_pageable_ms_max=max(r["from_pageable_ms"] for r in rows)))
+                   gpu_from_pageable_ms_max=max(r["from_pageable_ms"] for r in rows),
+                   within_one_rounding_all=int(all(r["within_one_rounding"] for r in rows))))
     return 0
 
 

@@ -1,6 +1,12 @@
-"""Benchmarks stay runnable: each --quick mode runs and ends with key=value headline figures.
+"""Benchmarks stay runnable and keep their relations: each --quick mode runs, ends with key=value
+headline figures, and those figures must satisfy a relation that a regression would break.
 
-These check that the scripts work, not how fast anything is: timings live in BENCHMARKS.md.
+Every relation compares two things measured in the same run (the merge against a copy of the
+same bytes, the trial path against the arithmetic it performs, cached against uncached), never
+an absolute time: the suite runs on 2 shared cores. Each factor is stated beside its assertion
+with the figures it rests on (BENCHMARKS.md's full runs, and --quick runs on the same 2-core
+machine while other jobs shared it); the factors leave room for that noise and still fail on a
+regression of about 3x or on the relation turning the wrong way.
 """
 
 import subprocess
@@ -17,6 +23,7 @@ def run_quick(script, tmp_path, *extra):
                        capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
     last = r.stdout.strip().splitlines()[-1]
+    print(script, last)  # shown by pytest when an assertion on the figures fails
     return dict(kv.split("=", 1) for kv in last.split())
 
 
@@ -25,17 +32,41 @@ def test_sample_efficiency_quick(tmp_path):
         pytest.skip("benchmarks/landscapes.json is not present")
     figures = run_quick("sample_efficiency.py", tmp_path)
     assert {"gp_hedge_q_1_a0_5", "random_a0_5", "gp_hedge_q_1_a0_0"} <= set(figures)
-    assert all(float(v) >= 1 for v in figures.values())
+    # Median trials to reach 1 % of the available gain ('inf' = not within 12), same landscapes
+    # and seeds. BENCHMARKS.md (20 seeds): GP-Hedge 3 [3–4] on [0.5, 1] and 5 [4–6] on [0, 1];
+    # random 10 and >12. --quick (3 seeds): GP-Hedge 4 and 5, random inf and inf. The hedge must
+    # beat random search at both spaces, and stay within 8 trials (a GP that learned nothing
+    # from its observations is random search: 10 to >12).
+    for alpha in ("0_5", "0_0"):
+        hedge, rand = float(figures[f"gp_hedge_q_1_a{alpha}"]), float(figures[f"random_a{alpha}"])
+        assert hedge < rand and hedge <= 8, figures
 
 
 def test_merge_throughput_quick(tmp_path):
     figures = run_quick("merge_throughput.py", tmp_path, "--cache", str(tmp_path))
-    assert 0 < float(figures["merge_bw_ratio_fp32"]) and 0 < float(figures["merge_bw_ratio_bf16"])
+    # merge GB/s ÷ copy GB/s of the same bytes, back to back. BENCHMARKS.md: 0.92–1.10 (median
+    # of pairs) from 14M to 953M; --quick (14M, 3 pairs, shared cores): fp32 1.10, bf16 0.83,
+    # IQR down to 0.67. ≥ 0.3 never flakes on that noise and fails if the merge gets ~3x slower
+    # than the memory traffic it needs (e.g. an extra copy per tensor, or fp64 arithmetic).
+    for dtype in ("fp32", "bf16"):
+        assert float(figures[f"merge_bw_ratio_{dtype}"]) >= 0.3, figures
 
 
 def test_trial_overhead_quick(tmp_path):
     figures = run_quick("trial_overhead.py", tmp_path, "--cache", str(tmp_path))
-    assert 0 < float(figures["overhead_ratio"]) < 1
+    # (a) the product's trial path (fetch the shards, lerp into the resident model) ÷ (b) a naive
+    # from_pretrained merge, same model, same run. Target 0.05 (docstring); BENCHMARKS.md 0.024
+    # at 134M, --quick (14M) 0.016–0.023. ≤ 0.1 fails if the trial path gets ~5x slower.
+    assert float(figures["overhead_ratio"]) <= 0.1, figures
+    # (a) ÷ the lerp arithmetic it performs (torch.lerp over in-memory tensors), same run.
+    # Target ≤ 3 (docstring); BENCHMARKS.md 1.04 at 134M; --quick 0.06 (the per-tensor reference
+    # suffers more from shared cores than the trial's one lerp per flat buffer). Fails if the
+    # trial path costs 3x the arithmetic it performs.
+    assert float(figures["vs_arithmetic"]) <= 3, figures
+    # A trial's worker holds one copy of the model: its private memory grows by the model's
+    # bytes when the model is built (BENCHMARKS.md 1.00 at 134M; --quick 1.015). A second
+    # copy (e.g. a state dict next to the model) would make it ≥ 2.
+    assert float(figures["model_uss_first_over_model"]) <= 1.5, figures
     # Runs with 1, 2 and 4 concurrent trials, one after another in one Ray session: each run's
     # shards are freed when it ends, so the store's peak does not grow with concurrency.
     assert float(figures["store_growth"]) < 1.3
@@ -49,12 +80,28 @@ def quick_trajectory_cache(tmp_path_factory):
 
 def test_end_to_end_quick(tmp_path, quick_trajectory_cache):
     figures = run_quick("end_to_end.py", tmp_path, "--cache", str(quick_trajectory_cache))
-    assert float(figures["wall_q1"]) > 0 and float(figures["wall_q2"]) > 0
+    # Both runs complete: 4 trials in [0.5, 1] plus λ = 0.
+    assert int(figures["trials_q1"]) == int(figures["trials_q2"]) == 5, figures
+    # Two concurrent trials on these 2 shared cores may not pay off, but must not serialise
+    # badly: wall(q=1) ÷ wall(q=2) was 1.09 in BENCHMARKS.md and 0.66 in --quick at load 19
+    # (two more worker start-ups on contended cores). ≥ 0.4: q = 2 at most 2.5x slower.
+    assert float(figures["speedup_q2"]) >= 0.4, figures
+    for q in (1, 2):
+        # The merge is cheap next to an evaluation of the same model: merge sum ÷ evaluation sum
+        # was 0.001 (q=1) and 0.003 (q=2) in BENCHMARKS.md, 0.001 in --quick. ≤ 0.05.
+        assert float(figures[f"merge_sum_q{q}"]) <= 0.05 * float(figures[f"eval_sum_q{q}"]), figures
+        # The searcher's own time (GP fits, suggestions) is a small part of the run after Ray's
+        # start: 0.035 (q=1) and 0.064 (q=2) in BENCHMARKS.md, 0.035 / 0.008 in --quick. ≤ 0.2.
+        after_start = float(figures[f"wall_q{q}"]) - float(figures[f"ray_start_q{q}"])
+        assert float(figures[f"search_q{q}"]) <= 0.2 * after_start, figures
 
 
 def test_lmeval_caching_quick(tmp_path, quick_trajectory_cache):
     figures = run_quick("lmeval_caching.py", tmp_path, "--cache", str(quick_trajectory_cache))
-    assert float(figures["speedup_mc"]) > 0 and float(figures["cached_s_mc"]) > 0
+    # Median later-trial seconds, uncached ÷ cached, same documents, same process. BENCHMARKS.md
+    # 1.57x at 200 documents; --quick (16 documents, where the per-trial reloading dominates)
+    # 7.97x. Without the cache both settings do the same work (~1.0x). ≥ 2.
+    assert float(figures["speedup_mc"]) >= 2, figures
 
 
 def test_noisy_search_quick(tmp_path):
@@ -62,7 +109,15 @@ def test_noisy_search_quick(tmp_path):
         pytest.skip("benchmarks/landscapes.json is not present")
     figures = run_quick("noisy_search.py", tmp_path)
     assert {"plain_s0.5_q1_obs12", "aware_s0.5_q1_obs12"} <= set(figures)
-    assert all(float(v) >= 0 for v in figures.values())
+    # Mean regret after 12 trials, % of the gain, σ = 0.5 × gain, q = 1. --quick runs one seed
+    # (× 3 landscapes), which cannot make "noise-aware ≤ plain" stable: over seeds 0–5 the plain
+    # GP's mean regret was 7.8, 23.4, 15.7, 0.5, 22.8, 1.7 and the noise-aware one's 4.0, 6.6,
+    # 4.6, 6.1, 3.1, 5.1 (best observed) and 1.7, 2.7, 3.3, 4.1, 16.4, 3.8 (best posterior mean),
+    # so plain wins on seeds 3 and 5 (BENCHMARKS.md, 20 seeds: 15.9 vs 6.4 and 5.6). The test
+    # bounds the noise-aware search's regret instead: it stays below 10 % and 20 % of the gain
+    # on every one of those seeds, where the plain GP reaches 16–23 % on three of six.
+    assert float(figures["aware_s0.5_q1_obs12"]) <= 10, figures
+    assert float(figures["aware_s0.5_q1_post12"]) <= 20, figures
 
 
 def test_gpu_merge_quick(tmp_path):
@@ -70,7 +125,13 @@ def test_gpu_merge_quick(tmp_path):
     import torch
 
     if torch.cuda.is_available():
-        assert float(figures["gpu_merge_bw_ratio_min"]) > 0
+        # On-device merge GB/s ÷ device-copy GB/s, same run (--quick: 134M bf16). BENCHMARKS.md
+        # (H200): flat layout 0.98, per tensor 0.16 (one kernel launch per tensor at this size).
+        # ≥ 0.3 flat and ≥ 0.05 per tensor: a ~3x regression fails; and the result is within one
+        # bf16 rounding of the exact formula.
+        assert float(figures["gpu_flat_ratio_min"]) >= 0.3, figures
+        assert float(figures["gpu_merge_bw_ratio_min"]) >= 0.05, figures
+        assert figures["within_one_rounding_all"] == "1", figures
     else:  # no CUDA here: the script says so and exits cleanly
         assert figures == {"gpu": "skipped"}
 
@@ -80,11 +141,21 @@ def test_compare_baselines_quick(tmp_path, quick_trajectory_cache):
     assert int(figures["tuned_evaluations"]) == 4  # 3 λ in [0.5, 1] and λ = 0
     assert figures["best_baseline"] in {"uniform", "greedy", "sma", "ema", "wma", "fisher",
                                         "regmean", "grid", "random"}
-    assert float(figures["tuned_gain"]) >= 0  # λ = 1 is among the tuned run's evaluations
+    # λ = 1 is among the tuned run's evaluations, so its best is never worse than the later
+    # checkpoint (--quick: 0, its best is λ = 1; BENCHMARKS.md: +0.053, within 0.0001 of the best
+    # baseline, grid search).
+    assert float(figures["tuned_gain"]) >= 0, figures
 
 
 def test_cluster_throughput_quick(tmp_path, quick_trajectory_cache):
     figures = run_quick("cluster_throughput.py", tmp_path, "--cache", str(quick_trajectory_cache))
-    assert float(figures["tput_q1"]) > 0 and float(figures["ratio_2node"]) > 0
+    # Trials/s relative to 1 node with 1 concurrent trial, same trials, same run. BENCHMARKS.md:
+    # 2 concurrent 0.96, two nodes 0.83; --quick (1 round, 5 trials, load average 9 on the 2
+    # cores) 0.36 and 0.39: a second trial process pays its own start-up on contended cores.
+    # ≥ 0.2 for that. The cost of going multi-node itself is two nodes ÷ two concurrent trials on
+    # one node (both start two trial processes): 0.87 in BENCHMARKS.md, 1.09 in --quick. ≥ 0.5:
+    # fails when the second node costs 2x (e.g. a checkpoint pulled per trial, not per node).
+    assert float(figures["ratio_q2"]) >= 0.2 and float(figures["ratio_2node"]) >= 0.2, figures
+    assert float(figures["ratio_2node_vs_q2"]) >= 0.5, figures
     # each checkpoint crosses to the worker node once (a second pull would make it >= 1.5)
     assert float(figures["copies_per_ckpt_max"]) < 1.5
