@@ -89,8 +89,38 @@ class GPHedgeSearch(BayesOptSearch):
     would cost trials, an idle slot costs nothing. If fewer than two initial points succeed, the
     next points go where nothing has been tried ("explore", farthest from every taken point).
 
-    A failed trial (error, missing or non-finite metric) is recorded: its point is never
-    suggested again, and nothing waits for it.
+    **What a suggestion holds.** The space's parameters, and one more key, ``"_ckmerge_search"``
+    (``SEARCH_KEY``): the searcher's record of the trial, ``{"acquisition": "initial" | "explore"
+    | "ei" | "pi" | "ucb", "batch": int, "p_ei": float, ...}``; read it with
+    ``ckmerge_ray.search.search_record(config)``. Nothing else is added, so a user's own
+    ``batch`` or ``acquisition`` parameter reaches the trainable unchanged. Tune names trials
+    after every config leaf, so the record's leaves appear in trial names too.
+
+    **Scores.** Any finite real number is an observation, whatever its type (``float``, ``int``,
+    ``np.float32``, ``np.int64``, a 0-d array, ``Repeater``'s mean); so is any finite stderr under
+    ``noise_key``. A failed trial (error, missing, non-finite or non-numeric metric) is recorded:
+    its point is never suggested again, and nothing waits for it.
+
+    **BayesOptSearch's arguments.**
+
+    ===========================  ==================================================================
+    ``space``, ``metric``,       accepted, as in BayesOptSearch (``space`` may be bounds or Tune
+    ``mode``, ``analysis``,      domains, or None to take Tune's ``param_space``; ``analysis`` is
+    ``verbose``                  registered with either)
+    ``points_to_evaluate``       accepted; checked once the space is known: a point missing a
+                                 parameter or with a non-finite value raises ValueError, a repeat
+                                 runs once (logged)
+    ``random_state``             replaced by ``seed``
+    ``utility_kwargs``           replaced by ``acquisitions``, ``kappa``, ``xi``
+    ``random_search_steps``      refused: its own initial design (``points_to_evaluate``, then
+                                 space-filling points until two results are in)
+    ``patience``,                refused: it never suggests a point within ``min_spacing`` of a
+    ``skip_duplicate``,          taken one, so it never repeats and never stops early
+    ``repeat_float_precision``
+    ===========================  ==================================================================
+
+    A refused or replaced name raises ``TypeError("GPHedgeSearch does not take BayesOptSearch's
+    random_state=: pass seed= instead ...")``, naming what to use instead.
 
     Args:
         space: bayesian-optimization bounds ``{"name": (low, high)}`` or Tune domains; or None to
@@ -133,6 +163,8 @@ class GPHedgeSearch(BayesOptSearch):
             results give the same sequence, also across save/restore.
         n_candidates: random candidates per acquisition maximization (default 2000), refined
             with L-BFGS-B.
+        analysis: a finished run's ``ExperimentAnalysis`` whose results seed the GP (as in
+            BayesOptSearch). verbose: bayesian-optimization's verbosity (default 0).
 
     Example::
 
@@ -356,6 +388,7 @@ class GPHedgeSearch(BayesOptSearch):
 
     def get_state(self) -> Dict:
         state = super().get_state()
+        state.pop("_gp_cache", None)  # a fit, recomputed on demand
         state["state_version"] = self.STATE_VERSION
         return state
 
@@ -501,11 +534,19 @@ class GPHedgeSearch(BayesOptSearch):
     def _fit_gp(self, X: np.ndarray, y: np.ndarray):
         from sklearn.base import clone
 
+        alpha = self.noise_variances(y)
+        # The fit is deterministic (fixed seed), so the same data give the same GP: the fit that
+        # credits a finished batch serves the next proposal too (half the fits at q = 1).
+        key = (X.tobytes(), y.tobytes(), np.asarray(alpha, dtype=float).tobytes())
+        cached = getattr(self, "_gp_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         gp = clone(self.optimizer._gp)  # same kernel, noise and seed as bayes_opt's own GP
-        gp.set_params(alpha=self.noise_variances(y))
+        gp.set_params(alpha=alpha)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             gp.fit(X, y)
+        self._gp_cache = (key, gp)
         return gp
 
     def noise_variances(self, y: np.ndarray) -> np.ndarray | float:
