@@ -100,8 +100,9 @@ def test_lmeval_caching_quick(tmp_path, quick_trajectory_cache):
     figures = run_quick("lmeval_caching.py", tmp_path, "--cache", str(quick_trajectory_cache))
     # Median later-trial seconds, uncached ÷ cached, same documents, same process. BENCHMARKS.md
     # 1.57x at 200 documents; --quick (16 documents, where the per-trial reloading dominates)
-    # 7.97x. Without the cache both settings do the same work (~1.0x). ≥ 2.
-    assert float(figures["speedup_mc"]) >= 2, figures
+    # 7.97x at load average 9 and 3.82x at load 12. Without the cache both settings do the same
+    # work (~1.0x). ≥ 1.5.
+    assert float(figures["speedup_mc"]) >= 1.5, figures
 
 
 def test_noisy_search_quick(tmp_path):
