@@ -3,7 +3,8 @@
 A checkpoint is `config.json` plus `model.safetensors`, a sharded `model.safetensors.index.json`,
 or (only with `allow_pickle=True`) `pytorch_model.bin[.index.json]` loaded with
 `torch.load(weights_only=True)`. Validation reads only headers, so a bad pair is refused before
-any tensor is loaded.
+any tensor is loaded. Once `apply_conversion` is called with transformers' conversion for the
+model class (`naming.py`), the checkpoint's names, shapes and reads are the model's.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from safetensors import safe_open
 
 from ckmerge_ray.errors import CheckpointError, ConfigError
+from ckmerge_ray.naming import Conversion, first_names
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -53,7 +55,12 @@ class TensorSpec:
 
 @dataclass
 class CheckpointInfo:
-    """What a checkpoint directory holds: its config and, per tensor, the file and spec."""
+    """What a checkpoint directory holds: its config and, per tensor, the file and spec.
+
+    `specs` and `files` name the tensors as the rest of the package sees them: the file's names
+    until `apply_conversion`, the model's after it (`files` then gives the file of a model
+    tensor's first source, which decides its shard).
+    """
 
     path: Path
     config: Dict
@@ -61,6 +68,9 @@ class CheckpointInfo:
     specs: Dict[str, TensorSpec]  # tensor name -> spec, in file order
     files: Dict[str, str]  # tensor name -> file name inside `path`
     _pickle_cache: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    conversion: Optional[Conversion] = None
+    file_specs: Dict[str, TensorSpec] = field(default_factory=dict, repr=False)
+    file_map: Dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -71,11 +81,54 @@ class CheckpointInfo:
         """Weight files in first-use order."""
         return list(dict.fromkeys(self.files.values()))
 
+    def apply_conversion(self, conversion: Conversion) -> None:
+        """From now on, name, shape and read tensors as the model does (see `naming.py`); file
+        tensors transformers ignores on load are dropped. Raises CheckpointError for file
+        tensors the model does not know even after the conversion."""
+        if conversion.unexpected:
+            raise CheckpointError(
+                f"checkpoint tensors unknown to {type(conversion.model).__name__} (after "
+                f"transformers' checkpoint conversion) in {self.path}: "
+                f"{first_names(conversion.unexpected)}"
+            )
+        self.file_specs, self.file_map = self.specs, self.files
+        if conversion.identity:  # same names: read the files directly, dropping ignored ones
+            self.specs = {n: s for n, s in self.specs.items() if n not in conversion.ignored}
+            self.files = {n: f for n, f in self.files.items() if n in self.specs}
+            return
+        self.conversion = conversion
+        self.specs, self.files = {}, {}
+        for key, names in conversion.units.items():
+            for name in names:
+                shape, dtype = conversion.targets[name]
+                self.specs[name] = TensorSpec(dtype, shape)
+                self.files[name] = self.file_map[conversion.sources[key][0]]
+
+    def units(self) -> List[List[str]]:
+        """Groups of tensor names that are read together (one conversion unit each)."""
+        if self.conversion is None:
+            return [[n] for n in self.specs]
+        return list(self.conversion.units.values())
+
     def read_tensors(self, names: List[str]) -> Dict[str, torch.Tensor]:
-        """Load the named tensors from disk (each file opened once per call)."""
+        """Load the named tensors from disk (each file opened once per call), converted to the
+        model's names and layout after `apply_conversion` (whole units are read)."""
+        if self.conversion is None:
+            return self._read_files(names)
+        unit_of = self.conversion.unit_of()
+        keys = list(dict.fromkeys(unit_of[n] for n in names))
+        out = self.conversion.convert(keys, self._read_files)
+        return {name: out[name] for name in names}
+
+    def revert_names(self, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Model-named tensors back to the file's names and layout (what save_pretrained writes)."""
+        return tensors if self.conversion is None else self.conversion.revert(tensors)
+
+    def _read_files(self, names: List[str]) -> Dict[str, torch.Tensor]:
+        files = self.file_map or self.files
         by_file: Dict[str, List[str]] = {}
         for name in names:
-            by_file.setdefault(self.files[name], []).append(name)
+            by_file.setdefault(files[name], []).append(name)
         out: Dict[str, torch.Tensor] = {}
         for fname, fnames in by_file.items():
             fpath = self.path / fname
@@ -192,15 +245,16 @@ def plan_shards(info: CheckpointInfo, max_shard_bytes: int) -> List[List[str]]:
     if not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
         raise ConfigError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
     groups: List[List[str]] = []
+    units = info.units()  # a unit (e.g. the experts of one layer) never spans two shards
     for fname in info.shard_files:
         current: List[str] = []
         size = 0
-        for name in [n for n in info.specs if info.files[n] == fname]:
-            nbytes = info.specs[name].nbytes
+        for unit in [u for u in units if info.files[u[0]] == fname]:
+            nbytes = sum(info.specs[n].nbytes for n in unit)
             if current and size + nbytes > max_shard_bytes:
                 groups.append(current)
                 current, size = [], 0
-            current.append(name)
+            current.extend(unit)
             size += nbytes
         if current:
             groups.append(current)
@@ -307,6 +361,32 @@ def _torch_load_safe(fpath: Path) -> Dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{fpath} is not a flat state dict of tensors")
     return sd
+
+
+def remote_code(info: CheckpointInfo) -> Dict[str, str]:
+    """The classes a checkpoint's config.json maps to its own code (``auto_map``), as
+    {auto class: "module.Class"}; {} for an architecture transformers has built in."""
+    auto_map = info.config.get("auto_map") or {}
+    return {k: v if isinstance(v, str) else str(v) for k, v in auto_map.items()}
+
+
+def check_remote_code(info: CheckpointInfo, trust_remote_code: bool) -> Optional[str]:
+    """The directory whose modeling code may run, or None for a built-in architecture.
+    Raises CheckpointError for a checkpoint with its own code unless `trust_remote_code`."""
+    classes = remote_code(info)
+    if not classes:
+        return None
+    if not trust_remote_code:
+        files = sorted({info.path / (ref.split("--")[-1].rsplit(".", 1)[0] + ".py")
+                        for ref in classes.values() if isinstance(ref, str) and "." in ref})
+        raise CheckpointError(
+            f"{info.path / 'config.json'} names classes in the checkpoint's own code (auto_map: "
+            f"{', '.join(f'{k} -> {v}' for k, v in classes.items())}; files: "
+            f"{', '.join(map(str, files)) or 'none found'}). ckmerge-ray runs no code from a "
+            "checkpoint unless asked: pass trust_remote_code=True (CLI: --trust-remote-code) "
+            "to import it on the driver and on every trial worker"
+        )
+    return str(info.path.resolve())
 
 
 def tokenizer_files(path: Path) -> List[Path]:

@@ -155,6 +155,9 @@ def _add_shared_arguments(p: argparse.ArgumentParser, default_output: str, trial
     p.add_argument("--overwrite", action="store_true", help="replace the results in --output")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pytorch_model.bin (loaded with torch.load(weights_only=True))")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the modeling code a checkpoint ships (config.json auto_map), on the "
+                   "driver and every trial worker; off by default: such checkpoints are refused")
     p.add_argument("--address", default=None,
                    help="join this Ray cluster (HEAD_IP:6379, or auto on a cluster node) instead "
                    "of starting a local Ray; default: $RAY_ADDRESS, which `ray job submit` sets")
@@ -184,7 +187,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _tune(args) -> int:
-    from ckmerge_ray.config import CheckpointConfig, RunConfig, SearchConfig
+    from ckmerge_ray.config import RunConfig, SearchConfig
     from ckmerge_ray.tuner import resume_run, tune_merge
 
     _join_cluster(args)
@@ -212,7 +215,7 @@ def _tune(args) -> int:
     )
     result = tune_merge((args.earlier, args.later), _resources(args), args.objective,
                         search=search, run=run,
-                        checkpoint=CheckpointConfig(allow_pickle=args.allow_pickle),
+                        checkpoint=_checkpoint_config(args),
                         objective_options=_objective_options(args))
     _report(result, args.quiet)
     return 0
@@ -234,20 +237,27 @@ def _join_cluster(args) -> None:
         os.environ["RAY_ADDRESS"] = args.address
 
 
+def _checkpoint_config(args):
+    from ckmerge_ray.config import CheckpointConfig
+
+    return CheckpointConfig(allow_pickle=args.allow_pickle,
+                            trust_remote_code=args.trust_remote_code)
+
+
 def _resources(args) -> dict:
     return {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
 
 
 def _settings(args) -> dict:
     """The settings values compare and sweep share with tune, from their common options."""
-    from ckmerge_ray.config import CheckpointConfig, RunConfig, SearchConfig
+    from ckmerge_ray.config import RunConfig, SearchConfig
 
     _join_cluster(args)
     return dict(
         search=SearchConfig(alpha=args.alpha, num_trials=args.trials, seed=args.seed),
         run=RunConfig(output_dir=args.output, overwrite=args.overwrite, progress=not args.quiet,
                       max_concurrent=args.max_concurrent),
-        checkpoint=CheckpointConfig(allow_pickle=args.allow_pickle),
+        checkpoint=_checkpoint_config(args),
         objective_options=_objective_options(args),
     )
 

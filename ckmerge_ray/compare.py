@@ -38,7 +38,9 @@ from ckmerge_ray.evaluator import (
     greedy_method, grid_lambdas, lambda_method, one_hot, pair_weights, random_lambdas,
     start_evaluators, stats_method, weights_method,
 )
-from ckmerge_ray.inputs import Log, WindowStore, load_window, prepare_objective, printer
+from ckmerge_ray.inputs import (
+    Log, WindowStore, code_dir_of, load_window, prepare_objective, printer,
+)
 from ckmerge_ray.model import dtypes_of
 from ckmerge_ray.objectives import HeldoutLoss, Objective
 from ckmerge_ray.plots import draw_plots
@@ -178,7 +180,7 @@ def check_compare(checkpoints, objective, objective_options, resources, tune_opt
                                         progress=run.progress, export_best=False,
                                         max_concurrent=run.max_concurrent),
                           checkpoint=checkpoint)
-    infos = load_window(checkpoints, checkpoint)
+    infos = load_window(checkpoints, checkpoint, log)
     objective_arg = objective
     objective = prepare_objective(objective, objective_options, infos[-1].path, search, log)
     windows = None
@@ -198,7 +200,8 @@ def score_baselines(ctx: _Compare, stored: List[StoredCheckpoint], q: int, table
     methods, n = ctx.baselines.methods, len(ctx.infos)
     pool = q if {"grid", "random"} & set(methods) else 1
     actors = start_evaluators(pool, ctx.resources.to_dict(), ctx.infos[-1].config,
-                              dtypes_of(ctx.infos[-1]), stored, ctx.objective, ctx.windows)
+                              dtypes_of(ctx.infos[-1]), stored, ctx.objective, ctx.windows,
+                              code_dir_of(ctx.infos[-1], ctx.checkpoint))
     try:
         ctx.log(f"{len(actors)} evaluator(s) ready")
         score = lambda weights: ray.get(actors[0].score.remote(list(weights)))  # noqa: E731

@@ -171,6 +171,10 @@ class CheckpointConfig(_Settings):
 
     allow_pickle: bool = False  # accept pytorch_model.bin (torch.load(weights_only=True))
     max_shard_bytes: int = 1 << 30  # object-store shard size for single-file checkpoints
+    # Run the modeling code a checkpoint ships (config.json's auto_map), on the driver and on
+    # every trial worker, imported from the later checkpoint's directory. Off: such a
+    # checkpoint is refused, naming the classes and files that would run.
+    trust_remote_code: bool = False
 
     def __post_init__(self):
         if not isinstance(self.max_shard_bytes, int) or self.max_shard_bytes <= 0:

@@ -39,12 +39,13 @@ class MergeEvaluator:
     """
 
     def __init__(self, model_config: Dict, dtypes: Dict[str, str],
-                 checkpoints: List[StoredCheckpoint], data: Tuple[Objective, Optional[np.ndarray]]):
+                 checkpoints: List[StoredCheckpoint], data: Tuple[Objective, Optional[np.ndarray]],
+                 code_dir: Optional[str] = None):
         self.checkpoints = checkpoints
         # The objective, and token windows for Fisher / RegMean statistics (or None).
         self.objective, self.calibration = data
         self.device = trial_device()
-        self.model = build_model(model_config, dtypes, self.device)
+        self.model = build_model(model_config, dtypes, self.device, code_dir=code_dir)
         self.tensors = tensor_map(self.model)
         self._shards: Optional[List[List[Dict[str, torch.Tensor]]]] = None
 
@@ -144,7 +145,8 @@ class MergeEvaluator:
 
 def start_evaluators(count: int, resources: Dict[str, float], model_config: Dict,
                      dtypes: Dict[str, str], checkpoints: List[StoredCheckpoint],
-                     objective: Objective, calibration: Optional[np.ndarray] = None) -> List:
+                     objective: Objective, calibration: Optional[np.ndarray] = None,
+                     code_dir: Optional[str] = None) -> List:
     """`count` MergeEvaluator actors with a trial's resources, each with its shards mapped.
 
     The objective and calibration windows go into the object store once and are shared.
@@ -152,7 +154,8 @@ def start_evaluators(count: int, resources: Dict[str, float], model_config: Dict
     actor = ray.remote(MergeEvaluator).options(num_cpus=resources["cpu"],
                                                num_gpus=resources["gpu"])
     data = ray.put((objective, calibration))  # a top-level ref argument: Ray passes its value
-    actors = [actor.remote(model_config, dtypes, checkpoints, data) for _ in range(count)]
+    actors = [actor.remote(model_config, dtypes, checkpoints, data, code_dir)
+              for _ in range(count)]
     ray.get([a.ready.remote() for a in actors])
     return actors
 

@@ -14,10 +14,13 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-from ckmerge_ray.checkpoints import CheckpointInfo, load_checkpoint_info, plan_shards, validate_pair
+from ckmerge_ray.checkpoints import (
+    CheckpointInfo, check_remote_code, load_checkpoint_info, plan_shards, validate_pair,
+)
 from ckmerge_ray.config import CheckpointConfig, SearchConfig
 from ckmerge_ray.errors import ConfigError
-from ckmerge_ray.model import check_architecture
+from ckmerge_ray.model import convert_to_model
+from ckmerge_ray.naming import describe
 from ckmerge_ray.objectives import Objective, parse_objective
 from ckmerge_ray.store import StoredCheckpoint, put_checkpoint
 
@@ -32,21 +35,32 @@ def printer(enabled: bool) -> Log:
     return log
 
 
-def load_window(paths: Sequence[str | os.PathLike], checkpoint: CheckpointConfig
-                ) -> List[CheckpointInfo]:
-    """Read and validate every checkpoint's headers against the newest, before any tensor.
+def load_window(paths: Sequence[str | os.PathLike], checkpoint: CheckpointConfig,
+                log: Optional[Log] = None) -> List[CheckpointInfo]:
+    """Read every checkpoint's headers, convert their names to the model's with transformers'
+    own conversion (`naming.py`) and validate each against the newest, before any tensor.
 
-    Raises CheckpointError (missing files, mismatched names, shapes, dtypes or architecture)
-    and ConfigError (a checkpoint listed twice).
+    Raises CheckpointError (missing files, code that may not run, tensors unknown to the model,
+    mismatched names, shapes, dtypes or architecture) and ConfigError (a checkpoint listed twice).
     """
     paths = [Path(p) for p in paths]
     if len(set(p.resolve() for p in paths)) != len(paths):
         raise ConfigError("the same checkpoint is listed twice")
     infos = [load_checkpoint_info(p, allow_pickle=checkpoint.allow_pickle) for p in paths]
+    code_dir = check_remote_code(infos[-1], checkpoint.trust_remote_code)
+    for info in infos[:-1]:
+        validate_pair(info, infos[-1])  # the files' own names first: the clearest message
+    convert_to_model(infos, code_dir)
     for info in infos[:-1]:
         validate_pair(info, infos[-1])
-    check_architecture(infos[-1])
+    if log is not None and (line := describe(infos[-1].conversion)):
+        log(line)
     return infos
+
+
+def code_dir_of(info: CheckpointInfo, checkpoint: CheckpointConfig) -> Optional[str]:
+    """Where trial workers import the model's own code from (None: a built-in architecture)."""
+    return check_remote_code(info, checkpoint.trust_remote_code)
 
 
 def prepare_objective(spec: str | Objective, options: Optional[Mapping[str, Any]],

@@ -31,8 +31,13 @@ def lerp_into_(
         if earlier.dtype == later.dtype == dst.dtype:
             # Fused: fp32 arithmetic inside the kernel, one rounding on the store to dst.
             torch.lerp(earlier, later, float(lam), out=dst)
+        elif earlier.dtype == later.dtype:
+            # A model tensor in another dtype than the checkpoints' (transformers casts e.g. the
+            # fp32 norms of a bf16 checkpoint to bf16 on load): the merge as the checkpoint's
+            # dtype holds it (what an export writes), then cast as from_pretrained casts it.
+            dst.copy_(torch.lerp(earlier, later, float(lam)))
         else:
-            # Mixed dtypes (rare): compute in fp32, round once on the copy into dst.
+            # Inputs of two dtypes: compute in fp32, round once on the copy into dst.
             dst.copy_(torch.lerp(earlier.float(), later.float(), float(lam)))
     return dst
 

@@ -22,39 +22,56 @@ def dtypes_of(info) -> Dict[str, str]:
     return {n: str(s.dtype).replace("torch.", "") for n, s in info.specs.items()}
 
 
-def build_model(model_config: Dict, dtypes: Dict[str, str], device: torch.device | str = "cpu"):
-    """A causal LM from its config with uninitialized weights, each in its checkpoint dtype."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def model_dtype(model_config: Dict, dtypes: Dict[str, str]) -> torch.dtype:
+    """The dtype `from_pretrained` gives every weight (transformers 5, ``dtype="auto"``): the
+    config's ``dtype`` (or ``torch_dtype``), else the first floating tensor's in file order. A
+    bf16 checkpoint with fp32 norms so becomes an all-bf16 model, as transformers loads it."""
+    name = model_config.get("dtype") or model_config.get("torch_dtype")
+    if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
+        return getattr(torch, name)
+    for d in dtypes.values():
+        if getattr(torch, d).is_floating_point:
+            return getattr(torch, d)
+    return torch.float32
 
+
+def model_configuration(model_config: Dict, code_dir: Optional[str] = None):
+    """The transformers config object: built-in architectures from the dict; a model whose code
+    ships with the checkpoint from that directory (only when the user opted in: `code_dir`)."""
+    from transformers import AutoConfig
+
+    if code_dir is not None:
+        return AutoConfig.from_pretrained(code_dir, trust_remote_code=True)
     config = dict(model_config)
-    cfg = AutoConfig.for_model(config.pop("model_type"), **config)
-    # Build in the checkpoint's main dtype: building in fp32 and casting would first allocate
-    # a full fp32 copy of the model.
-    main = max(set(dtypes.values()), key=list(dtypes.values()).count) if dtypes else "float32"
+    return AutoConfig.for_model(config.pop("model_type"), **config)
+
+
+def build_model(model_config: Dict, dtypes: Dict[str, str], device: torch.device | str = "cpu",
+                code_dir: Optional[str] = None):
+    """A causal LM from its config with uninitialized weights, in the dtype `from_pretrained`
+    would give it (`model_dtype`; the merge casts stored tensors of another dtype the same way).
+    `code_dir`: the checkpoint directory whose own modeling code may run (trust_remote_code)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = model_configuration(model_config, code_dir)
     with _no_init_weights():
         model = AutoModelForCausalLM.from_config(
-            cfg, trust_remote_code=False, dtype=getattr(torch, main)
+            cfg, trust_remote_code=code_dir is not None, dtype=model_dtype(model_config, dtypes)
         )
     model.tie_weights()  # skipped by no_init_weights; shared embeddings must be one tensor
     model.eval().requires_grad_(False)
-    for name, t in tensor_map(model).items():
-        want = getattr(torch, dtypes.get(name, str(t.dtype).replace("torch.", "")))
-        if t.dtype != want:
-            t.data = t.data.to(want)
     return model.to(device)
 
 
-def import_model_code(model_config: Dict) -> None:
+def import_model_code(model_config: Dict, code_dir: Optional[str] = None) -> None:
     """Import the architecture's modeling code (what `build_model` would import first), so that
     memory measured after this counts the model's weights, not transformers' code."""
-    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    config = dict(model_config)
     try:
-        MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.for_model(config.pop("model_type"), **config))]
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(model_configuration(model_config, code_dir))]
     except (KeyError, ValueError):
-        pass  # not a built-in causal LM: build_model raises the specific error
+        pass  # not a built-in causal LM (or its own code): build_model imports it
 
 
 def tensor_map(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
@@ -156,12 +173,21 @@ def worker_memory_mb() -> Dict[str, float]:
     return {"rss_peak_mb": peak_kb / 1024, "uss_mb": psutil.Process().memory_full_info().uss / 2**20}
 
 
-def check_architecture(info) -> None:
-    """Build the model class on the meta device and check the checkpoint fits it, at no cost."""
-    dtypes = dtypes_of(info)
+def convert_to_model(infos, code_dir: Optional[str] = None) -> torch.nn.Module:
+    """Build the newest checkpoint's model class on the meta device (no memory), convert every
+    checkpoint's names and layouts with transformers' own conversion (`naming.py`), and check
+    that the newest then covers the model. Returns the meta model. Raises CheckpointError."""
+    from ckmerge_ray.naming import plan_conversion
+
     with torch.device("meta"):
-        model = build_model(info.config, dtypes, device="meta")
-    check_model_covers(model, list(info.specs), {n: s.shape for n, s in info.specs.items()})
+        model = build_model(infos[-1].config, dtypes_of(infos[-1]), device="meta",
+                            code_dir=code_dir)
+    for info in infos:
+        info.apply_conversion(plan_conversion(
+            model, {n: (s.shape, s.dtype) for n, s in info.specs.items()}))
+    later = infos[-1]
+    check_model_covers(model, list(later.specs), {n: s.shape for n, s in later.specs.items()})
+    return model
 
 
 def _no_init_weights():

@@ -93,10 +93,13 @@ def export_merged(
     extra_files: List[Path],
     dest: Path,
     progress: Optional[Callable[[str], None]] = None,
+    revert: Optional[Callable[[Dict], Dict]] = None,
 ) -> Path:
     """Write the merge at λ as a Hugging Face model directory (sharded safetensors + index).
 
     Shards come from the object store one pair at a time, so memory stays bounded by a shard.
+    `revert` maps each shard's model-named tensors back to the checkpoint's own names and
+    layout (`CheckpointInfo.revert_names`), so the directory loads with `from_pretrained`.
     The directory is built under a temporary name beside `dest` and published with
     `publish_dir`, so `dest` is replaced only after the new one is complete; what a killed
     export left behind is first put right by `recover_published`.
@@ -111,6 +114,8 @@ def export_merged(
         for i, (e_ref, l_ref) in enumerate(zip(earlier.refs, later.refs)):
             e, l = (shard_tensors(s) for s in ray.get([e_ref, l_ref]))
             merged = merge_state_dicts(e, l, lam)
+            if revert is not None:  # back to the file's names and layout (save_pretrained's)
+                merged = revert(merged)
             fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             save_file(merged, str(tmp / fname), metadata={"format": "pt"})
             _fsync_file(tmp / fname)

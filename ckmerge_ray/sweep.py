@@ -29,7 +29,9 @@ from ckmerge_ray.cluster import check_object_store, ray_session, trial_slots
 from ckmerge_ray.config import CheckpointConfig, Resources, RunConfig, SearchConfig, split_options
 from ckmerge_ray.errors import ConfigError, RunError
 from ckmerge_ray.evaluator import start_evaluators
-from ckmerge_ray.inputs import Log, WindowStore, load_window, prepare_objective, printer
+from ckmerge_ray.inputs import (
+    Log, WindowStore, code_dir_of, load_window, prepare_objective, printer,
+)
 from ckmerge_ray.model import dtypes_of
 from ckmerge_ray.objectives import Objective
 from ckmerge_ray.plots import draw_plots
@@ -190,7 +192,7 @@ def check_sweep(checkpoints, objective, objective_options, resources, tune_optio
                           run=RunConfig(progress=run.progress, export_best=False,
                                         max_concurrent=run.max_concurrent),
                           checkpoint=checkpoint)
-    infos = load_window([p for _, p in found], checkpoint)
+    infos = load_window([p for _, p in found], checkpoint, log)
     objective_arg = objective
     objective = prepare_objective(objective, objective_options, infos[-1].path, search, log)
     log(f"sweep of {len(infos)} checkpoints ({', '.join(i.path.name for i in infos)}), "
@@ -271,7 +273,8 @@ def score_heatmap(ctx: _Sweep, stored: List[StoredCheckpoint], lam: float) -> pa
     cells = [(i, j) for i in range(n) for j in range(i, n)]
     q = trial_slots(ctx.resources, ctx.run.max_concurrent, len(cells))
     actors = start_evaluators(q, ctx.resources.to_dict(), infos[-1].config, dtypes_of(infos[-1]),
-                              stored, ctx.objective)
+                              stored, ctx.objective,
+                              code_dir=code_dir_of(infos[-1], ctx.checkpoint))
     try:
         def weights(cell):
             i, j = cell

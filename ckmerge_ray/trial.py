@@ -48,6 +48,7 @@ class TrialPlan:
     journal_dir: Optional[str] = None  # where workers record finished evaluations (resume)
     screen_limit: Optional[float] = None  # multi-fidelity: documents per task of the cheap stage
     gpu_shard_cache: bool = True  # GPU workers copy both checkpoints to the device when they fit
+    code_dir: Optional[str] = None  # the checkpoint whose own modeling code runs (opted in)
 
 
 @dataclass
@@ -76,7 +77,7 @@ def resident_model(plan: TrialPlan, device: torch.device) -> Tuple[Resident, boo
     built = False
     if plan.run_id not in _RESIDENT:
         _RESIDENT.clear()  # a model of an earlier run is no longer needed
-        import_model_code(plan.model_config)  # ~100 MB of code, the same for any model size
+        import_model_code(plan.model_config, plan.code_dir)  # ~100 MB of code, the same for any model size
         _RESIDENT[plan.run_id] = new_resident(plan, device)
         built = True
     return _RESIDENT[plan.run_id], built
@@ -86,7 +87,7 @@ def new_resident(plan: TrialPlan, device: torch.device | str) -> Resident:
     """Build the model, map both checkpoints' shards, and move the model's tensors into the
     shards' flat layout where it can (`adopt_flat_layout`)."""
     before = worker_memory_mb()["uss_mb"]
-    model = build_model(plan.model_config, plan.dtypes, device)
+    model = build_model(plan.model_config, plan.dtypes, device, code_dir=plan.code_dir)
     resident = Resident(model, tensor_map(model), before)
     resident.shards = list(iter_shard_pairs(plan))
     resident.flat = adopt_flat_layout(resident.tensors, [l.layout for _, l in resident.shards])

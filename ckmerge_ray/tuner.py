@@ -30,7 +30,9 @@ from ckmerge_ray.checkpoints import CheckpointInfo, tokenizer_files
 from ckmerge_ray.cluster import check_object_store, connect, trial_slots
 from ckmerge_ray.config import CheckpointConfig, Resources, RunConfig, SearchConfig, split_options
 from ckmerge_ray.errors import ConfigError, RunError
-from ckmerge_ray.inputs import Log, WindowStore, load_window, prepare_objective, printer
+from ckmerge_ray.inputs import (
+    Log, WindowStore, code_dir_of, load_window, prepare_objective, printer,
+)
 from ckmerge_ray.model import dtypes_of
 from ckmerge_ray.objectives import Objective
 from ckmerge_ray.plots import draw_plots
@@ -129,6 +131,7 @@ def tune_merge(
             uuid.uuid4().hex[:12], ctx.later.config, dtypes_of(ctx.later), *ctx.stored,
             ctx.objective, journal_dir=str(ctx.out / JOURNAL_DIR),
             screen_limit=ctx.search.screen_limit, gpu_shard_cache=ctx.run.gpu_shard_cache,
+            code_dir=code_dir_of(ctx.later, ctx.checkpoint),
         )
         holder = PlanHolder.options(name=f"ckmerge-plan-{plan.run_id}").remote([ray.put(plan)])
         searcher = ctx.search.searcher(ctx.objective.mode, batch_size=ctx.q)
@@ -158,7 +161,7 @@ def check_inputs(pair, objective, objective_options, stored, resources, search: 
     objective prepared: everything that can refuse bad input, before Ray starts."""
     log = printer(run.progress)
     resources = Resources.of(resources)
-    earlier, later = load_window(pair, checkpoint)
+    earlier, later = load_window(pair, checkpoint, log)
     if stored is not None:
         check_stored(stored, later)
     objective = prepare_objective(objective, objective_options, later.path, search, log)
@@ -189,6 +192,7 @@ def _run_extras(objective, ctx: _Run) -> Dict:
     """run.json's other fields: how the run was started (resume repeats them)."""
     return {"resources": ctx.resources.to_dict(), "max_concurrent": ctx.q,
             "allow_pickle": ctx.checkpoint.allow_pickle, "allow_spilling": ctx.run.allow_spilling,
+            "trust_remote_code": ctx.checkpoint.trust_remote_code,
             "objective_is_spec": isinstance(objective, str)}
 
 
@@ -302,6 +306,7 @@ def write_results(ctx: _Run, rows: List[Dict], best: Dict, best_observed: Dict, 
         best_path = export_merged(
             *ctx.stored, best[LAMBDA], (ctx.later.path / "config.json").read_bytes(),
             tokenizer_files(ctx.later.path), ctx.out / BEST_DIR, progress=None,
+            revert=ctx.later.revert_names,
         )
         ctx.log(f"best merged model written to {best_path}")
     ctx.seconds.update(search=searcher.suggest_seconds,
@@ -377,5 +382,7 @@ def resume_run(output_dir: str | os.PathLike, **overrides) -> TuneMergeResult:
     run = RunConfig(output_dir=str(out), resume=True, max_concurrent=stored["max_concurrent"],
                     allow_spilling=stored.get("allow_spilling", False), **overrides)
     return tune_merge(stored["pair"], stored["resources"], stored["objective"], search=search,
-                      run=run, checkpoint=CheckpointConfig(allow_pickle=stored["allow_pickle"]),
+                      run=run, checkpoint=CheckpointConfig(
+                          allow_pickle=stored["allow_pickle"],
+                          trust_remote_code=stored.get("trust_remote_code", False)),
                       objective_options=stored["objective_options"])
