@@ -119,10 +119,13 @@ def _add_objective_arguments(p: argparse.ArgumentParser, required: bool) -> None
                    help="what to minimize/maximize: loss:heldout.jsonl (jsonl, parquet, txt), "
                    "lmeval:task1,task2, or an objective .yaml file (see README)")
     p.add_argument("--text-field", default="text", help="JSON field / parquet column (default text)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per window (default 512, or the model's context if shorter)")
     p.add_argument("--max-tokens", type=int, default=65536,
                    help="held-out tokens scored per evaluation (default 65536)")
-    p.add_argument("--eval-batch-size", type=int, default=8, help="windows per forward (default 8)")
+    p.add_argument("--eval-batch-size", type=int, default=None,
+                   help="windows (loss) or requests (lmeval) per forward pass (default: sized to "
+                   "the device; see README)")
     p.add_argument("--include-path", default=None,
                    help="lmeval: a directory of local lm-eval task YAMLs")
     p.add_argument("--metric", default="acc",
@@ -311,10 +314,15 @@ def _objective_options(args) -> dict:
         return {}  # the objective file holds its options
     if args.objective.startswith("lmeval:"):
         limit = _count_or_fraction(args.limit)
-        return {"include_path": args.include_path, "metrics": args.metric, "limit": limit,
-                "num_fewshot": args.num_fewshot, "batch_size": args.eval_batch_size}
-    return {"text_field": args.text_field, "seq_len": args.seq_len,
-            "max_tokens": args.max_tokens, "batch_size": args.eval_batch_size}
+        options = {"include_path": args.include_path, "metrics": args.metric, "limit": limit,
+                   "num_fewshot": args.num_fewshot}
+    else:
+        options = {"text_field": args.text_field, "max_tokens": args.max_tokens}
+        if args.seq_len is not None:  # unset: the objective's default, clamped to the context
+            options["seq_len"] = args.seq_len
+    if args.eval_batch_size is not None:  # unset: the objective sizes it to the device
+        options["batch_size"] = args.eval_batch_size
+    return options
 
 
 def _csv(text: str, kind):

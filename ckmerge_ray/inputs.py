@@ -10,6 +10,7 @@ checkpoint's shard plan, so shard i of every checkpoint holds the same tensors.
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
@@ -18,13 +19,14 @@ from ckmerge_ray.checkpoints import (
     CheckpointInfo, check_remote_code, load_checkpoint_info, plan_shards, validate_pair,
 )
 from ckmerge_ray.config import CheckpointConfig, SearchConfig
-from ckmerge_ray.errors import ConfigError
+from ckmerge_ray.errors import ConfigError, ObjectiveError
 from ckmerge_ray.model import convert_to_model
 from ckmerge_ray.naming import describe
-from ckmerge_ray.objectives import Objective, parse_objective
+from ckmerge_ray.objectives import HeldoutLoss, Objective, parse_objective
 from ckmerge_ray.store import StoredCheckpoint, put_checkpoint
 
 Log = Callable[[str], None]
+DEFAULT_SEQ_LEN = inspect.signature(HeldoutLoss).parameters["seq_len"].default
 
 
 def printer(enabled: bool) -> Log:
@@ -64,15 +66,71 @@ def code_dir_of(info: CheckpointInfo, checkpoint: CheckpointConfig) -> Optional[
 
 
 def prepare_objective(spec: str | Objective, options: Optional[Mapping[str, Any]],
-                      tokenizer_dir: Path, search: SearchConfig, log: Log) -> Objective:
-    """The objective, parsed and prepared (data read and tokenized) on `tokenizer_dir`, with the
-    screening stage checked against it. Raises ObjectiveError or ConfigError."""
-    objective = parse_objective(spec, **dict(options or {}))
+                      later: CheckpointInfo, search: SearchConfig, log: Log) -> Objective:
+    """The objective, parsed and prepared (data read and tokenized) on the later checkpoint's
+    tokenizer, checked against the model (`fit_to_model`) and the screening stage. Raises
+    ObjectiveError or ConfigError."""
+    options = dict(options or {})
+    objective = fit_to_model(parse_objective(spec, **options), spec, options, later.config, log)
     if search.screen_limit is not None:
         check_screen_limit(objective, search.screen_limit)
-    objective.prepare(tokenizer_dir)
+    objective.prepare(later.path)
+    check_vocabulary(objective, later)
     log(f"objective {objective!r} ready ({objective.mode}imize)")
     return objective
+
+
+# Config fields that bound a model's positions, in the order transformers' own code reads them.
+CONTEXT_KEYS = ("n_positions", "max_position_embeddings", "n_ctx", "seq_length")
+
+
+def model_context(config: Mapping[str, Any]) -> Optional[int]:
+    """The longest sequence the model's config allows, or None if it names none."""
+    return next((int(config[k]) for k in CONTEXT_KEYS if isinstance(config.get(k), int)), None)
+
+
+def fit_to_model(objective: Objective, spec, options: Dict, config: Mapping[str, Any],
+                 log: Log) -> Objective:
+    """Held-out windows (or lm-eval requests) no longer than the model's context: a `seq_len`
+    the user did not set is clamped to it, announced; one the user set is refused, naming the
+    sizes (a model with learned positions fails every trial otherwise: IndexError)."""
+    context = model_context(config)
+    if context is None:
+        return objective
+    key = next(k for k in CONTEXT_KEYS if isinstance(config.get(k), int))
+    if isinstance(objective, HeldoutLoss) and objective.seq_len > context:
+        if isinstance(spec, str) and "seq_len" not in options and objective.seq_len == \
+                DEFAULT_SEQ_LEN:
+            log(f"seq_len: the default {objective.seq_len} is longer than the model's context "
+                f"({key}={context}); using seq_len={context}")
+            return parse_objective(spec, **{**options, "seq_len": context})
+        raise ObjectiveError(
+            f"seq_len={objective.seq_len} is longer than the model's context ({key}={context} "
+            f"in config.json): pass seq_len <= {context}")
+    max_length = getattr(objective, "max_length", None)
+    if max_length is not None and max_length > context:
+        raise ObjectiveError(f"max_length={max_length} is longer than the model's context "
+                             f"({key}={context} in config.json): pass max_length <= {context}")
+    return objective
+
+
+def check_vocabulary(objective: Objective, later: CheckpointInfo) -> None:
+    """Every token id the objective will feed must have a row in the model's embedding."""
+    vocab = later.config.get("vocab_size")
+    if not isinstance(vocab, int):
+        return
+    windows = getattr(objective, "windows", None)
+    if windows is not None and len(windows) and int(windows.max()) >= vocab:
+        raise ObjectiveError(
+            f"the held-out text tokenizes to ids up to {int(windows.max())}, but the model's "
+            f"vocabulary has {vocab} entries (vocab_size in {later.path / 'config.json'}): the "
+            "tokenizer has tokens the embedding was not resized for")
+    tokenizer = getattr(objective, "tokenizer", None)
+    if tokenizer is not None and len(tokenizer) > vocab:
+        raise ObjectiveError(
+            f"the tokenizer of {later.path} has {len(tokenizer)} tokens but the model's vocabulary "
+            f"has {vocab} entries (vocab_size in config.json): the tokenizer has tokens the "
+            "embedding was not resized for")
 
 
 def check_screen_limit(objective: Objective, screen_limit: float) -> None:

@@ -164,7 +164,7 @@ def check_inputs(pair, objective, objective_options, stored, resources, search: 
     earlier, later = load_window(pair, checkpoint, log)
     if stored is not None:
         check_stored(stored, later)
-    objective = prepare_objective(objective, objective_options, later.path, search, log)
+    objective = prepare_objective(objective, objective_options, later, search, log)
     return _Run(search, run, checkpoint, resources, log, earlier, later, objective)
 
 

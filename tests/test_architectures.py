@@ -209,3 +209,37 @@ def test_model_with_its_own_code_needs_the_opt_in(ray_session, text, tmp_path):
         config.pop("auto_map")
         (merged / "config.json").write_text(json.dumps(config))
         assert r["score"] == pytest.approx(score_of(merged, heldout), abs=2e-5)
+
+
+def test_short_context_model_with_default_options_is_clamped(ray_session, text, tmp_path,
+                                                             capsys):
+    """A bf16 GPT-2 pair with 64 positions, tuned with the default seq_len (512): the windows
+    are clamped to the context, announced, instead of every trial failing with IndexError."""
+    tokenizer, heldout = text
+    _, config = ARCHITECTURES["gpt2_tied"]
+    pair = save_pair(tmp_path, "gpt2", config, tokenizer, dtype=torch.bfloat16)
+    result = tune_merge(pair, {"cpu": 1}, f"loss:{heldout}", objective_options={"max_tokens": 512},
+                        num_trials=2, max_concurrent=2, output_dir=tmp_path / "run")
+    assert "using seq_len=64" in capsys.readouterr().out
+    assert all(r["status"] == "ok" for r in result.table.to_pylist())
+    assert "seq_len=64" in result.summary["objective"]
+
+
+@pytest.mark.parametrize("case", ["seq_len", "vocabulary"])
+def test_objective_beyond_the_model_is_refused_before_any_work(text, tmp_path, case):
+    from ckmerge_ray.errors import ObjectiveError
+
+    tokenizer, heldout = text
+    _, config = ARCHITECTURES["gpt2_tied"]
+    options = dict(OPTIONS)
+    if case == "seq_len":
+        options["seq_len"] = 128
+        message = r"seq_len=128 is longer than the model's context \(n_positions=64"
+    else:
+        config = dict(config, vocab_size=200)  # the tokenizer has 300 tokens
+        message = r"ids up to \d+, but the model's vocabulary has 200 entries"
+    pair = save_pair(tmp_path, "gpt2", config, tokenizer)
+    with pytest.raises(ObjectiveError, match=message):
+        tune_merge(pair, {"cpu": 1}, f"loss:{heldout}", objective_options=options,
+                   output_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
