@@ -339,6 +339,11 @@ def plot_run(run_dir: PathLike) -> List[Path]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} does not exist")
+    if not any((run_dir / t).exists() for t in (SWEEP_TABLE, COMPARE_TABLE, TRIALS_FILE)):
+        raise ConfigError(
+            f"{run_dir} holds none of {SWEEP_TABLE}, {COMPARE_TABLE} or {TRIALS_FILE}: "
+            "pass the output directory of a tune, sweep or compare run"
+        )
     summary = read_summary(run_dir)
     if (run_dir / SWEEP_TABLE).exists():
         rows = read_rows(run_dir / SWEEP_TABLE)
@@ -347,15 +352,10 @@ def plot_run(run_dir: PathLike) -> List[Path]:
     elif (run_dir / COMPARE_TABLE).exists():
         paths = plot_compare(read_rows(run_dir / COMPARE_TABLE), summary, run_dir)
         subruns = [run_dir / TUNED_DIR]
-    elif (run_dir / TRIALS_FILE).exists():
+    else:
         paths = [plot_landscape(read_rows(run_dir / TRIALS_FILE), summary,
                                 run_dir / LANDSCAPE_PLOT)]
         subruns = []
-    else:
-        raise ConfigError(
-            f"{run_dir} holds none of {SWEEP_TABLE}, {COMPARE_TABLE} or {TRIALS_FILE}: "
-            "pass the output directory of a tune, sweep or compare run"
-        )
     paths += [p for sub in subruns if is_tune_run(sub) for p in plot_run(sub)]
     summary["plots"] = [Path(p).relative_to(run_dir).as_posix() for p in paths]
     write_json_atomic(run_dir / SUMMARY_FILE, summary)
