@@ -8,7 +8,7 @@ import torch
 import transformers as tf
 
 from ckmerge_ray.objectives import HeldoutLoss
-from ckmerge_ray.objectives.chunked import chunk_positions, chunked_nll, full_logits_nll, split_model
+from ckmerge_ray.objectives.chunked import chunk_bytes, chunked_nll, full_logits_nll, split_model
 
 VOCAB = 300
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -42,15 +42,19 @@ def _ids(batch=3, seq_len=40, seed=1):
     return torch.randint(3, VOCAB, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize("by", ["vocab", "positions"])
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
-def test_chunked_nll_equals_full_logits_and_transformers(arch):
+def test_chunked_nll_equals_full_logits_and_transformers(arch, by):
     make_config, post = CONFIGS[arch]
     model, ids = _model(make_config()), _ids()
     with torch.inference_mode():
         split, why = split_model(model, ids[:1])
         assert split is not None, why
         assert split.post_name == post
-        chunked = float(chunked_nll(split, ids, chunk=7))  # chunks straddle window boundaries
+        # budgets that cut the vocabulary into slices of 37 columns (3 x 39 positions each), or
+        # the positions into chunks of 7 that straddle window boundaries
+        budget = 4 * (3 * 39 * 37 if by == "vocab" else VOCAB * 7)
+        chunked = float(chunked_nll(split, ids, budget, by=by))
         full = float(full_logits_nll(model, ids))
         # transformers' own loss: mean over the B*(T-1) shifted targets
         reference = float(model(input_ids=ids, labels=ids).loss) * ids[:, 1:].numel()
@@ -62,8 +66,9 @@ def test_chunk_size_does_not_change_the_sum():
     model, ids = _model(CONFIGS["llama"][0]()), _ids()
     with torch.inference_mode():
         split, _ = split_model(model, ids[:1])
-        sums = [float(chunked_nll(split, ids, chunk)) for chunk in (1, 13, 39, 10_000)]
-    assert sums == pytest.approx([sums[0]] * 4, rel=1e-6)
+        sums = [float(chunked_nll(split, ids, 4 * VOCAB * n, by=by))
+                for n in (1, 13, 39, 10_000) for by in ("vocab", "positions")]
+    assert sums == pytest.approx([sums[0]] * 8, rel=1e-6)
 
 
 def test_bf16_model_matches_its_full_logits():
@@ -73,7 +78,7 @@ def test_bf16_model_matches_its_full_logits():
     with torch.inference_mode():
         split, why = split_model(model, ids[:1])
         assert split is not None, why
-        chunked = float(chunked_nll(split, ids, chunk=16))
+        chunked = float(chunked_nll(split, ids, 4 * 117 * 50))  # 50 columns a slice
         full = float(full_logits_nll(model, ids))
     assert chunked == pytest.approx(full, rel=1e-5)
 
@@ -124,8 +129,28 @@ def test_heldout_objective_scores_gpt2_like_transformers(tmp_path):
     assert row["loss"] == pytest.approx(ref, rel=1e-6)
 
 
-def test_chunk_positions_follow_the_byte_budget():
-    assert chunk_positions(32_000) == 524  # 64 MiB of fp32 logits on CPU
-    assert chunk_positions(256_000) == 65
-    assert chunk_positions(128_000, "cuda") == 2097  # 1 GiB on a GPU
-    assert chunk_positions(10**12) == 1
+def test_chunk_budget_per_device():
+    assert chunk_bytes("cpu") == 64 * 2**20 and chunk_bytes("cuda") == 2**30
+    assert chunk_bytes("mps") == chunk_bytes("cpu")
+
+
+def test_objective_checks_the_split_once_and_keeps_no_model_alive(tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    import ckmerge_ray.objectives.heldout as heldout
+
+    model = _model(CONFIGS["gemma2_softcap"][0]())
+    obj = HeldoutLoss(tmp_path / "unused.txt", seq_len=40, batch_size=2)
+    obj.windows = _ids(batch=4).numpy()
+    first = obj.evaluate(model, torch.device("cpu"))
+    probes = []
+    monkeypatch.setattr(heldout, "split_model",
+                        lambda *a, **k: probes.append(k.get("post_name")) or split_model(*a, **k))
+    second = obj.evaluate(model, torch.device("cpu"))
+    assert probes == ["softcap(0.5)"]  # looked up by name, not checked again
+    assert second["loss"] == first["loss"]
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None  # the objective's cache holds names, not modules

@@ -3,9 +3,11 @@ cross-entropy over chunks of positions, so memory does not grow with the vocabul
 
 A causal LM's forward is ``logits = post(head(body(ids).last_hidden_state))``. Materialized at
 once, the logits of a batch are (B, T, V) in the model's dtype plus an fp32 copy: at 8 x 4096
-tokens and a 128k vocabulary that is 17 GB of fp32 alone. Here the head and the loss see at most
-`chunk` positions at a time, a (chunk, V) block sized from a byte budget, and the NLL sum
-accumulates in fp64 across chunks (each chunk's cross-entropy sums in fp32, as before).
+tokens and a 128k vocabulary that is 17 GB of fp32 alone. Here the head and the loss see a block of
+at most a fixed number of bytes of logits at a time: for a linear head (every model we know of),
+all positions against a slice of the vocabulary, with a running log-sum-exp in fp32, so the
+head's weight is read once per batch; for another head module, a few positions against the whole
+vocabulary, through `cross_entropy`. The NLL sum is returned in fp64.
 
 How the model is split (`split_model`):
 
@@ -29,18 +31,17 @@ any model and as memory-hungry as before.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-#: Bytes of fp32 logits one head chunk may hold, per device type (the head's own output and the
-#: cross-entropy's log-softmax add about two more blocks of this size). Each chunk reads the whole
-#: head matrix (vocab x hidden), so a chunk must be long enough for the matmul to be compute-bound:
-#: on a GPU, 1 GiB is 2048 positions at 128k (about 1000 FLOP per byte of a bf16 head); on CPU,
-#: 64 MiB is 512 positions at 32k, 128 at 128k. The peak is bounded by the budget, not by the
-#: vocabulary or the batch.
+#: Bytes of fp32 logits one chunk may hold, per device type (a bf16 model's head output adds half
+#: a block, the positions path's log-softmax one more). On a GPU, 1 GiB is 8k vocabulary columns
+#: for 32k positions (8 windows of 4096), or 2048 positions at 128k; on CPU, 64 MiB. The peak is
+#: bounded by the budget, not by the vocabulary.
 HEAD_CHUNK_BYTES = {"cuda": 2**30, "cpu": 64 * 2**20}
 PROBE_TOKENS = 64  # tokens of the first window the split is checked on
 
@@ -56,12 +57,9 @@ class SplitModel:
     vocab: int
 
 
-def chunk_positions(vocab: int, device_type: str = "cpu", budget_bytes: Optional[int] = None) -> int:
-    """Positions per head chunk: the most whose fp32 logits fit in `budget_bytes` (default
-    HEAD_CHUNK_BYTES for the device type; the CPU's for other devices)."""
-    if budget_bytes is None:
-        budget_bytes = HEAD_CHUNK_BYTES.get(device_type, HEAD_CHUNK_BYTES["cpu"])
-    return max(1, budget_bytes // (4 * vocab))
+def chunk_bytes(device_type: str = "cpu") -> int:
+    """HEAD_CHUNK_BYTES for the device type (the CPU's for other devices)."""
+    return HEAD_CHUNK_BYTES.get(device_type, HEAD_CHUNK_BYTES["cpu"])
 
 
 def full_logits_nll(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -72,18 +70,54 @@ def full_logits_nll(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
                            reduction="sum").double()
 
 
-def chunked_nll(split: SplitModel, ids: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Sum of next-token NLLs over a (B, T) batch, the head applied `chunk` positions at a time."""
+def chunked_nll(split: SplitModel, ids: torch.Tensor, budget_bytes: int,
+                by: Optional[str] = None) -> torch.Tensor:
+    """Sum of next-token NLLs over a (B, T) batch, never more than `budget_bytes` of fp32 logits
+    at a time.
+
+    `by` "vocab" (the default for a linear head): every position against one slice of the
+    vocabulary at a time, with a running log-sum-exp, so the head's weight is read once per
+    batch. "positions" (the default for other heads): the whole vocabulary for a few positions
+    at a time; each chunk reads the whole head, which costs up to 1.4x the plain loop's time on
+    CPU at a 256k vocabulary (BENCHMARKS.md, "Evaluation throughput").
+    """
     hidden = split.body(input_ids=ids, use_cache=False).last_hidden_state  # (B, T, H)
-    h = hidden[:, :-1].reshape(-1, hidden.size(-1))  # (B*(T-1), H): a copy, H/V of one logit row
+    h = hidden[:, :-1].reshape(-1, hidden.size(-1))  # (N, H), N = B*(T-1): a copy, H/V of a row
     del hidden
-    targets = ids[:, 1:].reshape(-1)  # (B*(T-1),)
+    targets = ids[:, 1:].reshape(-1)  # (N,)
+    if by is None:
+        by = "vocab" if isinstance(split.head, torch.nn.Linear) else "positions"
+    if by == "vocab":
+        return _nll_by_vocab(split, h, targets, max(1, budget_bytes // (4 * h.size(0))))
+    chunk = max(1, budget_bytes // (4 * split.vocab))
     total = torch.zeros((), dtype=torch.float64, device=ids.device)
     for start in range(0, h.size(0), chunk):
         logits = split.post(split.head(h[start:start + chunk]))  # (chunk, V), model dtype
         total += F.cross_entropy(logits.float(), targets[start:start + chunk], reduction="sum")
         del logits
     return total
+
+
+def _nll_by_vocab(split: SplitModel, h: torch.Tensor, targets: torch.Tensor,
+                  cols: int) -> torch.Tensor:
+    """NLL sum of all N positions, `cols` vocabulary entries at a time (a linear head):
+    log-sum-exp kept as a running (max, sum of exp) per position, in fp32."""
+    weight, bias = split.head.weight, split.head.bias  # (V, H), (V,) or None
+    n = h.size(0)
+    run_max = torch.full((n,), -math.inf, dtype=torch.float32, device=h.device)
+    run_sum = torch.zeros(n, dtype=torch.float32, device=h.device)
+    picked = torch.zeros(n, dtype=torch.float32, device=h.device)  # the target's logit
+    rows = torch.arange(n, device=h.device)
+    for v0 in range(0, weight.size(0), cols):
+        z = F.linear(h, weight[v0:v0 + cols], None if bias is None else bias[v0:v0 + cols])
+        z = split.post(z).float()  # (N, cols); post in the model's dtype, as its forward does
+        inside = (targets >= v0) & (targets < v0 + z.size(1))
+        picked[inside] = z[rows[inside], targets[inside] - v0]
+        new_max = torch.maximum(run_max, z.amax(dim=1))
+        run_sum = run_sum * torch.exp(run_max - new_max) + z.sub_(new_max[:, None]).exp_().sum(1)
+        run_max = new_max
+        del z
+    return (run_max + run_sum.log() - picked).sum(dtype=torch.float64)
 
 
 def _post_candidates(model: torch.nn.Module) -> List[Tuple[str, Callable]]:
@@ -115,9 +149,15 @@ def _post_candidates(model: torch.nn.Module) -> List[Tuple[str, Callable]]:
     return out
 
 
-def split_model(model: torch.nn.Module, probe_ids: torch.Tensor) -> Tuple[Optional[SplitModel], str]:
+def split_model(model: torch.nn.Module, probe_ids: torch.Tensor,
+                post_name: Optional[str] = None) -> Tuple[Optional[SplitModel], str]:
     """The model cut into body, head and post step, checked on `probe_ids` (1, t) against
-    ``model(probe_ids).logits``; or (None, why not) when it cannot be split faithfully."""
+    ``model(probe_ids).logits``; or (None, why not) when it cannot be split faithfully.
+
+    With `post_name` (a `SplitModel.post_name` an earlier call found for this model), the
+    parts are looked up again without the check: callers cache the name, not the modules, so
+    that no cache keeps a model alive.
+    """
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
@@ -125,6 +165,11 @@ def split_model(model: torch.nn.Module, probe_ids: torch.Tensor) -> Tuple[Option
     body = getattr(model, "base_model", model)
     if body is model:
         return None, f"{type(model).__name__} has no base model separate from its head"
+    if post_name is not None:
+        post = dict(_post_candidates(model)).get(post_name)
+        if post is None:
+            return None, f"{type(model).__name__} has no post-head step {post_name!r}"
+        return SplitModel(body, head, post, post_name, int(head.weight.shape[0])), "ok"
     probe_ids = probe_ids[:, :PROBE_TOKENS]
     try:
         reference = model(input_ids=probe_ids, use_cache=False).logits  # (1, t, V)

@@ -19,7 +19,7 @@ from ckmerge_ray.errors import ObjectiveError
 from ckmerge_ray.objectives.base import Objective
 from ckmerge_ray.objectives.batching import (PeakMemory, Stopwatch, cpu_batch, fit_batch,
                                              free_cached, halving, is_oom)
-from ckmerge_ray.objectives.chunked import (SplitModel, chunk_positions, chunked_nll,
+from ckmerge_ray.objectives.chunked import (SplitModel, chunk_bytes, chunked_nll,
                                             full_logits_nll, split_model)
 
 log = logging.getLogger(__name__)
@@ -146,13 +146,14 @@ class HeldoutLoss(Objective):
 
     def _reset_worker_state(self) -> None:
         # Set on the worker by the first evaluate and kept for its later trials (not pickled).
-        self._split_key: Optional[Tuple[int, str]] = None  # which model the split below is for
-        self._split: Optional[SplitModel] = None
+        # (model id, class, config) -> the post-head step its split was checked with, or None
+        # for the full-logits path. Names only: holding the model's modules would keep it alive.
+        self._splits: Dict[Tuple[int, str, str], Optional[str]] = {}
         self._batch: Optional[int] = self.batch_size  # the size that worked last
 
     def __getstate__(self) -> Dict:
         state = dict(self.__dict__)
-        state.update(_split_key=None, _split=None, _batch=self.batch_size)
+        state.update(_splits={}, _batch=self.batch_size)
         return state
 
     def __repr__(self) -> str:
@@ -176,11 +177,11 @@ class HeldoutLoss(Objective):
         windows = self.windows
         with Stopwatch(device) as clock, PeakMemory(device) as peak, torch.inference_mode():
             split = self._split_for(model, device)
-            chunk = chunk_positions(split.vocab, device.type) if split else 0
+            budget = chunk_bytes(device.type)
 
             def nll_of(n_start: int, n_end: int) -> torch.Tensor:
                 ids = torch.from_numpy(windows[n_start:n_end]).to(device)  # (B, T)
-                return chunked_nll(split, ids, chunk) if split else full_logits_nll(model, ids)
+                return chunked_nll(split, ids, budget) if split else full_logits_nll(model, ids)
 
             def run(batch: int) -> float:
                 total = torch.zeros((), dtype=torch.float64, device=device)
@@ -202,15 +203,18 @@ class HeldoutLoss(Objective):
     def _split_for(self, model: torch.nn.Module, device: torch.device) -> Optional[SplitModel]:
         """The model split for the chunked loss, checked once per model on this worker; None
         (the full-logits path) when it does not split or `full_logits` is set."""
-        key = (id(model), type(model).__name__)
-        if self._split_key != key:
-            self._split_key, self._split = key, None
-            if not self.full_logits:
-                probe = torch.from_numpy(self.windows[:1]).to(device)
-                self._split, why = split_model(model, probe)
-                if self._split is None:
-                    log.warning("held-out loss through the full logits: %s", why)
-        return self._split
+        if self.full_logits:
+            return None
+        config = getattr(model, "config", None)
+        key = (id(model), type(model).__name__, config.to_json_string() if config else "")
+        if key in self._splits:
+            post = self._splits[key]
+            return split_model(model, None, post_name=post)[0] if post is not None else None
+        split, why = split_model(model, torch.from_numpy(self.windows[:1]).to(device))
+        if split is None:
+            log.warning("held-out loss through the full logits: %s", why)
+        self._splits = {key: split.post_name if split else None}  # one model per worker
+        return split
 
     def _first_batch(self, run: Callable[[int], object], device: torch.device) -> int:
         n = len(self.windows)
