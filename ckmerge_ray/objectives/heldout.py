@@ -91,10 +91,10 @@ class HeldoutLoss(Objective):
     """Mean next-token NLL (nats per token) of the model on held-out text; also reports perplexity.
 
     Memory does not grow with the vocabulary: the model body runs once per batch, then the output
-    head and the cross-entropy run over chunks of positions, 64 MiB of fp32 logits at a time on
-    CPU, 1 GiB on a GPU (`ckmerge_ray.objectives.chunked`, which says which architectures split
-    and which fall back to the full logits). The score is the same as through the full logits,
-    to fp32 round-off.
+    head and a running log-sum-exp run over slices of the vocabulary, 64 MiB of fp32 logits at a
+    time on CPU, 1 GiB on a GPU (`ckmerge_ray.objectives.chunked`, which says which architectures
+    split and which fall back to the full logits). The score is the same as through the full
+    logits, to fp32 round-off.
 
     Args:
         path: a .jsonl, .parquet or .txt file.
