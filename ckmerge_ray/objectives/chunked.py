@@ -1,13 +1,14 @@
 """Next-token NLL without the full logits: the model body once, then the output head and the
-cross-entropy over chunks of positions, so memory does not grow with the vocabulary.
+loss over bounded blocks of logits, so memory does not grow with the vocabulary.
 
 A causal LM's forward is ``logits = post(head(body(ids).last_hidden_state))``. Materialized at
 once, the logits of a batch are (B, T, V) in the model's dtype plus an fp32 copy: at 8 x 4096
-tokens and a 128k vocabulary that is 17 GB of fp32 alone. Here the head and the loss see a block of
-at most a fixed number of bytes of logits at a time: for a linear head (every model we know of),
-all positions against a slice of the vocabulary, with a running log-sum-exp in fp32, so the
-head's weight is read once per batch; for another head module, a few positions against the whole
-vocabulary, through `cross_entropy`. The NLL sum is returned in fp64.
+tokens and a 128k vocabulary that is 17 GB of fp32 alone. Here the head and the loss see at most
+a fixed number of bytes of logits at a time (`HEAD_CHUNK_BYTES`): for a plain ``nn.Linear`` head
+(every architecture above), all positions against a slice of the vocabulary, with a running
+log-sum-exp in fp32, so the head's weight is read once per batch; for any other head module
+(a quantized linear layer, say), a few positions against the whole vocabulary through
+`cross_entropy`. The NLL sum is returned in fp64.
 
 How the model is split (`split_model`):
 
@@ -86,7 +87,8 @@ def chunked_nll(split: SplitModel, ids: torch.Tensor, budget_bytes: int,
     del hidden
     targets = ids[:, 1:].reshape(-1)  # (N,)
     if by is None:
-        by = "vocab" if isinstance(split.head, torch.nn.Linear) else "positions"
+        # exactly nn.Linear: a subclass (quantized layers are) may not compute F.linear
+        by = "vocab" if type(split.head) is torch.nn.Linear else "positions"
     if by == "vocab":
         return _nll_by_vocab(split, h, targets, max(1, budget_bytes // (4 * h.size(0))))
     chunk = max(1, budget_bytes // (4 * split.vocab))
