@@ -239,7 +239,8 @@ def table(landscapes: Dict[str, tuple], searchers: Dict, alpha: float, seeds, no
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="3 seeds, q=1 hedge vs random; writes nothing")
+    p.add_argument("--quick", action="store_true",
+                   help="2 seeds, 4 held-out landscapes, q=1 hedge vs random; writes nothing")
     p.add_argument("--seeds", type=int, default=10)
     p.add_argument("--noise", type=float, default=0.0, help="std of Gaussian noise on observations")
     p.add_argument("--split", choices=["both", *SPLITS], default="both")
@@ -251,6 +252,7 @@ def main(argv=None) -> int:
                    help="recompute landscapes.json from this directory of checkpoint-<step>/ + heldout.jsonl")
     p.add_argument("--grid", type=int, default=41)
     p.add_argument("--jobs", type=int, default=1, help="worker processes")
+    p.add_argument("--section", default="", help="suffix of the BENCHMARKS.md section title")
     p.add_argument("--write", type=Path, default=HERE.parent / "BENCHMARKS.md")
     args = p.parse_args(argv)
     start = time.perf_counter()
@@ -275,13 +277,15 @@ def main(argv=None) -> int:
     splits = list(SPLITS) if args.split == "both" else [args.split]
     if args.quick:
         searchers = {"GP-Hedge q=1": (hedge, 1), "random": (RandomSearch, 1)}
-        seeds = range(3)
+        seeds = range(2)
         splits = [s for s in SPLITS if all((HERE / f).exists() for f in SPLITS[s])][:1] or ["fit"]
     if args.only:
         searchers = {k: v for k, v in searchers.items() if k in args.only}
     lines, headline = [], {}
     for split in splits:
         landscapes = load_split(SPLITS[split])
+        if args.quick:  # every fourth landscape of the split, from both trajectories
+            landscapes = dict(list(landscapes.items())[::4])
         if not landscapes:
             print(f"no cached landscapes for the {split} split", file=sys.stderr)
             return 2
@@ -299,7 +303,8 @@ def main(argv=None) -> int:
     if not args.quick and not HEDGE_OVERRIDES:
         cmd = "python benchmarks/sample_efficiency.py " + " ".join(argv if argv is not None else sys.argv[1:])
         cmd = cmd.strip()
-        write_section(f"Sample efficiency of λ searchers, held-out landscapes (noise {args.noise})",
+        write_section(f"Sample efficiency of λ searchers, held-out landscapes (noise {args.noise})"
+                      + (f", {args.section}" if args.section else ""),
                       f"Command: `{cmd}` ({args.seeds} seeds per landscape; median [IQR]; "
                       f"'>12' = not reached within 12 trials). Machine: {machine}. Landscapes: "
                       f"held-out loss of merges of adjacent checkpoint pairs, {args.grid}-point "
