@@ -325,6 +325,19 @@ def write_results(ctx: _Run, rows: List[Dict], best: Dict, best_observed: Dict, 
     return result
 
 
+def evaluation_totals(rows: List[Dict]) -> Dict:
+    """The run's evaluation cost, from the objective's per-row accounting (``eval_*`` columns):
+    tokens or requests scored and seconds summed over evaluations that ran (not read back from
+    the journal), the largest peak memory, and the batch sizes used."""
+    ran = [r for r in rows if r["status"] == "ok" and not r.get("from_journal")]
+    total = {k: sum(r.get(k) or 0 for r in ran)
+             for k in ("eval_tokens", "eval_requests", "eval_seconds")}
+    peaks = [r["eval_peak_mem_mb"] for r in ran if isinstance(r.get("eval_peak_mem_mb"), float)]
+    sizes = {r["eval_batch_size"] for r in ran if isinstance(r.get("eval_batch_size"), int)}
+    return {**total, "evaluations": len(ran), "peak_mem_mb_max": max(peaks, default=None),
+            "batch_sizes": sorted(sizes)}
+
+
 def run_summary(ctx: _Run, rows: List[Dict], best: Dict, best_observed: Dict, searcher,
                 best_path: Optional[Path]) -> Dict:
     """summary.json of a tune run (its keys are what plots and `load_result` read)."""
@@ -348,6 +361,7 @@ def run_summary(ctx: _Run, rows: List[Dict], best: Dict, best_observed: Dict, se
             "object_ids": {"earlier": earlier.object_ids, "later": later.object_ids},
         },
         "seconds": ctx.seconds,
+        "evaluation": evaluation_totals(rows),
         "best_model_path": str(best_path) if best_path else None,
         "resumed": ctx.resumed,
         "fidelity": {"screen_limit": search.screen_limit,

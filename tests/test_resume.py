@@ -22,6 +22,7 @@ import json, os, sys, time
 from pathlib import Path
 from ray import tune
 from ckmerge_ray import GPHedgeSearch
+from ckmerge_ray.search import search_record
 
 LOG = Path(os.environ["LAM_LOG"])
 
@@ -45,7 +46,8 @@ if mode == "fit":
 else:
     tuner = tune.Tuner.restore(os.path.join(storage, "exp"), trainable=objective)
 grid = tuner.fit()
-rows = sorted((r.config["batch"], r.config["lam"]) for r in grid if r.metrics)  # q = 1: one per batch
+rows = sorted((search_record(r.config)["batch"], r.config["lam"])
+              for r in grid if r.metrics)  # q = 1: one per batch
 print("RESULT " + json.dumps({"lams": [lam for _, lam in rows], "errors": len(grid.errors)}))
 '''
 

@@ -198,3 +198,18 @@ def test_shards_are_released_when_the_run_ends(ray_session, trajectory, tmp_path
     while object_store_bytes_used() - before >= checkpoint_bytes and time.time() < deadline:
         time.sleep(0.5)  # frees are asynchronous
     assert object_store_bytes_used() - before < checkpoint_bytes, "checkpoint shards still pinned"
+
+
+def test_every_row_and_the_summary_account_for_the_evaluation(run):
+    _, result = run
+    rows = [r for r in result.table.to_pylist() if r["status"] == "ok"]
+    for r in rows:
+        assert r["eval_tokens"] == r["tokens"] > 0 and r["eval_seconds"] > 0
+        assert r["eval_tokens_per_s"] == pytest.approx(r["eval_tokens"] / r["eval_seconds"],
+                                                       rel=1e-6)
+    totals = result.summary["evaluation"]
+    assert totals["evaluations"] == len(rows)
+    assert totals["eval_tokens"] == sum(r["eval_tokens"] for r in rows)
+    assert totals["eval_seconds"] == pytest.approx(sum(r["eval_seconds"] for r in rows))
+    assert totals["batch_sizes"] == sorted({r["eval_batch_size"] for r in rows})
+    assert totals["peak_mem_mb_max"] == max(r["eval_peak_mem_mb"] for r in rows)
