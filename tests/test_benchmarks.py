@@ -160,3 +160,21 @@ def test_cluster_throughput_quick(tmp_path, quick_trajectory_cache):
     assert float(figures["ratio_2node_vs_q2"]) >= 0.5, figures
     # each checkpoint crosses to the worker node once (a second pull would make it >= 1.5)
     assert float(figures["copies_per_ckpt_max"]) < 1.5
+
+
+def test_eval_throughput_quick(tmp_path):
+    figures = run_quick("eval_throughput.py", tmp_path)
+    # Held-out loss at vocabularies 128k and 256k: the chunked path's peak memory stays flat
+    # (bounded by its head chunk), the full-logits path's doubles with the vocabulary.
+    assert float(figures["chunked_mem_ratio"]) < 1.25
+    assert float(figures["full_mem_ratio"]) > 1.6
+    assert float(figures["loss_rel_diff_max"]) < 1e-5  # the same loss
+
+
+def test_convert_store_quick(tmp_path):
+    figures = run_quick("convert_store.py", tmp_path)
+    # Reading a Mixtral file and stacking its experts costs one extra copy of the expert
+    # weights: 1.45x the plain store in BENCHMARKS.md, 1.53x in --quick. A conversion that
+    # read a tensor twice or went through Python per element would pass 4x.
+    assert float(figures["convert_ratio"]) < 4.0
+    assert int(figures["tensors"]) == 21  # the model's tensors, not the file's 41
