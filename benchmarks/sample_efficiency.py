@@ -252,6 +252,8 @@ def main(argv=None) -> int:
                    help="recompute landscapes.json from this directory of checkpoint-<step>/ + heldout.jsonl")
     p.add_argument("--grid", type=int, default=41)
     p.add_argument("--jobs", type=int, default=1, help="worker processes")
+    p.add_argument("--alpha", type=float, nargs="*", default=[0.5, 0.0],
+                   help="lower ends of the search spaces [α, 1]")
     p.add_argument("--section", default="", help="suffix of the BENCHMARKS.md section title")
     p.add_argument("--write", type=Path, default=HERE.parent / "BENCHMARKS.md")
     args = p.parse_args(argv)
@@ -289,7 +291,7 @@ def main(argv=None) -> int:
         if not landscapes:
             print(f"no cached landscapes for the {split} split", file=sys.stderr)
             return 2
-        for alpha in (0.5, 0.0):
+        for alpha in args.alpha:
             rows, medians = table(landscapes, searchers, alpha, seeds, args.noise, start, split)
             lines += rows
             for label, med in medians.items():
