@@ -182,7 +182,8 @@ def check_compare(checkpoints, objective, objective_options, resources, tune_opt
                           checkpoint=checkpoint)
     infos = load_window(checkpoints, checkpoint, log)
     objective_arg = objective
-    objective = prepare_objective(objective, objective_options, infos[-1], search, log)
+    objective = prepare_objective(objective, objective_options, infos[-1], search, log,
+                                  checkpoint.trust_remote_code)
     windows = None
     if {"fisher", "regmean"} & set(baselines.methods):
         windows = calibration_windows(objective, baselines.calibration, baselines.stats_tokens,

@@ -66,14 +66,16 @@ def code_dir_of(info: CheckpointInfo, checkpoint: CheckpointConfig) -> Optional[
 
 
 def prepare_objective(spec: str | Objective, options: Optional[Mapping[str, Any]],
-                      later: CheckpointInfo, search: SearchConfig, log: Log) -> Objective:
+                      later: CheckpointInfo, search: SearchConfig, log: Log,
+                      trust_remote_code: bool = False) -> Objective:
     """The objective, parsed and prepared (data read and tokenized) on the later checkpoint's
-    tokenizer, checked against the model (`fit_to_model`) and the screening stage. Raises
-    ObjectiveError or ConfigError."""
+    tokenizer (its own tokenizer code only with `trust_remote_code`), checked against the model
+    (`fit_to_model`) and the screening stage. Raises ObjectiveError or ConfigError."""
     options = dict(options or {})
     objective = fit_to_model(parse_objective(spec, **options), spec, options, later.config, log)
     if search.screen_limit is not None:
         check_screen_limit(objective, search.screen_limit)
+    objective.trust_remote_code = trust_remote_code
     objective.prepare(later.path)
     check_vocabulary(objective, later)
     log(f"objective {objective!r} ready ({objective.mode}imize)")

@@ -194,7 +194,8 @@ def check_sweep(checkpoints, objective, objective_options, resources, tune_optio
                           checkpoint=checkpoint)
     infos = load_window([p for _, p in found], checkpoint, log)
     objective_arg = objective
-    objective = prepare_objective(objective, objective_options, infos[-1], search, log)
+    objective = prepare_objective(objective, objective_options, infos[-1], search, log,
+                                  checkpoint.trust_remote_code)
     log(f"sweep of {len(infos)} checkpoints ({', '.join(i.path.name for i in infos)}), "
         f"{len(infos) - 1} adjacent pair(s)")
     tuned.update(objective=objective_arg, objective_options=objective_options)

@@ -164,7 +164,8 @@ def check_inputs(pair, objective, objective_options, stored, resources, search: 
     earlier, later = load_window(pair, checkpoint, log)
     if stored is not None:
         check_stored(stored, later)
-    objective = prepare_objective(objective, objective_options, later, search, log)
+    objective = prepare_objective(objective, objective_options, later, search, log,
+                                  checkpoint.trust_remote_code)
     return _Run(search, run, checkpoint, resources, log, earlier, later, objective)
 
 

@@ -176,12 +176,25 @@ class TinyForCausalLM(LlamaForCausalLM):
     config_class = TinyConfig
 '''
 
+REMOTE_TOKENIZER = '''
+from transformers import PreTrainedTokenizerFast
+
+
+class TinyTokenizer(PreTrainedTokenizerFast):
+    pass
+'''
+
 
 def test_model_with_its_own_code_needs_the_opt_in(ray_session, text, tmp_path):
     tokenizer, heldout = text
     pair = save_pair(tmp_path, "llama", SMALL, tokenizer)
     for path in pair:
         (path / "modeling_tiny.py").write_text(REMOTE_CODE)
+        (path / "tokenization_tiny.py").write_text(REMOTE_TOKENIZER)
+        tok_config = json.loads((path / "tokenizer_config.json").read_text())
+        tok_config.update(tokenizer_class="TinyTokenizer",
+                          auto_map={"AutoTokenizer": [None, "tokenization_tiny.TinyTokenizer"]})
+        (path / "tokenizer_config.json").write_text(json.dumps(tok_config))
         config = json.loads((path / "config.json").read_text())
         config.update(model_type="ckmerge_tiny", architectures=["TinyForCausalLM"], auto_map={
             "AutoConfig": "modeling_tiny.TinyConfig",
@@ -194,6 +207,10 @@ def test_model_with_its_own_code_needs_the_opt_in(ray_session, text, tmp_path):
     assert str(pair[1] / "modeling_tiny.py") in str(refused.value)
     assert "trust_remote_code=True" in str(refused.value)
     assert not (tmp_path / "refused").exists()
+    from ckmerge_ray.errors import ObjectiveError
+
+    with pytest.raises(ObjectiveError, match="cannot load a tokenizer"):
+        HeldoutLoss(heldout, **OPTIONS).prepare(pair[1])  # its tokenizer is its own code too
 
     result = tune_merge(pair, {"cpu": 1}, f"loss:{heldout}", objective_options=OPTIONS,
                         num_trials=3, max_concurrent=2, output_dir=tmp_path / "run",
@@ -208,6 +225,10 @@ def test_model_with_its_own_code_needs_the_opt_in(ray_session, text, tmp_path):
         config.update(model_type="llama", architectures=["LlamaForCausalLM"])
         config.pop("auto_map")
         (merged / "config.json").write_text(json.dumps(config))
+        tok_config = json.loads((merged / "tokenizer_config.json").read_text())
+        tok_config.pop("auto_map")
+        tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"  # what TinyTokenizer derives
+        (merged / "tokenizer_config.json").write_text(json.dumps(tok_config))
         assert r["score"] == pytest.approx(score_of(merged, heldout), abs=2e-5)
 
 

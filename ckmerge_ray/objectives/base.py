@@ -23,6 +23,9 @@ class Objective(abc.ABC):
     mode: str = "min"
     #: Short name for tables and messages.
     name: str = "objective"
+    #: Load a tokenizer whose class ships with the checkpoint (tokenizer_config.json auto_map).
+    #: Set by the tuner from ``CheckpointConfig.trust_remote_code``; off by default.
+    trust_remote_code: bool = False
 
     @abc.abstractmethod
     def prepare(self, tokenizer_dir: Path) -> None:

@@ -165,7 +165,8 @@ class HeldoutLoss(Objective):
 
         texts = read_texts(self.path, self.text_field)
         try:
-            tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=False)
+            tok = AutoTokenizer.from_pretrained(str(tokenizer_dir),
+                                                trust_remote_code=self.trust_remote_code)
         except Exception as e:
             raise ObjectiveError(f"cannot load a tokenizer from {tokenizer_dir}: {e}") from e
         self.windows = make_windows(texts, tok, self.seq_len, self.max_tokens)

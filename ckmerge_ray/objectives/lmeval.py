@@ -185,7 +185,8 @@ class LmEvalObjective(Objective):
         generating = [n for n, t in loaded["tasks"].items()
                       if t.get_config("output_type") == "generate_until"]
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                tokenizer_dir, trust_remote_code=self.trust_remote_code)
         except Exception as e:  # noqa: BLE001 - any failure means: no usable tokenizer
             need = (f"generation tasks {generating[:3]} need" if generating
                     else "lm-eval objectives need")
