@@ -45,6 +45,7 @@ from ckmerge_ray.model import dtypes_of
 from ckmerge_ray.objectives import HeldoutLoss, Objective
 from ckmerge_ray.plots import draw_plots
 from ckmerge_ray.results import (
+    renamed_name,
     COMPARE_MD, COMPARE_TABLE, SUMMARY_FILE, TUNED_DIR, write_bytes_atomic, write_json_atomic,
     write_table_atomic,
 )
@@ -409,13 +410,6 @@ def calibration_windows(objective: Objective, calibration: Optional[str | os.Pat
 _RENAMED = {'COMPARE_FILE': 'COMPARE_TABLE'}
 
 
+
 def __getattr__(name: str):
-    if name in _RENAMED:
-        import warnings
-
-        from ckmerge_ray import results
-
-        warnings.warn(f"ckmerge_ray.compare.{name} is deprecated; use "
-                      f"ckmerge_ray.results.{_RENAMED[name]}", DeprecationWarning, stacklevel=2)
-        return getattr(results, _RENAMED[name])
-    raise AttributeError(f"module 'ckmerge_ray.compare' has no attribute {name!r}")
+    return renamed_name(__name__, _RENAMED, name)

@@ -44,6 +44,18 @@ SWEEP_HEATMAP_PLOT = "sweep_heatmap.png"
 PAIRS_DIR = "pairs"  # each pair's own tune run
 
 
+def renamed_name(module: str, renamed: Dict[str, str], name: str):
+    """A module's `__getattr__` for output-file names of earlier versions: the name in this
+    module it became, with a DeprecationWarning (every output file is named once, here)."""
+    if name not in renamed:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    import warnings
+
+    warnings.warn(f"{module}.{name} is deprecated; use ckmerge_ray.results.{renamed[name]}",
+                  DeprecationWarning, stacklevel=3)
+    return globals()[renamed[name]]
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file, fsync and rename."""
     path.parent.mkdir(parents=True, exist_ok=True)

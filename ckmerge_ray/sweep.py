@@ -36,6 +36,7 @@ from ckmerge_ray.model import dtypes_of
 from ckmerge_ray.objectives import Objective
 from ckmerge_ray.plots import draw_plots
 from ckmerge_ray.results import (
+    renamed_name,
     HEATMAP_TABLE, PAIRS_DIR, SUMMARY_FILE, SWEEP_TABLE, write_json_atomic, write_table_atomic,
 )
 from ckmerge_ray.rundir import check_claimable, claim_output_dir
@@ -301,13 +302,6 @@ def score_heatmap(ctx: _Sweep, stored: List[StoredCheckpoint], lam: float) -> pa
 _RENAMED = {'SWEEP_FILE': 'SWEEP_TABLE', 'HEATMAP_FILE': 'HEATMAP_TABLE'}
 
 
+
 def __getattr__(name: str):
-    if name in _RENAMED:
-        import warnings
-
-        from ckmerge_ray import results
-
-        warnings.warn(f"ckmerge_ray.sweep.{name} is deprecated; use "
-                      f"ckmerge_ray.results.{_RENAMED[name]}", DeprecationWarning, stacklevel=2)
-        return getattr(results, _RENAMED[name])
-    raise AttributeError(f"module 'ckmerge_ray.sweep' has no attribute {name!r}")
+    return renamed_name(__name__, _RENAMED, name)

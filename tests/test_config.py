@@ -91,3 +91,15 @@ def test_to_dict_is_json_and_round_trips():
                   BaselineConfig(methods="ema")):
         data = json.loads(json.dumps(value.to_dict()))
         assert type(value)(**data) == value
+
+
+def test_renamed_output_names_still_answer_with_a_warning():
+    import ckmerge_ray.compare as compare
+    import ckmerge_ray.sweep as sweep
+
+    with pytest.warns(DeprecationWarning, match="use ckmerge_ray.results.COMPARE_TABLE"):
+        assert compare.COMPARE_FILE == "compare.parquet"
+    with pytest.warns(DeprecationWarning, match="use ckmerge_ray.results.HEATMAP_TABLE"):
+        assert sweep.HEATMAP_FILE == "heatmap.parquet"
+    with pytest.raises(AttributeError, match="has no attribute 'NOPE'"):
+        compare.NOPE
