@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 import time
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -20,6 +19,8 @@ import numpy as np
 from bayes_opt.util import NotUniqueError
 from ray.tune.search.bayesopt import BayesOptSearch
 from ray.tune.utils.util import flatten_dict, unflatten_dict
+
+from ckmerge_ray.search.acquisition import Box, finite_real, kriging_believer, result_value
 
 logger = logging.getLogger(__name__)
 
@@ -41,22 +42,6 @@ _REFUSED = {
     "repeat_float_precision": "GPHedgeSearch never suggests a point within min_spacing of a "
                               "taken one; set min_spacing instead",
 }
-
-
-def finite_real(value) -> Optional[float]:
-    """`value` as a float if it is a finite real number of any Python or numpy type, else None.
-
-    A score is valid whatever its type: ``np.float32`` (a float32 model's loss), ``np.int64``
-    (a count), a 0-d array or ``Repeater``'s mean. Booleans and complex numbers are not scores.
-    """
-    if isinstance(value, (bool, np.bool_)):
-        return None
-    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf":
-        value = value.item()
-    if not isinstance(value, numbers.Real):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
 
 
 class GPHedgeSearch(BayesOptSearch):
@@ -355,8 +340,8 @@ class GPHedgeSearch(BayesOptSearch):
 
         Public so that a saved trials table can rebuild the GP a run ended with (plots).
         """
-        finite = finite_real(_get(result, self._metric)) is not None
-        screened = _get(result, "fidelity") == "screen"
+        finite = finite_real(result_value(result, self._metric)) is not None
+        screened = result_value(result, "fidelity") == "screen"
         if error or not finite:
             self._failed.append(self._to_array(params).tolist())
         elif screened and not self._finite_stderr(result):
@@ -368,7 +353,7 @@ class GPHedgeSearch(BayesOptSearch):
         # Also reached directly from BayesOptSearch.register_analysis (a dataframe row and a
         # trial's whole config), so check everything here.
         flat = flatten_dict(dict(params))
-        value = finite_real(_get(result, self._metric))
+        value = finite_real(result_value(result, self._metric))
         if value is None or any(finite_real(flat.get(k)) is None for k in self._keys):
             return
         params = {k: float(flat[k]) for k in self._keys}
@@ -383,7 +368,7 @@ class GPHedgeSearch(BayesOptSearch):
         self._obs_stderr.append(self._finite_stderr(result) or math.nan)
 
     def _finite_stderr(self, result: Optional[Dict]) -> Optional[float]:
-        value = finite_real(_get(result, self.noise_key)) if self.noise_key else None
+        value = finite_real(result_value(result, self.noise_key)) if self.noise_key else None
         return value if value is not None and value >= 0 else None
 
     def get_state(self) -> Dict:
@@ -462,68 +447,22 @@ class GPHedgeSearch(BayesOptSearch):
         pending = [self._to_array(p) for t, p in self._live_trial_mapping.items() if t != trial_id]
         taken = [*X, *pending, *(np.asarray(f) for f in self._failed)]
         if len(y) < 2:
-            return self._farthest(taken, rng), "explore"
+            return self._box().farthest(taken, rng), "explore"
         gp = self._fit_gp(X, y)
         # With noisy scores the incumbent is the best posterior mean, not a lucky draw.
         y_max = float(gp.predict(X).max()) if self.noise_key else float(y.max())
         if pending:
-            gp = _kriging_believer(gp, X, y, np.asarray(pending), self.gp_noise)
-        nominees = {a: self._maximize(a, gp, y_max, taken, rng) for a in self.acquisitions}
+            gp = kriging_believer(gp, X, y, np.asarray(pending), self.gp_noise)
+        box = self._box()
+        nominees = {a: box.maximize(_BYO_KIND[a], self.kappa, self.xi, gp, y_max, taken, rng)
+                    for a in self.acquisitions}
         self._nominees[self.batch_index].append({a: x.tolist() for a, x in nominees.items()})
         probs = [self._batch_probs[a] for a in self.acquisitions]
         chosen = self.acquisitions[int(rng.choice(len(self.acquisitions), p=probs))]
         return nominees[chosen], chosen
 
-    def _maximize(self, acq: str, gp, y_max: float, taken, rng) -> np.ndarray:
-        """Argmax of the acquisition over points at least `min_spacing` from every taken point.
-
-        Written here because bayes_opt's `acq_max` cannot exclude neighbourhoods of pending
-        points: random candidates (plus a grid in 1-D), then L-BFGS-B from the best few.
-        """
-        from bayes_opt import UtilityFunction
-        from scipy.optimize import minimize
-
-        util = UtilityFunction(kind=_BYO_KIND[acq], kappa=self.kappa, xi=self.xi)
-        cands = self._candidates(rng)
-        ok = self._far_enough(cands, taken)
-        if not ok.any():
-            return self._farthest(taken, rng)
-        cands = cands[ok]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            values = util.utility(cands, gp=gp, y_max=y_max)
-            best = cands[int(np.argmax(values))]
-            best_value = float(values.max())
-            for start in cands[np.argsort(values)[-3:]]:
-                res = minimize(lambda x: -float(util.utility(x.reshape(1, -1), gp=gp, y_max=y_max)[0]),
-                               start, bounds=self._bounds, method="L-BFGS-B")
-                x = np.clip(res.x, self._bounds[:, 0], self._bounds[:, 1])
-                if res.success and -res.fun > best_value and self._far_enough(x[None], taken)[0]:
-                    best, best_value = x, float(-res.fun)
-        return best
-
-    def _candidates(self, rng) -> np.ndarray:
-        lo, hi = self._bounds[:, 0], self._bounds[:, 1]
-        cands = lo + (hi - lo) * rng.random((self.n_candidates, len(lo)))
-        if len(lo) == 1:
-            cands = np.vstack([cands, np.linspace(lo, hi, 1001)])
-        return cands
-
-    def _far_enough(self, cands: np.ndarray, taken) -> np.ndarray:
-        if not len(taken) or self.min_spacing == 0:
-            return np.ones(len(cands), dtype=bool)
-        scale = self._bounds[:, 1] - self._bounds[:, 0]
-        d = np.abs(cands[:, None, :] - np.asarray(taken)[None, :, :]) / scale  # (n, t, dim)
-        return d.max(axis=2).min(axis=1) >= self.min_spacing
-
-    def _farthest(self, taken, rng) -> np.ndarray:
-        """The candidate farthest from every taken point (space filling)."""
-        cands = self._candidates(rng)
-        if not len(taken):
-            return cands[0]
-        scale = self._bounds[:, 1] - self._bounds[:, 0]
-        d = np.abs(cands[:, None, :] - np.asarray(taken)[None, :, :]) / scale
-        return cands[int(np.argmax(d.max(axis=2).min(axis=1)))]
+    def _box(self) -> Box:
+        return Box(self._bounds, self.min_spacing, self.n_candidates)
 
     # --- GP helpers ----------------------------------------------------------------------------
 
@@ -562,30 +501,3 @@ class GPHedgeSearch(BayesOptSearch):
 
     def _to_params(self, x: np.ndarray) -> Dict[str, float]:
         return {k: float(v) for k, v in zip(self._keys, x)}
-
-
-def _get(result, key):
-    """`result[key]` or None, for a dict, a pandas row (register_analysis) or None."""
-    if result is None:
-        return None
-    try:
-        return result.get(key)
-    except AttributeError:
-        return None
-
-
-def _kriging_believer(gp, X: np.ndarray, y: np.ndarray, pending: np.ndarray, noise: float):
-    """The GP conditioned on pending points as if they returned their posterior mean.
-
-    Kernel hyperparameters stay those fitted on real data (fantasies must not reshape them);
-    the real points keep their noise, the fantasies get `noise`.
-    """
-    from sklearn.base import clone
-
-    alpha = np.concatenate([np.broadcast_to(gp.alpha, (len(X),)), np.full(len(pending), noise)])
-    fantasy = clone(gp).set_params(kernel=gp.kernel_, optimizer=None, alpha=alpha)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fantasy.fit(np.vstack([X, pending]), np.concatenate([y, gp.predict(pending)]))
-    return fantasy
-
