@@ -264,3 +264,25 @@ def test_objective_beyond_the_model_is_refused_before_any_work(text, tmp_path, c
         tune_merge(pair, {"cpu": 1}, f"loss:{heldout}", objective_options=options,
                    output_dir=tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("case", ["max_length", "tokenizer"])
+def test_lmeval_objective_beyond_the_model_is_refused_before_any_work(text, tmp_path, case):
+    from ckmerge_ray.demo import make_lmeval_tasks
+    from ckmerge_ray.errors import ObjectiveError
+
+    tokenizer, heldout = text
+    _, config = ARCHITECTURES["gpt2_tied"]
+    options = {"include_path": str(make_lmeval_tasks(heldout, tmp_path / "tasks", docs=8)),
+               "limit": 4}
+    if case == "max_length":
+        options["max_length"] = 128
+        message = r"max_length=128 is longer than the model's context \(n_positions=64"
+    else:
+        config = dict(config, vocab_size=200)  # the tokenizer has 300 tokens
+        message = r"has 300 tokens but the model's vocabulary has 200 entries"
+    pair = save_pair(tmp_path, "gpt2", config, tokenizer)
+    with pytest.raises(ObjectiveError, match=message):
+        tune_merge(pair, {"cpu": 1}, "lmeval:ckmerge_stdlib_mc", objective_options=options,
+                   output_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
