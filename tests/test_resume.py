@@ -104,6 +104,13 @@ class CountsAndHangs(HeldoutLoss):
         n = len(list(log.parent.glob("started-*")))
         (log.parent / f"started-{n}-{os.getpid()}").touch()
         if n + 1 == int(os.environ.get("HANG_AT", "0")):
+            # Hang only once every other started evaluation is in the run's journal: an
+            # evaluation killed between its last line and its journal record would (rightly)
+            # be computed again on resume, and the count below would race with the kill.
+            deadline = time.time() + 120
+            while (len(list(Path(self.journal).glob("lam=*.json"))) < n
+                   and time.time() < deadline):
+                time.sleep(0.05)
             Path(str(log) + ".hang").touch()
             time.sleep(600)
         out = super().evaluate(model, device)
@@ -113,6 +120,7 @@ class CountsAndHangs(HeldoutLoss):
 
 earlier, later, out, resume = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "resume"
 objective = CountsAndHangs(Path(later).parent / "heldout.jsonl", seq_len=64, max_tokens=2048)
+objective.journal = str(Path(out).resolve() / "evaluations")
 r = tune_merge((earlier, later), {"cpu": 1}, objective=objective, num_trials=6, max_concurrent=2,
                output_dir=out, seed=3, resume=resume, export_best=False)
 print("BEST", r.best_lambda)
