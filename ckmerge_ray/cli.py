@@ -6,17 +6,19 @@
         --cpus-per-trial 1 --gpus-per-trial 0 --output runs/x
 
 Exit codes: 0 on success; 2 on bad input, a failed run, a sweep whose every pair failed or a
-comparison whose every method failed (one line on stderr); 130 on Ctrl-C.
+comparison whose every method failed (one line on stderr); 130 on SIGINT (Ctrl-C) and 143 on
+SIGTERM, with the run saved for ``--resume``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import List, Optional
 
-from ckmerge_ray.errors import CkmergeError, ConfigError
+from ckmerge_ray.errors import CkmergeError, ConfigError, RunInterrupted
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,12 +182,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _sweep(args)
         if args.command == "plot":
             return _plot(args)
+    except RunInterrupted as e:  # before CkmergeError: the run is saved, not failed
+        print(f"ckmerge-ray: {e}", file=sys.stderr)
+        return 128 + e.signum
     except CkmergeError as e:
         print(f"ckmerge-ray: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ckmerge-ray: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as e:
+        if e.code != signal.SIGTERM:  # Ray's driver turns SIGTERM into sys.exit(15)
+            raise
+        print("ckmerge-ray: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     return 2
 
 

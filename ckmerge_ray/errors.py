@@ -19,3 +19,17 @@ class ObjectiveError(CkmergeError):
 
 class RunError(CkmergeError):
     """The tuning run itself failed (every trial failed, output directory in use, ...)."""
+
+
+class RunInterrupted(CkmergeError):
+    """SIGINT (Ctrl-C) or SIGTERM stopped the run; its state is saved and it can be resumed.
+    `signum` is the signal; the CLI exits with 128 + signum (130, 143)."""
+
+    def __init__(self, message: str, signum: int = 2):
+        super().__init__(message)
+        self.signum = signum
+
+
+class OutputError(CkmergeError):
+    """A file of the run could not be written (disk full, quota, read-only): what was written
+    before stays intact; free space and resume the run."""
