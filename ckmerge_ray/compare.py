@@ -243,10 +243,10 @@ def score_singles(ctx: _Compare, score, table: "Table", which: List[int]) -> Dic
         if i == n - 1:
             table.later_score = m["score"]
         key = "endpoint" if i == n - 1 else f"checkpoint:{i}"
-        label = ENDPOINT if i == n - 1 else f"checkpoint {ctx.infos[i].path.name}"
+        label = ENDPOINT if i == n - 1 else f"checkpoint {ctx.infos[i].name}"
         table.add(key, label, m["score"], 1, time.perf_counter() - t0, one_hot(i, n), "none",
-                  checkpoint=ctx.infos[i].path.name)
-        ctx.log(f"{label} ({ctx.infos[i].path.name}): score={m['score']:.5f}")
+                  checkpoint=ctx.infos[i].name)
+        ctx.log(f"{label} ({ctx.infos[i].name}): score={m['score']:.5f}")
     return scores
 
 

@@ -175,11 +175,25 @@ class CheckpointConfig(_Settings):
     # every trial worker, imported from the later checkpoint's directory. Off: such a
     # checkpoint is refused, naming the classes and files that would run.
     trust_remote_code: bool = False
+    # "auto" (detect), "hf" (config.json + safetensors) or "dcp" (torch.distributed.checkpoint).
+    format: str = "auto"
+    # Trainer names -> the architecture's: a YAML file, a `NameMap` or a callable name -> name
+    # (None drops it); see ckmerge_ray/checkpoints/names.py. Wrapper prefixes need none.
+    name_map: Any = None
+    # config.json (or its directory) for DCP checkpoints with none beside or above them.
+    model_config: Optional[str] = None
 
     def __post_init__(self):
         if not isinstance(self.max_shard_bytes, int) or self.max_shard_bytes <= 0:
             raise ConfigError(f"max_shard_bytes must be a positive integer, got "
                               f"{self.max_shard_bytes!r}")
+        if self.format not in ("auto", "hf", "dcp"):
+            raise ConfigError(f"format must be 'auto', 'hf' or 'dcp', got {self.format!r}")
+        from ckmerge_ray.checkpoints.names import NameMap
+
+        object.__setattr__(self, "name_map", NameMap.of(self.name_map))
+        if self.model_config is not None:
+            object.__setattr__(self, "model_config", str(self.model_config))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from ckmerge_ray.checkpoints import (
-    CheckpointInfo, check_remote_code, load_checkpoint_info, plan_shards, validate_pair,
+    CheckpointInfo, check_remote_code, load_checkpoint_info, plan_shards, tokenizer_files,
+    validate_pair,
 )
 from ckmerge_ray.config import CheckpointConfig, SearchConfig
 from ckmerge_ray.errors import ConfigError, ObjectiveError
@@ -45,19 +46,29 @@ def load_window(paths: Sequence[str | os.PathLike], checkpoint: CheckpointConfig
     Raises CheckpointError (missing files, code that may not run, tensors unknown to the model,
     mismatched names, shapes, dtypes or architecture) and ConfigError (a checkpoint listed twice).
     """
-    paths = [Path(p) for p in paths]
-    if len(set(p.resolve() for p in paths)) != len(paths):
+    infos = [load_checkpoint_info(p, allow_pickle=checkpoint.allow_pickle,
+                                  format=checkpoint.format, model_config=checkpoint.model_config)
+             for p in paths]
+    if len({str(i.path) for i in infos}) != len(infos):
         raise ConfigError("the same checkpoint is listed twice")
-    infos = [load_checkpoint_info(p, allow_pickle=checkpoint.allow_pickle) for p in paths]
+    if len({i.name for i in infos}) != len(infos):
+        raise ConfigError(f"two checkpoints share the name {_first_repeat([i.name for i in infos])!r}"
+                          ": tables and logs tell checkpoints apart by their folder names")
     code_dir = check_remote_code(infos[-1], checkpoint.trust_remote_code)
     for info in infos[:-1]:
-        validate_pair(info, infos[-1])  # the files' own names first: the clearest message
-    convert_to_model(infos, code_dir)
+        validate_pair(info, infos[-1])  # the stored names first: the clearest message
+    convert_to_model(infos, code_dir, checkpoint.name_map)
     for info in infos[:-1]:
         validate_pair(info, infos[-1])
-    if log is not None and (line := describe(infos[-1].conversion)):
-        log(line)
+    if log is not None:
+        for line in (infos[-1].renaming.describe(), describe(infos[-1].conversion)):
+            if line:
+                log(f"{infos[-1].name}: {line}")
     return infos
+
+
+def _first_repeat(names: List[str]) -> str:
+    return next(n for i, n in enumerate(names) if n in names[:i])
 
 
 def code_dir_of(info: CheckpointInfo, checkpoint: CheckpointConfig) -> Optional[str]:
@@ -76,10 +87,27 @@ def prepare_objective(spec: str | Objective, options: Optional[Mapping[str, Any]
     if search.screen_limit is not None:
         check_screen_limit(objective, search.screen_limit)
     objective.trust_remote_code = trust_remote_code
-    objective.prepare(later.path)
+    objective.prepare(tokenizer_dir(later))
     check_vocabulary(objective, later)
     log(f"objective {objective!r} ready ({objective.mode}imize)")
     return objective
+
+
+def tokenizer_dir(info: CheckpointInfo) -> Path:
+    """A local directory with the checkpoint's config.json and tokenizer files: its own when
+    local; for a remote checkpoint these few small files are copied to a temporary directory
+    (removed at exit; the weights are never staged)."""
+    if info.model_dir.is_local:
+        return info.model_dir.local_path
+    import atexit
+    import shutil
+    import tempfile
+
+    local = Path(tempfile.mkdtemp(prefix="ckmerge-tokenizer-"))
+    atexit.register(shutil.rmtree, local, ignore_errors=True)
+    for f in [info.model_dir / "config.json", *tokenizer_files(info.model_dir)]:
+        (local / f.name).write_bytes(f.read_bytes())
+    return local
 
 
 # Config fields that bound a model's positions, in the order transformers' own code reads them.
@@ -125,12 +153,12 @@ def check_vocabulary(objective: Objective, later: CheckpointInfo) -> None:
     if windows is not None and len(windows) and int(windows.max()) >= vocab:
         raise ObjectiveError(
             f"the held-out text tokenizes to ids up to {int(windows.max())}, but the model's "
-            f"vocabulary has {vocab} entries (vocab_size in {later.path / 'config.json'}): the "
+            f"vocabulary has {vocab} entries (vocab_size in {later.model_dir / 'config.json'}): the "
             "tokenizer has tokens the embedding was not resized for")
     tokenizer = getattr(objective, "tokenizer", None)
     if tokenizer is not None and len(tokenizer) > vocab:
         raise ObjectiveError(
-            f"the tokenizer of {later.path} has {len(tokenizer)} tokens but the model's vocabulary "
+            f"the tokenizer of {later.model_dir} has {len(tokenizer)} tokens but the model's vocabulary "
             f"has {vocab} entries (vocab_size in config.json): the tokenizer has tokens the "
             "embedding was not resized for")
 
@@ -156,7 +184,7 @@ class WindowStore:
         self.infos = list(infos)
         self.plan = plan_shards(self.infos[-1], checkpoint.max_shard_bytes)
         self.log = log
-        self.puts = {info.path.name: 0 for info in self.infos}
+        self.puts = {info.name: 0 for info in self.infos}
         self.object_ids: Dict[str, List[str]] = {}
         self._stored: Dict[int, StoredCheckpoint] = {}
         self._reference: Dict = {}
@@ -167,8 +195,8 @@ class WindowStore:
             info = self.infos[k]
             self._stored[k] = put_checkpoint(info, self.plan, reference=self._reference,
                                              progress=self.log)
-            self.puts[info.path.name] += 1
-            self.object_ids[info.path.name] = self._stored[k].object_ids
+            self.puts[info.name] += 1
+            self.object_ids[info.name] = self._stored[k].object_ids
         return self._stored[k]
 
     def all(self) -> List[StoredCheckpoint]:

@@ -173,21 +173,53 @@ def worker_memory_mb() -> Dict[str, float]:
     return {"rss_peak_mb": peak_kb / 1024, "uss_mb": psutil.Process().memory_full_info().uss / 2**20}
 
 
-def convert_to_model(infos, code_dir: Optional[str] = None) -> torch.nn.Module:
-    """Build the newest checkpoint's model class on the meta device (no memory), convert every
-    checkpoint's names and layouts with transformers' own conversion (`naming.py`), and check
-    that the newest then covers the model. Returns the meta model. Raises CheckpointError."""
-    from ckmerge_ray.naming import plan_conversion
+def convert_to_model(infos, code_dir: Optional[str] = None, name_map=None) -> torch.nn.Module:
+    """Build the newest checkpoint's model class on the meta device (no memory), rename every
+    checkpoint's tensors to the architecture's (`checkpoints/names.py`: training state, wrapper
+    prefixes, the user's `name_map`), convert them with transformers' own conversion
+    (`naming.py`), and check that the newest then covers the model. Returns the meta model.
+    Raises CheckpointError listing the first unexpected and missing names and a rule to fix them.
+    """
+    from ckmerge_ray.checkpoints.names import plan_renaming
+    from ckmerge_ray.naming import known_count, plan_conversion
 
     with torch.device("meta"):
         model = build_model(infos[-1].config, dtypes_of(infos[-1]), device="meta",
                             code_dir=code_dir)
     for info in infos:
-        info.apply_conversion(plan_conversion(
-            model, {n: (s.shape, s.dtype) for n, s in info.specs.items()}))
+        renaming = plan_renaming(list(info.specs), info.config, name_map,
+                                 lambda names: known_count(model, names))
+        if not renaming.targets:
+            raise CheckpointError(f"{info.path} holds no model weights, only training state: "
+                                  f"{renaming.describe()}")
+        info.apply_renaming(renaming)
+        conversion = plan_conversion(model, {n: (s.shape, s.dtype) for n, s in info.specs.items()})
+        if conversion.unexpected:
+            raise name_mismatch(info, model, conversion.unexpected, set(conversion.targets))
+        info.apply_conversion(conversion)
     later = infos[-1]
     check_model_covers(model, list(later.specs), {n: s.shape for n, s in later.specs.items()})
     return model
+
+
+def name_mismatch(info, model: torch.nn.Module, unexpected: List[str], loaded) -> CheckpointError:
+    """The error for a checkpoint whose names do not match the architecture even after
+    renaming: the first unexpected and missing names and the name-map rule that would fix most."""
+    from ckmerge_ray.checkpoints.names import suggest_rule
+    from ckmerge_ray.naming import first_names
+
+    covered = {id(t) for n, t in tensor_map(model).items() if n in loaded}
+    missing = [n for n, p in model.named_parameters() if id(p) not in covered]
+    text = (f"tensor names of {info.path} do not match {type(model).__name__}"
+            f"{' after ' + info.renaming.describe() if info.renaming.describe() else ''}: "
+            f"unexpected {first_names(unexpected)}; missing {first_names(missing)}")
+    rule = suggest_rule(unexpected, missing)
+    if rule:
+        text += (f". A name-map rule that would fix most of them (YAML, --name-map FILE):\n"
+                 f"rules:\n{rule}")
+    else:
+        text += ". Give a name map (--name-map FILE) from these names to the architecture's"
+    return CheckpointError(text)
 
 
 def _no_init_weights():

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import ray
 from safetensors.torch import save_file
 
+from ckmerge_ray.errors import OutputError
 from ckmerge_ray.merge import merge_state_dicts
 from ckmerge_ray.search import LAMBDA
 from ckmerge_ray.store import StoredCheckpoint, shard_tensors
@@ -29,7 +30,8 @@ TRIALS_FILE = "trials.parquet"  # one row per trial, rewritten after each
 SUMMARY_FILE = "summary.json"  # written once, when the run has finished
 BEST_DIR = "best"  # the best merged model (Hugging Face layout)
 RUN_FILE = "run.json"  # the run's settings and Tune experiment path, for resume
-JOURNAL_DIR = "evaluations"  # one JSON per finished evaluation, written by the worker
+JOURNAL_DIR = "evaluations"  # one JSON per finished evaluation, recorded by the plan holder
+LOCK_FILE = "run.lock"  # held by the run working in the directory (rundir.lock_run_dir)
 LANDSCAPE_PLOT = "landscape.png"
 # A comparison's directory (compare_merges):
 COMPARE_TABLE = "compare.parquet"
@@ -73,6 +75,15 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 def write_json_atomic(path: Path, obj: Dict) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def output_error(e: OSError, what: str, out: Path) -> OutputError:
+    """The `OutputError` for `what` (a file or folder of the run in `out`) that could not be
+    written: a full disk, a quota, a read-only mount. Writes are atomic, so what the run wrote
+    before is intact, and a resume continues once the disk is fixed."""
+    reason = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+    return OutputError(f"cannot write {what} ({reason}); everything the run wrote before is "
+                       f"intact: free space, then resume it (ckmerge-ray tune --resume {out})")
 
 
 def rows_to_table(rows: List[Dict]) -> pa.Table:
@@ -141,7 +152,7 @@ def export_merged(
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_bytes(config_json)
         for f in extra_files:
-            shutil.copy2(f, tmp / f.name)
+            (tmp / f.name).write_bytes(f.read_bytes())  # a Path or a storage.Location
         publish_dir(tmp, dest)
     finally:
         if tmp.exists():

@@ -121,7 +121,7 @@ def put_checkpoint(
             elapsed = time.perf_counter() - start
             eta = elapsed / done * (total - done) if done else 0.0
             progress(
-                f"stored shard {i + 1}/{len(plan)} of {info.path.name}: {done / 2**20:.1f}/"
+                f"stored shard {i + 1}/{len(plan)} of {info.name}: {done / 2**20:.1f}/"
                 f"{total / 2**20:.1f} MiB, {elapsed:.1f}s elapsed, ETA {eta:.1f}s"
             )
     return StoredCheckpoint(str(info.path), refs, [list(n) for n in plan], nbytes)

@@ -197,7 +197,7 @@ def check_sweep(checkpoints, objective, objective_options, resources, tune_optio
     objective_arg = objective
     objective = prepare_objective(objective, objective_options, infos[-1], search, log,
                                   checkpoint.trust_remote_code)
-    log(f"sweep of {len(infos)} checkpoints ({', '.join(i.path.name for i in infos)}), "
+    log(f"sweep of {len(infos)} checkpoints ({', '.join(i.name for i in infos)}), "
         f"{len(infos) - 1} adjacent pair(s)")
     tuned.update(objective=objective_arg, objective_options=objective_options)
     return _Sweep(search, run, checkpoint, resources, log, [s for s, _ in found], infos,
@@ -212,7 +212,7 @@ def tune_pairs(ctx: _Sweep, window: WindowStore, keep: bool) -> Tuple[List[Dict]
 
     from ckmerge_ray.tuner import tune_merge
 
-    rows, plots, names = [], [], [i.path.name for i in ctx.infos]
+    rows, plots, names = [], [], [i.name for i in ctx.infos]
     for k in range(len(ctx.infos) - 1):
         pair = (window.get(k), window.get(k + 1))
         run_dir = Path(PAIRS_DIR) / f"{k:02d}-{names[k]}-{names[k + 1]}"

@@ -3,7 +3,9 @@
 A run is six steps, each a function below: check the inputs (`inputs.py`, before Ray starts) →
 store the pair's shards in the object store once → build the Tune experiment (GP-Hedge searcher,
 trainable of `trial.py`, the trials-table callback) → fit → pick the best λ → write the results
-(best/ export, summary.json with its plots, the final table). Example::
+(best/ export, summary.json with its plots, the final table). From the claim of the output
+directory to the end, the run holds the directory's lock (`rundir.py`), and SIGINT, SIGTERM or a
+file it cannot write stop it as a resumable run (`interrupts.py`). Example::
 
     from ckmerge_ray import tune_merge
     result = tune_merge(("ckpts/step900", "ckpts/step1000"), {"cpu": 1},
@@ -24,6 +26,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import pyarrow as pa
 import ray
 from ray import tune
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ckmerge_ray.callbacks import StopWhenAllFail, TrialTableWriter
 from ckmerge_ray.checkpoints import CheckpointInfo, tokenizer_files
@@ -34,13 +37,17 @@ from ckmerge_ray.inputs import (
     Log, WindowStore, code_dir_of, load_window, prepare_objective, printer,
 )
 from ckmerge_ray.model import dtypes_of
+from ckmerge_ray.interrupts import RunGuard, StopForwarder
 from ckmerge_ray.objectives import Objective
 from ckmerge_ray.plots import draw_plots
 from ckmerge_ray.results import (
     BEST_DIR, JOURNAL_DIR, RUN_FILE, SUMMARY_FILE, TRIALS_FILE, TuneMergeResult, export_merged,
-    format_result, load_result, read_rows, rows_to_table, write_json_atomic,
+    format_result, load_result, output_error, read_rows, rows_to_table, write_json_atomic,
 )
-from ckmerge_ray.rundir import RUN_DEFINING, claim_tune_dir, jsonable, read_run_file
+from ckmerge_ray.rundir import (
+    RUN_DEFINING, check_unlocked, claim_tune_dir, jsonable, lock_run_dir, read_run_file,
+    take_interruption,
+)
 from ckmerge_ray.search import LAMBDA
 from ckmerge_ray.search.fidelity import ScreeningScheduler
 from ckmerge_ray.store import StoredCheckpoint
@@ -104,7 +111,10 @@ def tune_merge(
 
     Raises:
         CkmergeError (ConfigError, CheckpointError, ObjectiveError) for bad input, before Ray
-        starts; RunError when every trial failed. TypeError for an unknown keyword.
+        starts; RunError when every trial failed or another run holds ``output_dir``;
+        RunInterrupted on SIGINT or SIGTERM (the run is saved: resume it); OutputError when a
+        file of the run cannot be written (a full disk: free space, then resume). TypeError for
+        an unknown keyword.
     """
     settings = split_options(options, search=search, run=run, checkpoint=checkpoint)
     run, out = settings["run"], Path(settings["run"].output_dir).resolve()
@@ -112,16 +122,35 @@ def tune_merge(
         raise ConfigError(f"pair must be (earlier, later) checkpoint directories, got {pair!r}")
     record = run_record(pair, objective, objective_options, settings["search"])
     claim_tune_dir(out, run.overwrite, run.resume, record, prepare=False)  # refuse early
-    ctx = check_inputs(pair, objective, objective_options, stored, resources, **settings)
-    ctx.out = out
-    previous = claim_tune_dir(out, run.overwrite, run.resume, record)
+    check_unlocked(out)  # another run works there: refuse before any work
+    total = settings["search"].num_samples
+    with RunGuard(printer(run.progress)) as guard:
+        try:
+            ctx = check_inputs(pair, objective, objective_options, stored, resources, **settings)
+            ctx.out = out
+            with lock_run_dir(out, ctx.log):
+                try:
+                    return run_locked(ctx, guard, record, objective, stored)
+                except KeyboardInterrupt:  # a second signal, or one outside Tune's loop
+                    raise guard.interrupted(out, total, saved=False) from None
+        except KeyboardInterrupt:  # while checking the inputs: nothing was started
+            raise guard.interrupted(out, total, saved=False, mark=False) from None
+
+
+def run_locked(ctx: _Run, guard: RunGuard, record: Dict, objective, stored) -> TuneMergeResult:
+    """Steps 2 to 6, in the claimed and locked output directory."""
+    previous = claim_tune_dir(ctx.out, ctx.run.overwrite, ctx.run.resume, record)
     if previous and (ctx.out / SUMMARY_FILE).exists():
         ctx.log(f"{ctx.out} holds a finished run; reporting it")
         return load_result(ctx.out, ctx.log)
+    if previous and (note := take_interruption(ctx.out)):
+        ctx.log(f"resuming a run interrupted by {note['signal']} at {note['at']} "
+                f"({note['trials_recorded']} of {note['trials_requested']} trials recorded)")
     ctx.resumed = bool(previous)
 
     t_ray = time.perf_counter()
     started_ray = connect(ctx.log)
+    guard.take_signals()  # ray.init installs a SIGTERM handler of its own
     ctx.seconds["ray_start"] = time.perf_counter() - t_ray
     holder = None
     try:
@@ -129,17 +158,26 @@ def tune_merge(
         store_pair(ctx, stored)
         plan = TrialPlan(
             uuid.uuid4().hex[:12], ctx.later.config, dtypes_of(ctx.later), *ctx.stored,
-            ctx.objective, journal_dir=str(ctx.out / JOURNAL_DIR),
-            screen_limit=ctx.search.screen_limit, gpu_shard_cache=ctx.run.gpu_shard_cache,
+            ctx.objective, screen_limit=ctx.search.screen_limit,
+            gpu_shard_cache=ctx.run.gpu_shard_cache,
             code_dir=code_dir_of(ctx.later, ctx.checkpoint),
         )
-        holder = PlanHolder.options(name=f"ckmerge-plan-{plan.run_id}").remote([ray.put(plan)])
+        # On the driver's node, whose disk holds the journal: a lost worker node cannot take
+        # the holder (and the run's plan and journal) with it.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        holder = PlanHolder.options(name=f"ckmerge-plan-{plan.run_id}", scheduling_strategy=here
+                                    ).remote([ray.put(plan)], str(ctx.out / JOURNAL_DIR))
         searcher = ctx.search.searcher(ctx.objective.mode, batch_size=ctx.q)
         record.update(_run_extras(objective, ctx))
         tuner, experiment = build_tuner(ctx, plan.run_id, searcher, previous, record)
         t_fit = time.perf_counter()
-        grid = tuner.fit()
+        with guard.tune_loop():
+            try:
+                grid = tuner.fit()
+            except OSError as e:  # Tune's own files (storage_path) on a full disk
+                raise output_error(e, f"Ray Tune's experiment {experiment}", ctx.out) from e
         ctx.seconds["tune"] = time.perf_counter() - t_fit
+        guard.raise_if_stopped(ctx.out, ctx.search.num_samples)  # signal, or unwritable file
         if previous:  # the searcher that ran is the one Tune restored: read its final state
             searcher.restore_from_dir(experiment)
         rows = read_rows(ctx.out / TRIALS_FILE)
@@ -240,7 +278,10 @@ def build_tuner(ctx: _Run, run_id: str, searcher, previous: Optional[Dict],
         return tune.Tuner.restore(experiment, trainable=trainable, restart_errored=True), experiment
     storage = run.storage_path or str(ctx.out / "ray")
     experiment = _join(storage, f"ckmerge-{run_id}")
-    write_json_atomic(ctx.out / RUN_FILE, {**record, "experiment": experiment})
+    try:
+        write_json_atomic(ctx.out / RUN_FILE, {**record, "experiment": experiment})
+    except OSError as e:
+        raise output_error(e, f"the run's settings {ctx.out / RUN_FILE}", ctx.out) from e
     writer = TrialTableWriter(ctx.out / TRIALS_FILE, search.num_samples, mode, run.progress)
     scheduler = (ScreeningScheduler("score", mode, search.screen_keep)
                  if search.screen_limit is not None else None)
@@ -250,7 +291,7 @@ def build_tuner(ctx: _Run, run_id: str, searcher, previous: Optional[Dict],
                                     num_samples=search.num_samples, max_concurrent_trials=ctx.q,
                                     reuse_actors=True),
         run_config=tune.RunConfig(
-            name=f"ckmerge-{run_id}", storage_path=storage, callbacks=[writer],
+            name=f"ckmerge-{run_id}", storage_path=storage, callbacks=[writer, StopForwarder()],
             stop=StopWhenAllFail(writer, after=min(search.num_samples, 3)),
             failure_config=tune.FailureConfig(max_failures=run.max_failures), verbose=0,
         ),
@@ -304,11 +345,14 @@ def write_results(ctx: _Run, rows: List[Dict], best: Dict, best_observed: Dict, 
     """Export best/, then write summary.json once (with its plots), and print the table."""
     best_path = None
     if ctx.run.export_best:
-        best_path = export_merged(
-            *ctx.stored, best[LAMBDA], (ctx.later.path / "config.json").read_bytes(),
-            tokenizer_files(ctx.later.path), ctx.out / BEST_DIR, progress=None,
-            revert=ctx.later.revert_names,
-        )
+        try:
+            best_path = export_merged(
+                *ctx.stored, best[LAMBDA], (ctx.later.model_dir / "config.json").read_bytes(),
+                tokenizer_files(ctx.later.model_dir), ctx.out / BEST_DIR, progress=None,
+                revert=ctx.later.revert_names,
+            )
+        except OSError as e:  # the previous best/, if any, is intact (see export_merged)
+            raise output_error(e, f"the best model {ctx.out / BEST_DIR}", ctx.out) from e
         ctx.log(f"best merged model written to {best_path}")
     ctx.seconds.update(search=searcher.suggest_seconds,
                        merge_sum=sum(r.get("merge_s") or 0.0 for r in full_ok(rows)),
@@ -316,7 +360,10 @@ def write_results(ctx: _Run, rows: List[Dict], best: Dict, best_observed: Dict, 
                        total=time.perf_counter() - ctx.started)
     summary = run_summary(ctx, rows, best, best_observed, searcher, best_path)
     summary["plots"] = draw_plots(ctx.out, "tune", rows, summary, ctx.log)
-    write_json_atomic(ctx.out / SUMMARY_FILE, summary)
+    try:
+        write_json_atomic(ctx.out / SUMMARY_FILE, summary)
+    except OSError as e:
+        raise output_error(e, f"the summary {ctx.out / SUMMARY_FILE}", ctx.out) from e
     result = TuneMergeResult(
         best_lambda=best[LAMBDA], best_score=best["score"], endpoint_scores=endpoint_scores(rows),
         mode=ctx.objective.mode, table=rows_to_table(rows), output_dir=ctx.out,
