@@ -1,16 +1,15 @@
 """Checkpoint locations that are local paths or URIs (s3://, gs://, hf://, anything fsspec resolves).
 
 `locate` turns what a user typed into a `Location` (an fsspec filesystem and a path on it) and
-answers a missing bucket, a missing prefix, missing credentials or a 403 with one line that says
-what to fix. Reads are predictable: `Location.read_range` is one ranged GET of exactly the bytes
-asked, `Location.open` streams without read-ahead. `publish_dir` puts a finished model directory
-at a URI so that a reader never loads half of it.
+answers a missing bucket or prefix, missing credentials, a 403 or an unreachable endpoint with one
+line that says what to fix. `Location.read_range` is one ranged GET of exactly the bytes asked;
+`Location.open` streams without read-ahead. `publish_dir` puts a finished model directory at a URI
+so that a reader never loads half of it.
 
-Configuration comes from the filesystem library's usual environment, read when a filesystem is
-first built in a process (fsspec caches instances by their arguments, see `clear_instance_caches`):
-for S3 the endpoint from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (or FSSPEC_S3_ENDPOINT_URL, which
-fsspec reads when it is imported), credentials from botocore's chain. Secrets never appear in a
-message: only variable names do, and values of secret-named variables are scrubbed from errors.
+Settings come from the filesystem library's usual environment, read when a filesystem is first
+built in a process (fsspec caches instances by their arguments: `clear_instance_caches`). For S3:
+the endpoint from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (or FSSPEC_S3_ENDPOINT_URL, read when
+fsspec is imported), credentials from botocore's chain. Errors name variables, never their values.
 """
 
 from __future__ import annotations
@@ -48,6 +47,8 @@ _GCS_CREDENTIALS = ("google-auth", "GOOGLE_APPLICATION_CREDENTIALS (a service-ac
 _CREDENTIALS = {"s3": _S3_CREDENTIALS, "s3a": _S3_CREDENTIALS, "gs": _GCS_CREDENTIALS, "gcs": _GCS_CREDENTIALS}
 _CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
                       "ProfileNotFound", "DefaultCredentialsError", "RefreshError"}
+_UNREACHABLE_ERRORS = {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError",
+                       "ClientConnectorDNSError", "ServerDisconnectedError", "ConnectionRefusedError"}
 _SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSW|CONNECTION_STRING|ACCOUNT_KEY|SAS", re.I)
 # Files a loader opens first (DCP's .metadata, HF's index and config.json): published last,
 # removed first. Higher rank = later; config.json is the very last file a reader can see.
@@ -234,28 +235,26 @@ def discover_children(location, pattern: re.Pattern) -> List[Tuple[int, Location
 
 def publish_dir(local_dir: Path, dest: Union[str, Location], log: Optional[Callable[[str], None]] = None
                 ) -> Location:
-    """Put the finished local directory `local_dir` at `dest` (a path or a URI) so that a reader
-    never loads a mix of the old and the new model. `local_dir` is copied, never moved.
+    """Put the finished local directory `local_dir` (copied, not moved) at `dest`, a path or a
+    URI, so that a reader never loads a mix of the old and the new model. Returns `dest`.
 
-    Local `dest`: copied to ``.NAME-tmp-*`` beside it, fsynced, the old `dest` renamed aside
-    (``.NAME-old-<µs>``, the names `results.recover_published` cleans up), the copy renamed in,
-    the old one removed: a reader sees the old directory, then briefly none, then the new one.
+    Local `dest`: a copy is made beside it (``.NAME-tmp-*``) and fsynced, the old `dest` renamed
+    aside (``.NAME-old-<µs>``, as `results.recover_published` expects), the copy renamed in, the
+    old one removed: a reader sees the old directory, then for a moment none, then the new one.
 
-    Remote `dest` (object stores have no directory rename), in this order:
+    Remote `dest` (object stores cannot rename a directory):
       1. every file is uploaded under the temporary sibling prefix ``.NAME-tmp-<hex>/``;
-      2. the old model's config.json is deleted, then its .metadata and ``*.index.json``, then
-         every other old object under `dest`;
-      3. the new files are server-side copied into `dest`, shards first, then ``*.index.json``
-         and .metadata, config.json last;
-      4. the temporary prefix is deleted (also, best effort, when a step fails).
-    A reader that starts by reading config.json (or DCP's .metadata) therefore sees the complete
-    old model, or "no model here" (steps 2-3), or the complete new model; never config.json next
-    to a mixed set of shards. A reader already streaming shards when step 2 starts can find
-    them gone or, if new shards reuse old names, replaced: such a reader should compare
-    `Location.fingerprint()` of config.json before and after it reads. Killed during 2-3, `dest`
-    holds no config.json (no model) and a ``.NAME-tmp-*`` prefix remains; publishing again
-    repairs it. `log` (e.g. ``print``) gets one line after each step (tests use it to list the
-    store between steps). Returns `dest`; raises CheckpointError.
+      2. the old config.json is deleted, then the old .metadata and ``*.index.json``, then every
+         other old object under `dest`;
+      3. the new files are copied into `dest` on the server: shards (concurrently), then
+         ``*.index.json``, .metadata and config.json, one by one in that order;
+      4. the temporary prefix is deleted (best effort also when a step failed).
+    A reader that starts from config.json (or DCP's .metadata) sees the whole old model, "no
+    model" (steps 2-3), or the whole new one; never config.json beside a mixed set. A reader
+    already streaming shards when step 2 starts may find them gone or replaced: compare
+    config.json's `fingerprint()` before and after reading. Killed in steps 2-3, `dest` has no
+    config.json and the temporary prefix stays; publishing again repairs `dest`. `log` gets one
+    line after each step (a test hook too). Raises CheckpointError.
     """
     src = Path(local_dir)
     if not src.is_dir():
@@ -269,10 +268,11 @@ def publish_dir(local_dir: Path, dest: Union[str, Location], log: Optional[Calla
         _publish_local(src, Path(dest.path))
         say(f"published {dest.uri} ({len(files)} files)")
         return dest
-    if dest.parent.path in ("", "/"):
+    bucket = Location(dest.fs, dest.path.split("/", 1)[0])
+    if bucket == dest:
         raise CheckpointError(f"export destination {_redact(dest.uri)} must be a prefix inside a bucket")
-    with _translated(dest.parent, "export destination"):
-        dest.fs.info(dest.parent.path)  # the bucket must exist; the prefix above dest need not
+    with _translated(bucket, "export destination"):
+        bucket.fs.info(bucket.path)  # the bucket must exist; prefixes need not
     fs, tmp = dest.fs, dest.parent / f".{dest.name}-tmp-{uuid.uuid4().hex[:12]}"
     shards, loader_files = [r for r in files if _load_rank(r)[0] == 0], [r for r in files if _load_rank(r)[0]]
     try:
@@ -303,23 +303,19 @@ def publish_dir(local_dir: Path, dest: Union[str, Location], log: Optional[Calla
     return dest
 
 
-def read_counter() -> Dict[str, int]:
-    """Bytes read per URI (or local path) by read_range/read_bytes in this process."""
+def read_counter(reset: bool = False) -> Dict[str, int]:
+    """Bytes read per URI (or local path) by read_range/read_bytes in this process; `reset`
+    starts the count again after returning it."""
     with _read_lock:
-        return dict(_read_bytes)
-
-
-def reset_read_counter() -> None:
-    with _read_lock:
-        _read_bytes.clear()
+        counts = dict(_read_bytes)
+        if reset:
+            _read_bytes.clear()
+    return counts
 
 
 def clear_instance_caches() -> None:
-    """Forget every cached fsspec filesystem, so the next `locate` reads the environment again.
-
-    fsspec keeps one cache per filesystem class: ``fsspec.AbstractFileSystem.clear_instance_cache()``
-    does not clear S3FileSystem's, hence this loop over every class fsspec has imported.
-    """
+    """Forget cached fsspec filesystems so that the next `locate` reads the environment again.
+    (fsspec caches per class: ``AbstractFileSystem.clear_instance_cache()`` misses S3FileSystem's.)"""
     for cls in registry.values():
         cls.clear_instance_cache()
 
@@ -384,6 +380,11 @@ def _translated(loc: Optional[Location], what: str, uri: str = "", missing_ok: b
                 f"no usable credentials for {what} {uri}: {lib} reported {type(cred).__name__}"
                 f" ({cred}); it looks for {sources}. Set now: {', '.join(seen) or 'none of these'}"
             )) from None
+        down = next((c for c in chain if type(c).__name__ in _UNREACHABLE_ERRORS), None)
+        if down is not None:
+            raise CheckpointError(_scrub(f"cannot reach {_endpoint(loc)} for {what} {uri}: {down}")) from e
+        if isinstance(e, PermissionError) and loc is not None and loc.is_local:
+            raise CheckpointError(f"permission denied for {what} {uri}: {e}") from e
         if isinstance(e, PermissionError):
             raise CheckpointError(_scrub(
                 f"permission denied for {what} {uri} at {_endpoint(loc)}: {e}; the credentials "

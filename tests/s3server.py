@@ -62,7 +62,11 @@ class CountingProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:  # the server is gone: the client sees the connection close
+                client.close()
+                continue
             with self._lock:
                 self._socks += [client, upstream]
             threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
@@ -182,6 +186,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _start_moto(workdir: Path, timeout: float):
+    """(process, port) of a moto server that answers; pytest.skip with the reason otherwise."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MOTO_"))}
+    env["MOTO_RECORDER_FILEPATH"] = str(workdir / "requests.jsonl")
+    for attempt in range(3):  # another process may take the free port before moto binds it
+        port, log = _free_port(), workdir / f"moto-{attempt}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                    env=dict(env, MOTO_PORT=str(port)), stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/data.json", timeout=2).close()
+                return proc, port
+            except OSError:
+                if time.monotonic() > deadline:
+                    _stop(proc)
+                    pytest.skip(f"moto server did not answer on 127.0.0.1:{port} within {timeout:.0f} s")
+                time.sleep(0.1)
+        tail = log.read_text(errors="replace")[-400:]
+        if "Address already in use" not in tail:
+            break
+    pytest.skip(f"moto server exited with status {proc.returncode}: {tail}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop the server by its process id: SIGTERM, then SIGKILL after 10 s."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 @contextmanager
 def running_s3_server(timeout: float = 60.0) -> Iterator[S3Server]:
     """Start moto's server in a subprocess on loopback; skip the test if it cannot start."""
@@ -191,39 +231,15 @@ def running_s3_server(timeout: float = 60.0) -> Iterator[S3Server]:
     except ImportError as e:
         pytest.skip(f"no S3 test server: {e} (pip install -e '.[test]')")
     with tempfile.TemporaryDirectory(prefix="ckmerge-s3-") as workdir:
-        workdir = Path(workdir)
-        port, log = _free_port(), open(workdir / "moto.log", "wb")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MOTO_"))}
-        env.update(MOTO_RECORDER_FILEPATH=str(workdir / "requests.jsonl"), MOTO_PORT=str(port))
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                                 str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc, port = _start_moto(Path(workdir), timeout)
         server = None
         try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if proc.poll() is not None:
-                    tail = (workdir / "moto.log").read_text(errors="replace")[-500:]
-                    pytest.skip(f"moto server exited with {proc.returncode}: {tail}")
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/data.json", timeout=2)
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        pytest.skip(f"moto server did not answer on port {port} in {timeout:.0f} s")
-                    time.sleep(0.1)
-            server = S3Server(proc, port, workdir)
+            server = S3Server(proc, port, Path(workdir))
             yield server
         finally:
             if server is not None:
                 server.proxy.close()
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    proc.wait()
-            log.close()
+            _stop(proc)
 
 
 @pytest.fixture(scope="module")

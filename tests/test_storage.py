@@ -95,14 +95,14 @@ def test_s3_fingerprint_changes_after_overwrite(s3_env, tmp_path):
     assert f.fingerprint() != before and d.fingerprint() != dir_before
 
 
-def test_read_range_is_one_get_of_exactly_the_range(s3_server, monkeypatch, tmp_path):
+def test_read_range_is_one_get_of_exactly_the_range(s3_env, monkeypatch, tmp_path):
+    s3_server = s3_env
     for name, value in s3_server.proxy_env.items():  # everything through the byte counter
         monkeypatch.setenv(name, value)
-    storage.clear_instance_caches()
     blob = os.urandom(1 << 20)
     s3_server.upload_dir(make_model(tmp_path / "big", {"shard.bin": blob}), "s3://bytes/ck")
     loc = storage.locate("s3://bytes/ck/shard.bin")
-    storage.reset_read_counter()
+    storage.read_counter(reset=True)
     s3_server.start_recording()
     s3_server.reset_count()
     assert loc.read_range(1000, 1000 + 4096) == blob[1000:5096]
@@ -123,7 +123,6 @@ def test_read_range_is_one_get_of_exactly_the_range(s3_server, monkeypatch, tmp_
         loc.read_range(1048000, 1049000)
     with pytest.raises(CheckpointError, match="shorter"):
         loc.read_range(2 << 20, (2 << 20) + 10)
-    storage.clear_instance_caches()
 
 
 def test_discover_children_s3(s3_env, tmp_path):
@@ -173,6 +172,9 @@ def test_publish_dir_s3_never_shows_config_with_a_mixed_set(s3_env, tmp_path):
     assert sorted(ops[3:5]) == [("copy", "/out/run/best/model.safetensors"), ("copy", "/out/run/best/tokenizer.json")]
     assert ops[5] == ("copy", "/out/run/best/config.json")  # shards are copied concurrently, config.json after
     assert {op for op, _ in ops[6:]} == {"delete"}  # the temporary prefix
+    # a first publish, under a prefix that does not exist yet
+    storage.publish_dir(new_dir, "s3://out/elsewhere/run/best")
+    assert sorted(fs.find("out/elsewhere")) == [f"out/elsewhere/run/best/{n}" for n in sorted(NEW)]
 
 
 def test_publish_dir_local(tmp_path):
@@ -229,6 +231,13 @@ def test_permission_denied(s3_env, monkeypatch, tmp_path):
             storage.locate("s3://locked/ck")
     assert str(e.value).startswith(f"permission denied for checkpoint s3://locked/ck at endpoint {s3_env.endpoint}")
     assert SECRET not in str(e.value)
+
+
+def test_unreachable_endpoint(s3_env, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: refused
+    no_retries = {"config_kwargs": {"retries": {"max_attempts": 1}}}
+    with pytest.raises(CheckpointError, match=r"^cannot reach endpoint http://127.0.0.1:9 for checkpoint s3://b/x: "):
+        storage.locate("s3://b/x", storage_options=no_retries)
 
 
 def test_unknown_protocol_and_missing_package():
