@@ -185,8 +185,9 @@ class Location:
         return [Location(self.fs, n) for n in sorted(names, key=posixpath.basename)]
 
     def open(self, mode: str = "rb", **kwargs):
-        """``fs.open`` pass-through; remote reads default to no read-ahead cache (each ``read(n)``
-        is one GET of n bytes), so a stream fetches what is asked and nothing more."""
+        """``fs.open`` pass-through. Remote reads default to no read-ahead (each ``read(n)`` is one
+        GET of n bytes): right for large sequential reads; a parser of many small reads
+        (torch.load, pickle) wants ``cache_type="readahead"`` or bytes from `read_range`."""
         if "r" in mode and not self.is_local:
             kwargs.setdefault("cache_type", "none")
         with _translated(self, "file"):
@@ -220,7 +221,7 @@ def locate(location: Union[str, os.PathLike, Location], must_exist: bool = True,
 
 def discover_children(location, pattern: re.Pattern) -> List[Tuple[int, Location]]:
     """(step, child) for each child directory whose name matches `pattern` (group 1: the step),
-    sorted by step; one listing request for a remote location."""
+    sorted by step (remote: one HEAD and one listing request)."""
     loc = locate(location, what="run directory")
     with _translated(loc, "run directory"):
         entries = loc.fs.ls(loc.path, detail=True)
