@@ -61,7 +61,9 @@ def load_window(paths: Sequence[str | os.PathLike], checkpoint: CheckpointConfig
     for info in infos[:-1]:
         validate_pair(info, infos[-1])
     if log is not None:
-        for line in (infos[-1].renaming.describe(), describe(infos[-1].conversion)):
+        other = ", ".join(f"{g} ({n})" for g, n in infos[-1].non_tensors.items())
+        for line in (infos[-1].renaming.describe(), other and f"not tensors, not read: {other}",
+                     describe(infos[-1].conversion)):
             if line:
                 log(f"{infos[-1].name}: {line}")
     return infos

@@ -139,10 +139,10 @@ def plan_conversion(model: torch.nn.Module, specs: Dict[str, Tuple[Shape, torch.
     return conversion
 
 
-def known_count(model: torch.nn.Module, names: List[str]) -> int:
-    """How many file tensor names transformers would load into `model` (renamed or converted
-    onto one of its tensors), from the names alone: what decides which wrapper prefixes of a
-    trainer's checkpoint to strip (`checkpoints/names.py`)."""
+def known_count(model: torch.nn.Module, names: List[str]) -> Tuple[int, int]:
+    """(how many file tensor names transformers would load into `model`, renamed or converted
+    onto one of its tensors; how many are its own names exactly), from the names alone: what
+    decides which wrapper prefixes of a trainer's checkpoint to strip (`checkpoints/names.py`)."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import (
         WeightConverter, WeightRenaming, rename_source_key,
@@ -152,11 +152,12 @@ def known_count(model: torch.nn.Module, names: List[str]) -> int:
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     known, prefix = model.state_dict(), model.base_model_prefix
-    count = 0
+    count = exact = 0
     for name in names:
         new, _ = rename_source_key(name, renamings, converters, prefix, known)
         count += new in known or name in known
-    return count
+        exact += name in known
+    return count, exact
 
 
 def ignored_on_load(model: torch.nn.Module) -> List[re.Pattern]:

@@ -32,7 +32,7 @@ def test_valid_pair_passes(tiny_pair):
 
 
 def test_missing_directory(tmp_path):
-    with pytest.raises(CheckpointError, match="checkpoint directory does not exist: .*nope"):
+    with pytest.raises(CheckpointError, match="checkpoint directory .*nope does not exist"):
         load_checkpoint_info(tmp_path / "nope")
 
 

@@ -27,10 +27,7 @@ from ckmerge_ray.checkpoints import dcp, hf
 from ckmerge_ray.checkpoints.names import Renaming
 from ckmerge_ray.errors import CheckpointError, ConfigError
 from ckmerge_ray.naming import Conversion, first_names
-try:
-    from ckmerge_ray.storage import Location, locate
-except ImportError:  # TEMPORARY until storage.py lands
-    from ckmerge_ray.checkpoints._pathloc import Location, locate
+from ckmerge_ray.storage import Location, locate
 
 FORMATS = ("auto", "hf", "dcp")
 # The folder Accelerate (and so HF Trainer with FSDP's sharded state dict) saves model weights in.
@@ -70,6 +67,8 @@ class CheckpointInfo:
     files: Dict[str, str]  # tensor name -> file name inside `path`
     reader: Reader = field(repr=False, default=None)  # stored names -> tensors
     model_dir: Optional[Location] = None  # where config.json and the tokenizer are
+    source: Optional[Location] = None  # the folder the user named (a Trainer checkpoint-N/)
+    non_tensors: Dict[str, int] = field(default_factory=dict)  # DCP: other entries per group
     renaming: Optional[Renaming] = None
     conversion: Optional[Conversion] = None
     stored_specs: Dict[str, TensorSpec] = field(default_factory=dict, repr=False)
@@ -79,11 +78,14 @@ class CheckpointInfo:
     def __post_init__(self):
         if self.model_dir is None:
             self.model_dir = self.path
+        if self.source is None:
+            self.source = self.path
 
     @property
     def name(self) -> str:
-        """The checkpoint's name for tables and logs: the Trainer folder for an FSDP save."""
-        return self.model_dir.name if self.format == "dcp" else self.path.name
+        """The checkpoint's name for tables and logs: the folder the user named (for
+        Trainer's FSDP save, checkpoint-N rather than its pytorch_model_fsdp_0/)."""
+        return self.source.name
 
     @property
     def nbytes(self) -> int:
@@ -225,18 +227,23 @@ def load_checkpoint_info(location, allow_pickle: bool = False, format: str = "au
 
 def detect_format(root: Location, format: str = "auto") -> Tuple[str, Location]:
     """("hf" or "dcp", the weights' directory) of a checkpoint folder. Raises CheckpointError
-    when `format` is forced and the folder is not of it."""
-    if format in ("auto", "dcp"):
-        if (root / dcp.METADATA).exists():
-            return "dcp", root
-        for sub in FSDP_MODEL_DIRS:
-            if (root / sub / dcp.METADATA).exists():
-                return "dcp", root / sub
-        if format == "dcp":
-            raise CheckpointError(
-                f"{root} is not a torch.distributed.checkpoint directory: no {dcp.METADATA} "
-                f"in it or in {'/'.join(FSDP_MODEL_DIRS)}/ below it (the checkpoint may still "
-                "be being written)")
+    for a DCP folder without its .metadata (unfinished, or not copied), or when `format` is
+    "dcp" and the folder is not one."""
+    if format == "hf":
+        return "hf", root
+    candidates = [root] + [root / sub for sub in FSDP_MODEL_DIRS]
+    for folder in candidates:
+        if (folder / dcp.METADATA).exists():
+            return "dcp", folder
+    unfinished = [f for f in candidates if f.isdir() and any(
+        c.name.endswith(".distcp") for c in f.listdir())]
+    if format == "dcp" or unfinished:
+        where = unfinished[0] if unfinished else root
+        raise CheckpointError(
+            f"{where} is not a torch.distributed.checkpoint directory: no {dcp.METADATA} in it"
+            f"{'' if unfinished else ' or in ' + ' or '.join(FSDP_MODEL_DIRS) + '/ below it'} "
+            "(DCP writes it last: the checkpoint may still be being written, or was not copied "
+            "whole)")
     return "hf", root
 
 
@@ -249,8 +256,14 @@ def _load_dcp(root: Location, weights: Location, model_config) -> CheckpointInfo
     model_dir, config = _dcp_config(root, weights, model_config)
     specs = {n: TensorSpec(e.properties.dtype, tuple(e.size)) for n, e in entries.items()}
     files = dcp.tensor_files(metadata)
+    non_tensors: Dict[str, int] = {}
+    for key in metadata.state_dict_metadata:
+        if key not in entries:
+            group = key.split(".", 1)[0]
+            non_tensors[group] = non_tensors.get(group, 0) + 1
     return CheckpointInfo(weights, config, "dcp", specs, {n: files[n] for n in specs},
-                          lambda names: dcp.load_tensors(weights, metadata, names), model_dir)
+                          lambda names: dcp.load_tensors(weights, metadata, names), model_dir,
+                          source=root, non_tensors=non_tensors)
 
 
 def _dcp_config(root: Location, weights: Location, model_config) -> Tuple[Location, Dict]:

@@ -257,9 +257,10 @@ class Renaming:
 
 
 def plan_renaming(names: Sequence[str], config: Mapping, name_map: Optional[NameMap],
-                  known: Callable[[List[str]], int]) -> Renaming:
-    """Plan the renaming of stored tensors `names` (see module docstring). `known(names)` counts
-    the names the architecture accepts; it decides which leading wrappers to strip."""
+                  known: Callable[[List[str]], Tuple[int, int]]) -> Renaming:
+    """Plan the renaming of stored tensors `names` (see module docstring). `known(names)` scores
+    names against the architecture (accepted, then exactly its own: `naming.known_count`); a
+    leading wrapper is stripped when that raises the score."""
     skipped: Dict[str, int] = {}
     kept = []
     for name in names:
