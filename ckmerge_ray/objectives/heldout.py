@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ckmerge_ray.errors import ObjectiveError
+from ckmerge_ray.storage import is_uri
 from ckmerge_ray.objectives.base import Objective
 from ckmerge_ray.objectives.batching import (PeakMemory, Stopwatch, cpu_batch, fit_batch,
                                              free_cached, halving, is_oom)
@@ -25,24 +26,35 @@ from ckmerge_ray.objectives.chunked import (SplitModel, chunk_bytes, chunked_nll
 log = logging.getLogger(__name__)
 
 
-def read_texts(path: Path, text_field: str = "text") -> List[str]:
-    """Documents from a .jsonl (one object per line), .parquet (a column) or .txt (one document)."""
-    if not path.exists():
+def read_texts(path: Path | str, text_field: str = "text") -> List[str]:
+    """Documents from a .jsonl (one object per line), .parquet (a column) or .txt (one
+    document), on local disk or at a URI (`ckmerge_ray.storage`: s3://, gs://, ...)."""
+    from ckmerge_ray.errors import CheckpointError
+    from ckmerge_ray.storage import is_uri, locate
+
+    try:
+        location = locate(path, must_exist=False, what="held-out file")
+        exists, is_file = location.exists(), location.isfile()
+    except CheckpointError as e:  # an unreachable store, missing credentials, ...
+        raise ObjectiveError(str(e)) from e
+    if not exists:
         raise ObjectiveError(f"held-out file does not exist: {path}")
-    if not path.is_file():
+    if not is_file:
         raise ObjectiveError(f"held-out path is not a file: {path}")
-    suffix = path.suffix.lower()
+    suffix = Path(location.name).suffix.lower()
+    if suffix not in (".jsonl", ".parquet", ".txt"):
+        raise ObjectiveError(f"held-out file must be .jsonl, .parquet or .txt, got {location.name}")
+    data = location.read_bytes() if is_uri(path) else None
     try:
         if suffix == ".jsonl":
-            texts = _read_jsonl(path, text_field)
+            text = data.decode("utf-8") if data is not None else \
+                Path(path).read_text(encoding="utf-8")
+            texts = _read_jsonl(text.splitlines(), path, text_field)
         elif suffix == ".parquet":
-            texts = _read_parquet(path, text_field)
-        elif suffix == ".txt":
-            texts = [path.read_text(encoding="utf-8")]
+            texts = _read_parquet(path if data is None else _buffer(data), path, text_field)
         else:
-            raise ObjectiveError(
-                f"held-out file must be .jsonl, .parquet or .txt, got {path.name}"
-            )
+            texts = [data.decode("utf-8") if data is not None else
+                     Path(path).read_text(encoding="utf-8")]
     except UnicodeDecodeError as e:
         raise ObjectiveError(f"held-out file {path} is not UTF-8 text: {e}") from e
     texts = [t for t in texts if t.strip()]
@@ -51,39 +63,45 @@ def read_texts(path: Path, text_field: str = "text") -> List[str]:
     return texts
 
 
-def _read_jsonl(path: Path, text_field: str) -> List[str]:
+def _buffer(data: bytes):
+    import pyarrow as pa
+
+    return pa.BufferReader(data)
+
+
+def _read_jsonl(lines: List[str], path, text_field: str) -> List[str]:
     texts = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ObjectiveError(f"{path}:{lineno} is not valid JSON: {e}") from e
-            if not isinstance(row, dict) or text_field not in row:
-                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-                raise ObjectiveError(
-                    f"{path}:{lineno} has no text field {text_field!r} (fields: {keys}); "
-                    "set text_field / --text-field"
-                )
-            texts.append(str(row[text_field]))
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ObjectiveError(f"{path}:{lineno} is not valid JSON: {e}") from e
+        if not isinstance(row, dict) or text_field not in row:
+            keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise ObjectiveError(
+                f"{path}:{lineno} has no text field {text_field!r} (fields: {keys}); "
+                "set text_field / --text-field"
+            )
+        texts.append(str(row[text_field]))
     return texts
 
 
-def _read_parquet(path: Path, text_field: str) -> List[str]:
+def _read_parquet(source, path, text_field: str) -> List[str]:
     import pyarrow.parquet as pq
 
     try:
-        schema = pq.read_schema(path)
+        parquet = pq.ParquetFile(source)
+        names = parquet.schema_arrow.names
     except Exception as e:  # pyarrow raises ArrowInvalid / OSError for corrupt files
         raise ObjectiveError(f"cannot read parquet file {path}: {e}") from e
-    if text_field not in schema.names:
+    if text_field not in names:
         raise ObjectiveError(
-            f"{path} has no column {text_field!r} (columns: {schema.names}); "
+            f"{path} has no column {text_field!r} (columns: {names}); "
             "set text_field / --text-field"
         )
-    column = pq.read_table(path, columns=[text_field]).column(text_field)
+    column = parquet.read(columns=[text_field]).column(text_field)
     return [t for t in column.to_pylist() if t is not None]
 
 
@@ -135,7 +153,7 @@ class HeldoutLoss(Objective):
             raise ObjectiveError(f"max_tokens must be at least 2, got {max_tokens}")
         if batch_size is not None and batch_size < 1:
             raise ObjectiveError(f"batch_size must be positive, got {batch_size}")
-        self.path = Path(path)
+        self.path = path if is_uri(path) else Path(path)
         self.text_field = text_field
         self.seq_len = seq_len
         self.max_tokens = max_tokens
