@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_tune_parser(sub) -> None:
     t = sub.add_parser("tune", help="tune the merge of two checkpoints",
-                       description="Tune λ for EARLIER and LATER (Hugging Face model directories).")
+                       description="Tune λ for EARLIER and LATER (checkpoint folders or URIs: Hugging Face model directories or torch.distributed.checkpoint folders).")
     t.add_argument("earlier", nargs="?", help="the earlier checkpoint Θ(t-1)")
     t.add_argument("later", nargs="?", help="the later checkpoint Θ(t); λ weights this one")
     _add_objective_arguments(t, required=False)  # not with --resume
@@ -71,6 +71,9 @@ def _add_tune_parser(sub) -> None:
     t.add_argument("--xi", type=float, default=0.0, help="EI/PI margin (default 0)")
     t.add_argument("--gp-noise", type=float, default=1e-6, help="GP noise variance (default 1e-6)")
     t.add_argument("--no-export", action="store_true", help="do not write the best model")
+    t.add_argument("--export-to", default=None, metavar="PATH_OR_URI",
+                   help="also publish best/ there (e.g. s3://bucket/run/best), atomically: a "
+                   "reader never sees half a model")
     t.add_argument("--storage-path", default=None,
                    help="Ray Tune storage path (shared filesystem or URI on multi-node clusters)")
     t.add_argument("--no-gpu-shard-cache", action="store_true",
@@ -160,6 +163,16 @@ def _add_shared_arguments(p: argparse.ArgumentParser, default_output: str, trial
     p.add_argument("--overwrite", action="store_true", help="replace the results in --output")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pytorch_model.bin (loaded with torch.load(weights_only=True))")
+    p.add_argument("--format", choices=["auto", "hf", "dcp"], default="auto",
+                   help="checkpoint format: hf (config.json + safetensors), dcp "
+                   "(torch.distributed.checkpoint, e.g. Trainer's pytorch_model_fsdp_0/); "
+                   "default: detected")
+    p.add_argument("--name-map", default=None, metavar="YAML",
+                   help="rules from the trainer's tensor names to the architecture's (see README "
+                   "'Checkpoints from your trainer'); wrapper prefixes need none")
+    p.add_argument("--model-config", default=None, metavar="PATH",
+                   help="config.json (or its folder, path or URI) for DCP checkpoints with none "
+                   "beside or above them")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run the modeling code a checkpoint ships (config.json auto_map), on the "
                    "driver and every trial worker; off by default: such checkpoints are refused")
@@ -224,7 +237,7 @@ def _tune(args) -> int:
         output_dir=args.output, overwrite=args.overwrite, storage_path=args.storage_path,
         progress=not args.quiet, max_concurrent=args.max_concurrent,
         allow_spilling=args.allow_spilling, export_best=not args.no_export,
-        gpu_shard_cache=not args.no_gpu_shard_cache,
+        gpu_shard_cache=not args.no_gpu_shard_cache, export_to=args.export_to,
     )
     result = tune_merge((args.earlier, args.later), _resources(args), args.objective,
                         search=search, run=run,
@@ -254,7 +267,8 @@ def _checkpoint_config(args):
     from ckmerge_ray.config import CheckpointConfig
 
     return CheckpointConfig(allow_pickle=args.allow_pickle,
-                            trust_remote_code=args.trust_remote_code)
+                            trust_remote_code=args.trust_remote_code, format=args.format,
+                            name_map=args.name_map, model_config=args.model_config)
 
 
 def _resources(args) -> dict:

@@ -39,7 +39,7 @@ from ckmerge_ray.evaluator import (
     start_evaluators, stats_method, weights_method,
 )
 from ckmerge_ray.inputs import (
-    Log, WindowStore, code_dir_of, load_window, prepare_objective, printer,
+    Log, WindowStore, code_dir_of, load_window, prepare_objective, printer, tokenizer_dir,
 )
 from ckmerge_ray.model import dtypes_of
 from ckmerge_ray.objectives import HeldoutLoss, Objective
@@ -188,7 +188,7 @@ def check_compare(checkpoints, objective, objective_options, resources, tune_opt
     windows = None
     if {"fisher", "regmean"} & set(baselines.methods):
         windows = calibration_windows(objective, baselines.calibration, baselines.stats_tokens,
-                                      infos[-1].path)
+                                      tokenizer_dir(infos[-1]))
     log(f"{len(infos)} checkpoints, methods: {', '.join(baselines.methods)}")
     tuned.update(objective=objective_arg, objective_options=objective_options)
     return _Compare(search, run, checkpoint, baselines, resources, log, infos, objective,
@@ -276,7 +276,7 @@ def run_tuned(ctx: _Compare, stored: List[StoredCheckpoint], table: "Table") -> 
     from ckmerge_ray.tuner import tune_merge
 
     t0 = time.perf_counter()
-    pair = (ctx.infos[-2].path, ctx.infos[-1].path)
+    pair = (ctx.infos[-2].source, ctx.infos[-1].source)
     try:
         result = tune_merge(pair, ctx.resources, stored=stored[-2:], **ctx.tuned)
     except RunError as e:
@@ -296,7 +296,7 @@ def compare_summary(ctx: _Compare, table: "Table", tuned: Optional[Dict], window
     b = ctx.baselines
     return {
         "kind": "compare",
-        "checkpoints": [str(i.path) for i in ctx.infos],
+        "checkpoints": [str(i.source) for i in ctx.infos],
         "objective": repr(ctx.objective),
         "mode": ctx.objective.mode,
         "later_score": table.later_score,

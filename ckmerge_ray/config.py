@@ -150,10 +150,15 @@ class RunConfig(_Settings):
     max_failures: int = 2  # retries of a trial whose worker process died
     allow_spilling: bool = False  # run even if the checkpoints exceed a node's object store
     export_best: bool = True  # write the best merged model to output_dir/best
+    export_to: Optional[str] = None  # also publish best/ here: a path or URI (s3://b/run/best)
     gpu_shard_cache: bool = True  # GPU workers keep both checkpoints in device memory
 
     def __post_init__(self):
         object.__setattr__(self, "output_dir", str(self.output_dir))
+        if self.export_to is not None:
+            object.__setattr__(self, "export_to", str(self.export_to))
+            if not self.export_best:
+                raise ConfigError("export_to publishes best/: it needs export_best=True")
         if self.overwrite and self.resume:
             raise ConfigError("overwrite and resume exclude each other: choose one")
         if self.max_concurrent is not None and (

@@ -234,6 +234,37 @@ def discover_children(location, pattern: re.Pattern) -> List[Tuple[int, Location
     return sorted(found, key=lambda t: (t[0], t[1].name))
 
 
+def checkpoint_id(location) -> str:
+    """The string that names a location in run records: an absolute local path (symlinks
+    resolved) or the URI as given, without contacting any store."""
+    if isinstance(location, Location):
+        return location.uri
+    if is_uri(location):
+        return str(location).rstrip("/")
+    return str(Path(os.fspath(location)).expanduser().resolve())
+
+
+def check_destination(dest: Union[str, Location]) -> Location:
+    """Refuse, before any work, an export destination that cannot be written: a remote one
+    whose bucket does not exist (or is not visible with these credentials), a local one
+    whose parent is a file. Returns its Location. Raises CheckpointError."""
+    loc = locate(dest, must_exist=False, what="export destination")
+    if loc.is_local:
+        parent = Path(loc.path).parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise CheckpointError(f"export destination {loc.path}: {parent} is a file")
+        return loc
+    bucket = Location(loc.fs, loc.path.split("/", 1)[0])
+    if bucket == loc:
+        raise CheckpointError(f"export destination {_redact(loc.uri)} must be a prefix inside a "
+                              "bucket")
+    with _translated(bucket, "export destination"):
+        bucket.fs.info(bucket.path)
+    return loc
+
+
 def publish_dir(local_dir: Path, dest: Union[str, Location], log: Optional[Callable[[str], None]] = None
                 ) -> Location:
     """Put the finished local directory `local_dir` (copied, not moved) at `dest`, a path or a

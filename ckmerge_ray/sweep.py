@@ -27,7 +27,7 @@ import pyarrow as pa
 from ckmerge_ray.checkpoints import CheckpointInfo
 from ckmerge_ray.cluster import check_object_store, ray_session, trial_slots
 from ckmerge_ray.config import CheckpointConfig, Resources, RunConfig, SearchConfig, split_options
-from ckmerge_ray.errors import ConfigError, RunError
+from ckmerge_ray.errors import CheckpointError, ConfigError, RunError
 from ckmerge_ray.evaluator import start_evaluators
 from ckmerge_ray.inputs import (
     Log, WindowStore, code_dir_of, load_window, prepare_objective, printer,
@@ -40,10 +40,12 @@ from ckmerge_ray.results import (
     HEATMAP_TABLE, PAIRS_DIR, SUMMARY_FILE, SWEEP_TABLE, write_json_atomic, write_table_atomic,
 )
 from ckmerge_ray.rundir import check_claimable, claim_output_dir
+from ckmerge_ray.storage import discover_children, is_uri, locate
 from ckmerge_ray.store import StoredCheckpoint, pair_digest
 
-# HF Trainer's checkpoint-<step>, and step<N> / step_<N> / iter_<N> / global_step<N> layouts.
-CHECKPOINT_NAME = re.compile(r"^(?:checkpoint-|step_?|iter_|global_step)(\d+)$")
+# HF Trainer's checkpoint-<step>, torchtitan's step-<N>, and step<N> / step_<N> / iter_<N> /
+# global_step<N> layouts.
+CHECKPOINT_NAME = re.compile(r"^(?:checkpoint-|step[-_]?|iter_|global_step)(\d+)$")
 
 
 @dataclass
@@ -74,39 +76,41 @@ class _Sweep:
 
 
 def discover_checkpoints(source: str | os.PathLike | Sequence[str | os.PathLike]
-                         ) -> List[Tuple[int, Path]]:
-    """(step, directory) of each checkpoint, oldest first.
+                         ) -> List[Tuple[int, Path | str]]:
+    """(step, directory) of each checkpoint, oldest first: a local Path, or a URI string.
 
-    A single directory that is not itself a checkpoint is searched for subdirectories named
-    ``checkpoint-<step>``, ``step<N>``, ``step_<N>``, ``iter_<N>`` or ``global_step<N>``,
-    sorted by the number (so step 900 comes before step 1000). A list of checkpoint directories
-    is taken in the order given; their step is read from the name when it has one, else it is
-    the position in the list.
+    A single directory (or URI prefix, e.g. ``s3://bucket/run``) holding subdirectories named
+    ``checkpoint-<step>``, ``step-<N>``, ``step<N>``, ``step_<N>``, ``iter_<N>`` or
+    ``global_step<N>`` gives those, sorted by the number (so step 900 comes before step 1000);
+    a model saved at its top (Trainer's final ``save_model``) is not one of them. A list of
+    checkpoint directories is taken in the order given; their step is read from the name when
+    it has one, else it is the position in the list.
     """
     if isinstance(source, (str, os.PathLike)):
         source = [source]
-    paths = [Path(p) for p in source]
-    if len(paths) == 1 and not (paths[0] / "config.json").exists():
-        root = paths[0]
-        if not root.is_dir():
-            raise ConfigError(f"checkpoint directory does not exist: {root}")
-        found = [(int(m.group(1)), p) for p in root.iterdir()
-                 if p.is_dir() and (m := CHECKPOINT_NAME.match(p.name))]
-        if len(found) < 2:
-            seen = sorted(p.name for p in root.iterdir())[:8]
-            raise ConfigError(
-                f"found {len(found)} checkpoint(s) in {root}; a sweep needs at least two "
-                f"subdirectories named checkpoint-<step>, step<N> or iter_<N> (saw: {seen}), or "
-                "a list of checkpoint directories"
-            )
-        steps = [s for s, _ in found]
-        if len(set(steps)) != len(steps):
-            raise ConfigError(f"two checkpoints in {root} have the same step: {sorted(found)}")
-        return sorted(found)
+    if len(source) == 1:
+        try:
+            root = locate(source[0], what="checkpoint directory")
+        except CheckpointError as e:
+            raise ConfigError(str(e)) from e
+        found = [(step, loc.local_path or loc.uri) for step, loc in
+                 discover_children(root, CHECKPOINT_NAME)]
+        if found or not (root / "config.json").exists():
+            if len(found) < 2:
+                seen = [c.name for c in root.listdir()][:8]
+                raise ConfigError(
+                    f"found {len(found)} checkpoint(s) in {root}; a sweep needs at least two "
+                    f"subdirectories named checkpoint-<step>, step-<N> or iter_<N> (saw: "
+                    f"{seen}), or a list of checkpoint directories")
+            steps = [s for s, _ in found]
+            if len(set(steps)) != len(steps):
+                raise ConfigError(f"two checkpoints in {root} have the same step: "
+                                  f"{sorted((s, str(p)) for s, p in found)}")
+            return found
     out = []
-    for i, p in enumerate(paths):
-        m = CHECKPOINT_NAME.match(p.name)
-        out.append((int(m.group(1)) if m else i, p))
+    for i, p in enumerate(source):
+        m = CHECKPOINT_NAME.match(locate(p, must_exist=False).name)
+        out.append((int(m.group(1)) if m else i, p if is_uri(p) else Path(p)))
     return out
 
 
@@ -168,7 +172,8 @@ def sweep_trajectory(
     write_json_atomic(ctx.out / SUMMARY_FILE, summary)
     for r in rows:
         if r["status"] == "ok":
-            ctx.log(f"{Path(r['earlier']).name} -> {Path(r['later']).name}: best λ="
+            ctx.log(f"{r['earlier'].rstrip('/').rsplit('/', 1)[-1]} -> "
+                    f"{r['later'].rstrip('/').rsplit('/', 1)[-1]}: best λ="
                     f"{r['best_lambda']:.4f}, gain over the later checkpoint {r['gain']:+.5f}")
     if not any(r["status"] == "ok" for r in rows):
         raise RunError(f"every pair failed; first error: {rows[0]['error']} "
@@ -218,12 +223,13 @@ def tune_pairs(ctx: _Sweep, window: WindowStore, keep: bool) -> Tuple[List[Dict]
         run_dir = Path(PAIRS_DIR) / f"{k:02d}-{names[k]}-{names[k + 1]}"
         ctx.log(f"pair {k + 1}/{len(ctx.infos) - 1}: {names[k]} -> {names[k + 1]}")
         t0 = time.perf_counter()
-        row = {"pair": k, "earlier": str(ctx.infos[k].path), "later": str(ctx.infos[k + 1].path),
+        row = {"pair": k, "earlier": str(ctx.infos[k].source),
+               "later": str(ctx.infos[k + 1].source),
                "earlier_step": ctx.steps[k], "later_step": ctx.steps[k + 1],
                "run_dir": str(run_dir), "store_digest": pair_digest(*pair)}
         run = dataclasses.replace(ctx.tuned["run"], output_dir=str(ctx.out / run_dir))
         try:
-            result = tune_merge((ctx.infos[k].path, ctx.infos[k + 1].path), ctx.resources,
+            result = tune_merge((ctx.infos[k].source, ctx.infos[k + 1].source), ctx.resources,
                                 stored=pair, **{**ctx.tuned, "run": run})
         except RunError as e:  # every trial of this pair failed: the others may not
             row.update(status="error", error=f"{type(e).__name__}: {e}")
@@ -253,7 +259,7 @@ def sweep_summary(ctx: _Sweep, rows: List[Dict], window: WindowStore, heatmap: b
     """summary.json of a sweep (``plots`` is added when they are drawn)."""
     return {
         "kind": "sweep",
-        "checkpoints": [str(i.path) for i in ctx.infos],
+        "checkpoints": [str(i.source) for i in ctx.infos],
         "steps": ctx.steps,
         "objective": repr(ctx.objective),
         "mode": ctx.objective.mode,

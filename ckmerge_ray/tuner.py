@@ -30,6 +30,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ckmerge_ray.callbacks import StopWhenAllFail, TrialTableWriter
 from ckmerge_ray.checkpoints import CheckpointInfo, tokenizer_files
+from ckmerge_ray.storage import check_destination, checkpoint_id, publish_dir
 from ckmerge_ray.cluster import check_object_store, connect, trial_slots
 from ckmerge_ray.config import CheckpointConfig, Resources, RunConfig, SearchConfig, split_options
 from ckmerge_ray.errors import ConfigError, RunError
@@ -42,7 +43,8 @@ from ckmerge_ray.objectives import Objective
 from ckmerge_ray.plots import draw_plots
 from ckmerge_ray.results import (
     BEST_DIR, JOURNAL_DIR, RUN_FILE, SUMMARY_FILE, TRIALS_FILE, TuneMergeResult, export_merged,
-    format_result, load_result, output_error, read_rows, rows_to_table, write_json_atomic,
+    WRITE_ERRORS, format_result, load_result, output_error, read_rows, rows_to_table,
+    write_json_atomic,
 )
 from ckmerge_ray.rundir import (
     RUN_DEFINING, check_unlocked, claim_tune_dir, jsonable, lock_run_dir, read_run_file,
@@ -199,6 +201,8 @@ def check_inputs(pair, objective, objective_options, stored, resources, search: 
     objective prepared: everything that can refuse bad input, before Ray starts."""
     log = printer(run.progress)
     resources = Resources.of(resources)
+    if run.export_to is not None:
+        check_destination(run.export_to)
     earlier, later = load_window(pair, checkpoint, log)
     if stored is not None:
         check_stored(stored, later)
@@ -220,7 +224,7 @@ def check_stored(stored: Sequence[StoredCheckpoint], later: CheckpointInfo) -> N
 def run_record(pair, objective, objective_options, search: SearchConfig) -> Dict:
     """What defines a run (run.json; a resume must match it): `RUN_DEFINING` and the search."""
     values = (
-        [str(Path(p).resolve()) for p in pair],
+        [checkpoint_id(p) for p in pair],
         objective if isinstance(objective, str) else repr(objective),
         dict(objective_options or {}),
     )
@@ -351,9 +355,12 @@ def write_results(ctx: _Run, rows: List[Dict], best: Dict, best_observed: Dict, 
                 tokenizer_files(ctx.later.model_dir), ctx.out / BEST_DIR, progress=None,
                 revert=ctx.later.revert_names,
             )
-        except OSError as e:  # the previous best/, if any, is intact (see export_merged)
+        except WRITE_ERRORS as e:  # the previous best/, if any, is intact (see export_merged)
             raise output_error(e, f"the best model {ctx.out / BEST_DIR}", ctx.out) from e
         ctx.log(f"best merged model written to {best_path}")
+        if ctx.run.export_to is not None:
+            published = publish_dir(best_path, ctx.run.export_to)
+            ctx.log(f"best merged model published to {published}")
     ctx.seconds.update(search=searcher.suggest_seconds,
                        merge_sum=sum(r.get("merge_s") or 0.0 for r in full_ok(rows)),
                        eval_sum=sum(r.get("eval_s") or 0.0 for r in full_ok(rows)),

@@ -50,13 +50,17 @@ def read_config(directory) -> Dict:
     return config
 
 
-def weight_files(directory, allow_pickle: bool) -> Tuple[str, Dict[str, str]]:
-    """(format, {tensor name: file}) of a model directory, from its index or single file.
+def weight_files(directory, allow_pickle: bool) -> Tuple[str, Dict[str, str], Dict[str, Header]]:
+    """(format, {tensor name: file}, {file: header} of every safetensors file) of a model
+    directory, from its index or single file; each header is read once.
     Raises CheckpointError for missing shards, pickle without opt-in, or no weights."""
     if (directory / SAFE_INDEX).exists():
-        return "safetensors", read_index(directory, SAFE_INDEX)
+        files = read_index(directory, SAFE_INDEX)
+        return "safetensors", files, {f: safetensors_header(directory / f)
+                                      for f in dict.fromkeys(files.values())}
     if (directory / SAFE_SINGLE).exists():
-        return "safetensors", {n: SAFE_SINGLE for n in safetensors_header(directory / SAFE_SINGLE)}
+        header = safetensors_header(directory / SAFE_SINGLE)
+        return "safetensors", {n: SAFE_SINGLE for n in header}, {SAFE_SINGLE: header}
     pickle_file = PICKLE_INDEX if (directory / PICKLE_INDEX).exists() else PICKLE_SINGLE
     if (directory / pickle_file).exists():
         if not allow_pickle:
@@ -65,8 +69,8 @@ def weight_files(directory, allow_pickle: bool) -> Tuple[str, Dict[str, str]]:
                 "so it is loaded only on request: pass allow_pickle=True (CLI: --allow-pickle) to "
                 "load it with torch.load(weights_only=True), or convert it to safetensors")
         if pickle_file == PICKLE_INDEX:
-            return "pickle", read_index(directory, PICKLE_INDEX)
-        return "pickle", {n: PICKLE_SINGLE for n in torch_load_safe(directory / PICKLE_SINGLE)}
+            return "pickle", read_index(directory, PICKLE_INDEX), {}
+        return "pickle", {n: PICKLE_SINGLE for n in torch_load_safe(directory / PICKLE_SINGLE)}, {}
     raise CheckpointError(
         f"no weights in {directory}: expected {SAFE_SINGLE}, {SAFE_INDEX}, or (with allow_pickle) "
         f"{PICKLE_SINGLE}")

@@ -193,9 +193,8 @@ def load_checkpoint_info(location, allow_pickle: bool = False, format: str = "au
     if kind == "dcp":
         return _load_dcp(root, weights, model_config)
     config = hf.read_config(root)
-    fmt, files = hf.weight_files(root, allow_pickle)
+    fmt, files, headers = hf.weight_files(root, allow_pickle)
     if fmt == "safetensors":
-        headers = {f: hf.safetensors_header(root / f) for f in dict.fromkeys(files.values())}
         specs = {}
         for name, fname in files.items():
             if name not in headers[fname]:
