@@ -95,7 +95,12 @@ def put_checkpoint(
         reference: non-float tensors of the other checkpoint; each must be equal here, because
             integer buffers cannot be interpolated. Filled in when given empty.
         progress: called with one line per shard.
+
+    Raises CheckpointError when a float tensor holds NaN/inf, a non-float tensor differs from
+    `reference`, or a file of the checkpoint changed since it was validated (checked before the
+    first read and after the last, so no stored checkpoint mixes old and new bytes).
     """
+    info.check_unchanged("before it was stored")
     refs, nbytes = [], []
     start = time.perf_counter()
     total = sum(info.specs[n].nbytes for names in plan for n in names)
@@ -124,6 +129,7 @@ def put_checkpoint(
                 f"stored shard {i + 1}/{len(plan)} of {info.name}: {done / 2**20:.1f}/"
                 f"{total / 2**20:.1f} MiB, {elapsed:.1f}s elapsed, ETA {eta:.1f}s"
             )
+    info.check_unchanged("while it was being stored")  # else shards could mix old and new bytes
     return StoredCheckpoint(str(info.path), refs, [list(n) for n in plan], nbytes)
 
 

@@ -351,7 +351,7 @@ def write_results(ctx: _Run, rows: List[Dict], best: Dict, best_observed: Dict, 
     if ctx.run.export_best:
         try:
             best_path = export_merged(
-                *ctx.stored, best[LAMBDA], (ctx.later.model_dir / "config.json").read_bytes(),
+                *ctx.stored, best[LAMBDA], ctx.later.config_bytes,
                 tokenizer_files(ctx.later.model_dir), ctx.out / BEST_DIR, progress=None,
                 revert=ctx.later.revert_names,
             )

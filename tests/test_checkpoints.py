@@ -154,3 +154,82 @@ def test_plan_shards_bounds_size_and_follows_files(tiny_pair, tmp_path):
     tiny_llama(0).save_pretrained(tmp_path / "s", max_shard_size="10KB")
     sharded = load_checkpoint_info(tmp_path / "s")
     assert len(plan_shards(sharded, 1 << 30)) == len(sharded.shard_files)
+
+
+# --- a checkpoint that changes after validation (issue 21, fault 4) ---------------------------
+
+def _validated(pair):
+    from ckmerge_ray.config import CheckpointConfig
+    from ckmerge_ray.inputs import load_window
+
+    return load_window(pair, CheckpointConfig())
+
+
+@pytest.mark.parametrize("change, message", [
+    ("replace", "model.safetensors changed .* before it was stored"),
+    ("truncate", "model.safetensors changed .* before it was stored"),
+    ("delete", "model.safetensors was deleted after the checkpoint was validated"),
+])
+def test_a_checkpoint_changed_after_validation_is_not_stored(tiny_pair, change, message):
+    from ckmerge_ray.store import put_checkpoint
+
+    _, later = _validated(tiny_pair)
+    f = tiny_pair[1] / "model.safetensors"
+    if change == "replace":  # the trainer saved again: same names and shapes, other values
+        tiny_llama(7).save_pretrained(tiny_pair[1])
+    elif change == "truncate":  # a sync still copying
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    else:
+        f.unlink()
+    with pytest.raises(CheckpointError, match=message):
+        put_checkpoint(later, plan_shards(later, 1 << 30))  # raises before any ray.put
+
+
+def test_a_checkpoint_rewritten_while_it_is_stored_is_refused(ray_session, tiny_pair):
+    """Test hook: the reader rewrites the file after the first shard is read (a trainer saving
+    over a checkpoint mid-read); the shards read so far hold old bytes, later ones new."""
+    from ckmerge_ray.store import put_checkpoint
+
+    _, later = _validated(tiny_pair)
+    plan = plan_shards(later, 4096)
+    assert len(plan) > 2
+    read, calls = later.reader, []
+
+    def reader(names):
+        calls.append(names)
+        if len(calls) == 2:
+            tiny_llama(7).save_pretrained(tiny_pair[1])
+        return read(names)
+
+    later.reader = reader
+    with pytest.raises(CheckpointError, match="changed .* while it was being stored"):
+        put_checkpoint(later, plan)
+    assert len(calls) == len(plan)  # detected at the end of the pass, before anything is used
+
+
+def test_tune_refuses_a_checkpoint_replaced_between_validation_and_storing(
+        ray_session, trajectory, tmp_path, monkeypatch):
+    """Test hook: tuner.store_pair is wrapped to replace the later checkpoint's weights first
+    (as a trainer overwriting checkpoint-120 would, between tune's checks and its reads)."""
+    import ckmerge_ray.tuner as tuner
+    from ckmerge_ray import tune_merge
+
+    pair = []
+    for c in trajectory[-2:]:
+        shutil.copytree(c, tmp_path / c.name)
+        pair.append(tmp_path / c.name)
+    store_pair = tuner.store_pair
+
+    def rewrite_then_store(ctx, stored):
+        tensors = load_file(pair[1] / "model.safetensors")
+        save_file({k: v + 1 for k, v in tensors.items()}, pair[1] / "model.safetensors",
+                  metadata={"format": "pt"})
+        return store_pair(ctx, stored)
+
+    monkeypatch.setattr(tuner, "store_pair", rewrite_then_store)
+    with pytest.raises(CheckpointError, match=f"{pair[1].name}/model.safetensors changed"):
+        tune_merge(tuple(pair), {"cpu": 1}, f"loss:{trajectory[-1].parent / 'heldout.jsonl'}",
+                   objective_options={"seq_len": 64, "max_tokens": 512}, num_trials=2,
+                   output_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "trials.parquet").exists()
+    assert not (tmp_path / "run" / "best").exists()

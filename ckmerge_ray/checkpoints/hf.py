@@ -36,18 +36,20 @@ SAFETENSORS_DTYPES = {
 Header = Dict[str, Tuple[torch.dtype, Tuple[int, ...], int, int]]  # name -> dtype, shape, begin, end
 
 
-def read_config(directory) -> Dict:
-    """config.json of a model directory (a Location). Raises CheckpointError."""
+def read_config(directory) -> Tuple[Dict, bytes]:
+    """config.json of a model directory (a Location), parsed and as its bytes (what an export
+    writes, so that it is the config that was validated). Raises CheckpointError."""
     cfg = directory / "config.json"
     if not cfg.exists():
         raise CheckpointError(f"no config.json in {directory}")
+    raw = cfg.read_bytes()
     try:
-        config = json.loads(cfg.read_bytes())
+        config = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"cannot parse {cfg}: {e}") from e
     if not isinstance(config, dict) or "model_type" not in config:
         raise CheckpointError(f"{cfg} has no 'model_type'; is this a Hugging Face model directory?")
-    return config
+    return config, raw
 
 
 def weight_files(directory, allow_pickle: bool) -> Tuple[str, Dict[str, str], Dict[str, Header]]:

@@ -69,6 +69,9 @@ class CheckpointInfo:
     model_dir: Optional[Location] = None  # where config.json and the tokenizer are
     source: Optional[Location] = None  # the folder the user named (a Trainer checkpoint-N/)
     non_tensors: Dict[str, int] = field(default_factory=dict)  # DCP: other entries per group
+    # file (a Location) -> its fingerprint when validated (`check_unchanged`)
+    fingerprints: Dict[Location, tuple] = field(default_factory=dict, repr=False)
+    config_bytes: bytes = field(default=b"", repr=False)  # config.json as validated
     renaming: Optional[Renaming] = None
     conversion: Optional[Conversion] = None
     stored_specs: Dict[str, TensorSpec] = field(default_factory=dict, repr=False)
@@ -95,6 +98,26 @@ class CheckpointInfo:
     def shard_files(self) -> List[str]:
         """Weight files in first-use order."""
         return list(dict.fromkeys(self.files.values()))
+
+    def record_files(self, files: List[Location]) -> None:
+        """Fingerprint these files (weights, index, metadata, config) as they are now."""
+        self.fingerprints.update({f: fingerprint(f) for f in files})
+
+    def check_unchanged(self, when: str) -> None:
+        """Raise CheckpointError naming the first file that changed (or vanished) since it was
+        validated: the trainer rewrote or deleted it, or a sync was still running."""
+        for f, before in self.fingerprints.items():
+            try:
+                now = fingerprint(f)
+            except CheckpointError:
+                now = None
+            if now != before:
+                what = "was deleted" if now is None else "changed (size, modification time or "\
+                    "content)"
+                raise CheckpointError(
+                    f"checkpoint file {f} {what} after the checkpoint was validated, {when}: the "
+                    "trainer rewrote or deleted it, or a copy or sync was still running. Nothing "
+                    "read from it is used; run again once the checkpoint is complete")
 
     def apply_renaming(self, renaming: Renaming) -> None:
         """From now on, name tensors as `renaming` does (trainer names -> architecture's file
@@ -192,7 +215,7 @@ def load_checkpoint_info(location, allow_pickle: bool = False, format: str = "au
     kind, weights = detect_format(root, format)
     if kind == "dcp":
         return _load_dcp(root, weights, model_config)
-    config = hf.read_config(root)
+    config, raw = hf.read_config(root)
     fmt, files, headers = hf.weight_files(root, allow_pickle)
     if fmt == "safetensors":
         specs = {}
@@ -205,7 +228,8 @@ def load_checkpoint_info(location, allow_pickle: bool = False, format: str = "au
         def read(names: List[str]) -> Dict[str, torch.Tensor]:
             return _by_file(names, files, lambda f, ns: hf.read_safetensors(root / f, ns,
                                                                             headers[f]))
-        return CheckpointInfo(root, config, fmt, specs, files, read)
+        return _recorded(CheckpointInfo(root, config, fmt, specs, files, read,
+                                        config_bytes=raw))
     cache: Dict[str, Dict[str, torch.Tensor]] = {}
 
     def load(fname: str) -> Dict[str, torch.Tensor]:
@@ -219,9 +243,31 @@ def load_checkpoint_info(location, allow_pickle: bool = False, format: str = "au
         if name not in sd:
             raise CheckpointError(f"{root / fname} lacks tensor {name!r} named in its index")
         specs[name] = TensorSpec(sd[name].dtype, tuple(sd[name].shape))
-    return CheckpointInfo(root, config, fmt, specs, files,
-                          lambda names: _by_file(names, files, lambda f, ns: {
-                              n: load(f)[n] for n in ns}))
+    return _recorded(CheckpointInfo(root, config, fmt, specs, files,
+                                    lambda names: _by_file(names, files, lambda f, ns: {
+                                        n: load(f)[n] for n in ns}), config_bytes=raw))
+
+
+def fingerprint(f: Location) -> tuple:
+    """What `check_unchanged` compares: size and version (local: mtime and inode; object
+    stores: ETag), plus for a local file a CRC of its first and last 4 KiB (a cheap content
+    check that needs no second read of a remote file: there the ETag is one)."""
+    import zlib
+
+    fp = f.fingerprint()
+    if f.is_local:
+        size = fp[0]
+        with open(f.local_path, "rb") as fh:
+            head = fh.read(4096)
+            fh.seek(max(0, size - 4096))
+            fp = fp + (zlib.crc32(head), zlib.crc32(fh.read(4096)))
+    return fp
+
+
+def _recorded(info: CheckpointInfo) -> CheckpointInfo:
+    """The info with its weight files and config.json fingerprinted."""
+    info.record_files([info.path / f for f in info.shard_files] + [info.model_dir / "config.json"])
+    return info
 
 
 def detect_format(root: Location, format: str = "auto") -> Tuple[str, Location]:
@@ -252,7 +298,7 @@ def _load_dcp(root: Location, weights: Location, model_config) -> CheckpointInfo
     entries = dcp.tensor_entries(metadata)
     if not entries:
         raise CheckpointError(f"{weights / dcp.METADATA} lists no tensors")
-    model_dir, config = _dcp_config(root, weights, model_config)
+    model_dir, (config, raw) = _dcp_config(root, weights, model_config)
     specs = {n: TensorSpec(e.properties.dtype, tuple(e.size)) for n, e in entries.items()}
     files = dcp.tensor_files(metadata)
     non_tensors: Dict[str, int] = {}
@@ -260,12 +306,15 @@ def _load_dcp(root: Location, weights: Location, model_config) -> CheckpointInfo
         if key not in entries:
             group = key.split(".", 1)[0]
             non_tensors[group] = non_tensors.get(group, 0) + 1
-    return CheckpointInfo(weights, config, "dcp", specs, {n: files[n] for n in specs},
+    info = CheckpointInfo(weights, config, "dcp", specs, {n: files[n] for n in specs},
                           lambda names: dcp.load_tensors(weights, metadata, names), model_dir,
-                          source=root, non_tensors=non_tensors)
+                          source=root, non_tensors=non_tensors, config_bytes=raw)
+    info.record_files([weights / dcp.METADATA, model_dir / "config.json"])
+    return _recorded(info)
 
 
-def _dcp_config(root: Location, weights: Location, model_config) -> Tuple[Location, Dict]:
+def _dcp_config(root: Location, weights: Location, model_config
+                ) -> Tuple[Location, Tuple[Dict, bytes]]:
     """The architecture's config.json for a DCP folder: named by the user, beside the folder,
     or one level above it (Trainer's checkpoint-N/ holding pytorch_model_fsdp_0/)."""
     if model_config is not None:
