@@ -251,3 +251,17 @@ def test_split_and_rotary_transforms_are_exact():
     heads = model.config.num_attention_heads
     interleaved = q.view(heads, 2, -1, q.shape[1]).transpose(1, 2).reshape(q.shape)
     assert torch.equal(rotary_half_split(interleaved, heads), q)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--name-map", "nope.yaml"], "name-map file does not exist: nope.yaml"),
+    (["--format", "dcp"], "is not a torch.distributed.checkpoint directory"),
+])
+def test_cli_checkpoint_options_refuse_bad_input_in_one_line(tiny_pair, capsys, extra, message):
+    from ckmerge_ray.cli import main as cli_main
+
+    args = ["tune", str(tiny_pair[0]), str(tiny_pair[1]), "--objective", "loss:x.jsonl",
+            "--quiet", *extra]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ckmerge-ray: error: ") and message in err and err.count("\n") == 1
