@@ -3,7 +3,9 @@ when every trial fails.
 
 `TrialTableWriter` is the run's record: one row per trial (λ, the searcher's record, status,
 score and every metric the trial reported), trials.parquet rewritten atomically after each, and
-one progress line per trial. After a restore it starts from the table on disk.
+one progress line per trial. After a restore it starts from the table on disk. A table or journal
+it cannot write (a full disk) stops the run (`interrupts.request_stop`), which a resume continues:
+a Tune callback that raised would only fail the trial at hand.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ from typing import Dict, List
 
 from ray import tune
 
-from ckmerge_ray.results import read_rows, write_table_atomic
+from ckmerge_ray.errors import OutputError
+from ckmerge_ray.interrupts import request_stop
+from ckmerge_ray.results import JOURNAL_DIR, output_error, read_rows, write_table_atomic
 from ckmerge_ray.search import LAMBDA, search_record
+from ckmerge_ray.trial import FULL, journal_file, write_journal
 
 
 class TrialTableWriter(tune.Callback):
@@ -33,22 +38,43 @@ class TrialTableWriter(tune.Callback):
         # On a restored experiment this object comes back from Tune's pickled state, rows and
         # all as of the run's start: the table on disk is the record, so start from it.
         self.rows = read_rows(self.path)
-        self._reconciled = not self.rows
+        self._reconciled = False
 
     def on_step_begin(self, iteration: int, trials, **info):
-        # After a restore, drop rows of trials that Tune's last experiment snapshot did not hold
-        # (they finished after it): the restored searcher proposes them again and the journal
-        # answers without recomputing, under a new trial ID. Without this they would count twice.
+        # After a restore, the table and Tune's last experiment snapshot may disagree: drop rows
+        # of trials the snapshot did not hold (they finished after it: the restored searcher
+        # proposes them again and the journal answers without recomputing, under a new trial
+        # ID; kept, they would count twice), and add the rows of trials the snapshot holds as
+        # finished that the table lacks (their row could not be written: a full disk).
+        # A finished trial whose worker could not journal its evaluation is journaled here,
+        # from Tune's record of its result, so that the journal and the table agree.
         if self._reconciled:
             return
         self._reconciled = True
         known = {t.trial_id for t in trials}
         kept = [r for r in self.rows if r["trial_id"] in known]
-        if len(kept) != len(self.rows):
-            self.rows = kept
-            write_table_atomic(self.path, self.rows)
+        have = {r["trial_id"] for r in kept}
+        finished = [t for t in trials if t.status == "TERMINATED" and t.last_result]
+        for t in finished:
+            if t.last_result.get("journal_error"):
+                self._journal(t)
+        missing = [self._row(t) for t in finished if t.trial_id not in have]
+        if len(kept) != len(self.rows) or missing:
+            self.rows = kept + missing
+            self._write()
 
     def on_trial_complete(self, iteration: int, trials, trial, **info):
+        r = trial.last_result or {}
+        if r.get("journal_error"):
+            request_stop(OutputError(
+                f"cannot record the evaluation at λ={r.get(LAMBDA)} in the run's journal "
+                f"{self.path.parent / JOURNAL_DIR} ({r['journal_error']}); everything the run "
+                "wrote before is intact: free space, then resume it (ckmerge-ray tune --resume "
+                f"{self.path.parent})"), self._log)
+        self._add(self._row(trial))
+
+    def _row(self, trial) -> Dict:
+        """The table row of a finished trial, from its last result."""
         r = dict(trial.last_result or {})
         score = r.get("score")
         ok = r.get("error") is None and isinstance(score, (int, float)) and math.isfinite(score)
@@ -65,7 +91,7 @@ class TrialTableWriter(tune.Callback):
             row[key] = value
         row["duration_s"] = r.get("time_total_s")
         row["error"] = None if ok else (r.get("error") or "no finite score reported")
-        self._add(row)
+        return row
 
     def on_trial_error(self, iteration: int, trials, trial, **info):
         self._add({
@@ -80,7 +106,7 @@ class TrialTableWriter(tune.Callback):
     def _add(self, row: Dict) -> None:
         # A trial re-run after a restore keeps its trial_id: one row per trial, never two.
         self.rows = [r for r in self.rows if r["trial_id"] != row["trial_id"]] + [row]
-        write_table_atomic(self.path, self.rows)
+        self._write()
         if self.progress:
             if row["status"] == "ok":
                 timing = f"merge {row.get('merge_s', 0):.2f}s, eval {row.get('eval_s', 0):.2f}s"
@@ -96,6 +122,32 @@ class TrialTableWriter(tune.Callback):
                 f"[{row['acquisition']}] {what}",
                 flush=True,
             )
+
+    def _write(self) -> None:
+        """Rewrite the table; one that cannot be written stops the run (the table on disk
+        keeps every earlier row: the write is atomic)."""
+        try:
+            write_table_atomic(self.path, self.rows)
+        except OSError as e:
+            request_stop(output_error(e, f"the trials table {self.path}", self.path.parent),
+                         self._log)
+
+    def _journal(self, trial) -> None:
+        """Journal a finished trial's result from Tune's record of it, unless it is there."""
+        result = {k: v for k, v in trial.last_result.items() if k not in TUNE_BOOKKEEPING}
+        lam, stage = float(trial.config[LAMBDA]), result.get("fidelity", FULL)
+        journal = str(self.path.parent / JOURNAL_DIR)
+        if journal_file(journal, lam, stage).exists():
+            return
+        try:
+            write_journal(journal, lam, result, stage)
+        except OSError as e:
+            request_stop(output_error(e, f"the run's journal {journal}", self.path.parent),
+                         self._log)
+
+    def _log(self, message: str) -> None:
+        if self.progress:
+            print(f"[ckmerge] {message}", flush=True)
 
 
 class StopWhenAllFail(tune.stopper.Stopper):
@@ -118,6 +170,7 @@ TUNE_BOOKKEEPING = {
     "timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date",
     "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "time_since_restore",
     "iterations_since_restore", "config", "should_checkpoint", "experiment_tag",
+    "journal_error",  # a stop request, not a property of the trial (see on_trial_complete)
 }
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ckmerge_ray.errors import OutputError
@@ -77,11 +78,19 @@ def write_json_atomic(path: Path, obj: Dict) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
 
 
-def output_error(e: OSError, what: str, out: Path) -> OutputError:
+# What a write to a full, over-quota or read-only disk raises (safetensors reports its own).
+WRITE_ERRORS = (OSError, SafetensorError)
+
+
+def output_error(e: Exception, what: str, out: Path) -> OutputError:
     """The `OutputError` for `what` (a file or folder of the run in `out`) that could not be
-    written: a full disk, a quota, a read-only mount. Writes are atomic, so what the run wrote
-    before is intact, and a resume continues once the disk is fixed."""
-    reason = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+    written: a full disk, a quota, a read-only mount (`e`, one of `WRITE_ERRORS`). Writes are
+    atomic, so what the run wrote before is intact, and a resume continues once the disk is
+    fixed."""
+    if isinstance(e, OSError):
+        reason = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+    else:
+        reason = str(e)
     return OutputError(f"cannot write {what} ({reason}); everything the run wrote before is "
                        f"intact: free space, then resume it (ckmerge-ray tune --resume {out})")
 

@@ -45,7 +45,6 @@ class TrialPlan:
     earlier: StoredCheckpoint
     later: StoredCheckpoint
     objective: Objective
-    journal_dir: Optional[str] = None  # where workers record finished evaluations (resume)
     screen_limit: Optional[float] = None  # multi-fidelity: documents per task of the cheap stage
     gpu_shard_cache: bool = True  # GPU workers copy both checkpoints to the device when they fit
     code_dir: Optional[str] = None  # the checkpoint whose own modeling code runs (opted in)
@@ -197,7 +196,8 @@ def evaluate_lambda(plan: TrialPlan, lam: float, objective: Optional[Objective] 
 
 @ray.remote(num_cpus=0)
 class PlanHolder:
-    """Holds the object reference of a run's TrialPlan (and so its shards) while the run lasts.
+    """Holds the object reference of a run's TrialPlan (and so its shards) while the run lasts,
+    and keeps the run's journal of finished evaluations.
 
     Trials get the plan through this named actor rather than through `tune.with_parameters`,
     which keeps its parameters in Tune's registry until the driver process exits: several runs in
@@ -205,28 +205,45 @@ class PlanHolder:
     end of the run drops the last borrower, and Ray frees the plan and the shards. The plan is
     one object in the store (put by the driver), so a node pulls it, with the objective's data,
     once however many trial processes it runs.
+
+    The holder runs on the driver's node (`tune_merge` pins it there) and writes the journal
+    (`journal_dir`, the run's ``evaluations/``) there: whatever node a trial ran on, its finished
+    evaluation is on the driver's disk before Tune hears of it, so a worker node that is lost
+    takes none with it, and a resume finds them all, with or without a filesystem shared by the
+    nodes.
     """
 
-    def __init__(self, plan_ref: List[ray.ObjectRef]):
+    def __init__(self, plan_ref: List[ray.ObjectRef], journal_dir: Optional[str] = None):
         self._plan_ref = plan_ref  # in a list: Ray passes the reference, not the plan
+        self._journal_dir = journal_dir
 
     def plan_ref(self) -> List[ray.ObjectRef]:
         return self._plan_ref
+
+    def lookup(self, lam: float, stage: str) -> Optional[Dict]:
+        """The journaled result at λ and fidelity `stage`, or None."""
+        return read_journal(self._journal_dir, lam, stage)
+
+    def record(self, lam: float, stage: str, result: Dict) -> None:
+        """Journal a finished evaluation (atomically)."""
+        write_journal(self._journal_dir, lam, result, stage)
 
 
 # The fidelities a trial reports (the `fidelity` column): the cheap stage of multi-fidelity
 # screening, and the full evaluation.
 SCREEN, FULL = "screen", "full"
 
-# holder actor name -> plan, fetched once per worker process and run.
-_PLANS: Dict[str, TrialPlan] = {}
+# holder actor name -> (plan, holder), fetched once per worker process and run.
+_PLANS: Dict[str, Tuple[TrialPlan, "ray.actor.ActorHandle"]] = {}
 
 
-def fetch_plan(holder: str) -> TrialPlan:
+def fetch_plan(holder: str) -> Tuple[TrialPlan, "ray.actor.ActorHandle"]:
+    """The run's plan and its holder (which keeps the journal), fetched once per worker."""
     if holder not in _PLANS:
         _PLANS.clear()  # an earlier run's plan (and its shard references) is no longer needed
-        [plan_ref] = ray.get(ray.get_actor(holder).plan_ref.remote())
-        _PLANS[holder] = ray.get(plan_ref)
+        actor = ray.get_actor(holder)
+        [plan_ref] = ray.get(actor.plan_ref.remote())
+        _PLANS[holder] = (ray.get(plan_ref), actor)
     return _PLANS[holder]
 
 
@@ -237,28 +254,30 @@ def merge_trainable(config: Dict, holder: str) -> None:
     score on the first `screen_limit` documents (`fidelity="screen"`, training iteration 1);
     the scheduler then stops it or lets it go on to the full evaluation (`fidelity="full"`).
 
-    An evaluation already in the run's journal (it finished while the driver was down, or before
-    a restore re-queued its trial) is reported again, not recomputed. An objective that fails at
-    this λ is an answer about λ, not a worker fault: it is reported as a result with score NaN
-    and the error, so Tune keeps the worker and does not retry it (FailureConfig retries are for
-    dead worker processes).
+    An evaluation already in the run's journal (it finished while the driver was down, on a
+    node that was lost, or before a restore re-queued its trial) is reported again, not
+    recomputed. An objective that fails at this λ is an answer about λ, not a worker fault: it
+    is reported as a result with score NaN and the error, so Tune keeps the worker and does not
+    retry it (FailureConfig retries are for dead worker processes).
     """
     from ray import tune
 
-    plan = fetch_plan(holder)
+    plan, journal = fetch_plan(holder)
     lam = float(config["lam"])
     if plan.screen_limit is not None:
-        screen = evaluate_stage(plan, lam, config, SCREEN)
+        screen = evaluate_stage(plan, lam, config, SCREEN, journal)
         tune.report(screen)  # the scheduler may stop the trial here (it then never resumes)
         if screen.get("error"):
             return
-    tune.report(evaluate_stage(plan, lam, config, FULL))
+    tune.report(evaluate_stage(plan, lam, config, FULL, journal))
 
 
-def evaluate_stage(plan: TrialPlan, lam: float, config: Dict, stage: str) -> Dict:
-    """The result of one fidelity at λ: from the journal if it is there, else evaluated and
-    journaled before it is returned."""
-    done = read_journal(plan.journal_dir, lam, stage)
+def evaluate_stage(plan: TrialPlan, lam: float, config: Dict, stage: str, journal=None) -> Dict:
+    """The result of one fidelity at λ: from the journal (the run's `PlanHolder`) if it is
+    there, else evaluated and journaled before it is returned. A journal that cannot be written
+    (the driver's disk is full) leaves ``journal_error`` in the result: the driver then stops
+    the run, which a resume continues."""
+    done = ray.get(journal.lookup.remote(lam, stage)) if journal is not None else None
     if done is not None:
         return {**done, "from_journal": True}
     objective = plan.objective.with_limit(plan.screen_limit) if stage == SCREEN else None
@@ -268,7 +287,12 @@ def evaluate_stage(plan: TrialPlan, lam: float, config: Dict, stage: str) -> Dic
         result = {"score": math.nan, "lam": lam, "error": f"{type(e).__name__}: {e}"}
     result["acquisition"] = search_record(config)["acquisition"]
     result["fidelity"] = stage
-    write_journal(plan.journal_dir, lam, result, stage)
+    if journal is not None:
+        try:
+            ray.get(journal.record.remote(lam, stage, result))
+        except ray.exceptions.RayTaskError as e:  # raised by the holder: OSError, ...
+            cause = getattr(e, "cause", None) or e
+            result["journal_error"] = f"{type(cause).__name__}: {cause}"
     return result
 
 
@@ -280,7 +304,7 @@ def journal_file(journal_dir: str, lam: float, stage: str = FULL) -> Path:
 
 
 def write_journal(journal_dir: Optional[str], lam: float, result: Dict, stage: str = FULL) -> None:
-    """Record a finished evaluation from the worker, before Tune hears of it."""
+    """Record a finished evaluation (the run's `PlanHolder` does, before Tune hears of it)."""
     if journal_dir:
         write_json_atomic(journal_file(journal_dir, lam, stage), result)
 

@@ -173,3 +173,103 @@ def test_checkpoints_larger_than_the_object_store(trajectory, tmp_path):
     assert "has 0.08 GiB" in out and "--allow-spilling" in out
     assert "SPILLED 3 3" in out, out + proc.stderr[-3000:]
     assert "exceed the object store" in out.split("WARNED", 1)[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# A disk that fills
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs mounted for this test (root only: skipped, with the reason, elsewhere)."""
+    import os
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip(f"mounting a size-limited tmpfs needs root (id -u is {os.geteuid()})")
+    try:
+        mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)],
+                               capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        pytest.skip("no mount command to mount a size-limited tmpfs")
+    if mount.returncode:
+        pytest.skip(f"cannot mount a tmpfs at {mnt}: {mount.stderr.strip() or mount.returncode}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
+
+
+def test_a_full_disk_stops_the_run_intact_and_a_resume_finishes_it(ray_session, trajectory,
+                                                                    small_disk, tmp_path):
+    """The run's directory on a 16 MiB tmpfs that fills for real (a ballast file grown during an
+    evaluation, as another process on a shared disk would) while the run writes, in turn, the
+    journal, the table and best/. Each time the run stops with an OutputError naming what it
+    could not write; the table, the journal and the previous best/ stay complete and readable,
+    they agree, and no half-written file is left; after the space is freed a resume goes on,
+    never recomputing a journaled evaluation, and finishes. (Ray Tune's own experiment is kept
+    off the small disk with storage_path, so that the disk fills where the test says.) Before
+    issue 21 the journal's ENOSPC failed the trial and Tune retried it, and the table's and the
+    export's surfaced as raw OSError / SafetensorError."""
+    import json
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from ckmerge_ray.errors import OutputError
+
+    pair = (trajectory[-2], trajectory[-1])
+    out, ballast, tokens = small_disk / "run", small_disk / "ballast", tmp_path / "tokens"
+    tokens.mkdir()
+    shutil.copytree(pair[1], out / "best")  # an earlier run's best/ (any complete model serves)
+    previous = {f.name: f.read_bytes() for f in (out / "best").iterdir()}
+    obj = faulty.FillsTheDisk(pair[1].parent / "heldout.jsonl", tokens, ballast, **SEQ)
+    kw = dict(objective=obj, num_trials=5, max_concurrent=1, output_dir=out, seed=0,
+              storage_path=str(tmp_path / "ray"), progress=False)
+    journals = []  # each stop's journal: file name -> modification time
+
+    def arm(**plan) -> None:
+        (tokens / "fill.json").write_text(json.dumps(plan))
+
+    def intact(rows: int) -> None:
+        table = pq.read_table(out / "trials.parquet").to_pylist()
+        assert len(table) == rows and all(r["status"] == "ok" for r in table), table
+        journal = {json.loads(p.read_text())["lam"]: json.loads(p.read_text())["score"]
+                   for p in (out / "evaluations").glob("lam=*.json")}
+        assert all(journal[r["lam"]] == r["score"] for r in table)  # every row journaled
+        journals.append({p.name: p.stat().st_mtime_ns for p in (out / "evaluations").iterdir()})
+        assert {f.name: f.read_bytes() for f in (out / "best").iterdir()} == previous
+        assert not (out / "summary.json").exists()
+        assert not [p.name for p in out.rglob(".*")], "a half-written file was left"
+        ballast.unlink()  # the space is freed
+        (tokens / "fill.json").unlink(missing_ok=True)
+
+    arm(leave=0, skip=2)  # the third evaluation's journal finds no space
+    with pytest.raises(OutputError, match=r"cannot record the evaluation at λ=.* in the run's "
+                                          r"journal .*No space left on device"):
+        tune_merge(pair, {"cpu": 1}, **kw)
+    intact(rows=2)
+    arm(leave=8192)  # one page: the next evaluation's journal fits, the table does not
+    with pytest.raises(OutputError, match=r"cannot write the trials table .*trials\.parquet "
+                                          r"\(No space left on device"):
+        tune_merge(pair, {"cpu": 1}, **kw, resume=True)
+    intact(rows=3)  # + the third trial's row, from Tune's record of it
+    arm(leave=128 * 1024, repeat=True)  # journal and table fit, the 300 KB model does not
+    with pytest.raises(OutputError, match=r"cannot write the best model .*best \(.*No space "
+                                          r"left on device"):
+        tune_merge(pair, {"cpu": 1}, **kw, resume=True)
+    intact(rows=6)
+
+    result = tune_merge(pair, {"cpu": 1}, **kw, resume=True)
+    rows = result.table.to_pylist()
+    assert len(rows) == 6 and all(r["status"] == "ok" for r in rows)
+    assert len({r["lam"] for r in rows}) == 6 and len({r["trial_id"] for r in rows}) == 6
+    journal = {json.loads(p.read_text())["lam"]: json.loads(p.read_text())["score"]
+               for p in (out / "evaluations").glob("lam=*.json")}
+    assert journal == {r["lam"]: r["score"] for r in rows}  # the journal and the table agree
+    final = {p.name: p.stat().st_mtime_ns for p in (out / "evaluations").iterdir()}
+    for before in journals:  # no journaled evaluation was computed again
+        assert all(final[name] == mtime for name, mtime in before.items())
+    assert (out / "summary.json").exists() and (out / "best" / "config.json").exists()
+    assert {f.name: f.read_bytes() for f in (out / "best").iterdir()} != previous

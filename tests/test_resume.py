@@ -194,3 +194,148 @@ def test_resume_refuses_different_arguments_and_missing_runs(ray_session, trajec
                    resume=True)
     assert cli(["tune", "--resume", str(tmp_path / "nothing")]) == 2
     assert "nothing to resume" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Interrupts: SIGINT (Ctrl-C) and SIGTERM (a job scheduler, preemption) to a real `ckmerge-ray tune`
+
+CLI = str(Path(sys.executable).parent / "ckmerge-ray")
+
+
+def _rows(out: Path) -> list:
+    path = out / "trials.parquet"
+    return pq.read_table(path).to_pylist() if path.exists() else []
+
+
+def _journal(out: Path) -> dict:
+    """λ file name -> modification time (ns) of every journaled evaluation."""
+    return {p.name: p.stat().st_mtime_ns for p in (out / "evaluations").glob("lam=*.json")}
+
+
+def _signal_after_rows(proc: subprocess.Popen, out: Path, rows: int, send, timeout: float = 300) -> str:
+    """Wait until `out`'s table holds `rows` rows while `proc` runs, call `send`, and return
+    the process's output once it has exited."""
+    deadline = time.time() + timeout
+    while len(_rows(out)) < rows:
+        assert proc.poll() is None, f"the run ended before it was interrupted:\n{proc.stdout.read()}"
+        assert time.time() < deadline, "the run recorded too few trials in time"
+        time.sleep(0.1)
+    send()
+    output, _ = proc.communicate(timeout=240)
+    return output
+
+
+def test_sigint_and_sigterm_leave_a_resumable_run_that_resume_finishes(ray_session, trajectory,
+                                                                      tmp_path, capsys):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) and then SIGTERM (to the
+    process, as Kubernetes or a preempted node's scheduler sends it) to a real `ckmerge-ray tune`:
+    each exit is 130 / 143 with the run saved, no summary.json or best/ as if it had finished,
+    and run.json saying it was interrupted; `--resume` (the last one in this process) goes on to
+    the requested number of trials, and every evaluation journaled before an interrupt is
+    reused, never computed again (its journal file is never rewritten). Before issue 21 the
+    SIGINT run exported best/ from the trials done, wrote summary.json and exited 0, and its
+    resume reported it finished."""
+    out = tmp_path / "run"
+    heldout = trajectory[-1].parent / "heldout.jsonl"
+    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1"}
+    popen = dict(env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                 start_new_session=True)
+    first = subprocess.Popen(
+        [CLI, "tune", str(trajectory[-2]), str(trajectory[-1]), "--objective", f"loss:{heldout}",
+         "--seq-len", "64", "--max-tokens", "4096", "--trials", "7", "--max-concurrent", "2",
+         "--output", str(out)], **popen)
+    log1 = _signal_after_rows(first, out, 2, lambda: os.killpg(first.pid, signal.SIGINT))
+    assert first.returncode == 130, log1
+    assert "interrupted by SIGINT" in log1 and f"ckmerge-ray tune --resume {out}" in log1, log1
+    assert not (out / "summary.json").exists() and not (out / "best").exists(), log1
+    assert json.loads((out / "run.json").read_text())["interrupted"]["signal"] == "SIGINT"
+    assert not (out / "run.lock").exists(), "the interrupted run kept its lock"
+    rows1, journal1 = _rows(out), _journal(out)
+    assert 2 <= len(rows1) < 8
+
+    second = subprocess.Popen([CLI, "tune", "--resume", str(out)], **popen)
+    log2 = _signal_after_rows(second, out, len(rows1) + 2,
+                              lambda: os.kill(second.pid, signal.SIGTERM))
+    assert second.returncode == 143, log2
+    assert "resuming a run interrupted by SIGINT" in log2 and "interrupted by SIGTERM" in log2, log2
+    assert not (out / "summary.json").exists() and not (out / "best").exists(), log2
+    rows2, journal2 = _rows(out), _journal(out)
+    assert len(rows2) < 8, "the SIGTERM came after the last trial: the test tested nothing"
+
+    assert cli(["tune", "--resume", str(out)]) == 0  # here, on the session's Ray
+    assert "resuming a run interrupted by SIGTERM" in capsys.readouterr().out
+    rows = _rows(out)
+    assert len(rows) == 8 and all(r["status"] == "ok" for r in rows), rows
+    assert len({r["lam"] for r in rows}) == 8 and len({r["trial_id"] for r in rows}) == 8
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed"] and (out / "best" / "config.json").exists()
+    run = json.loads((out / "run.json").read_text())
+    assert [i["signal"] for i in run["interruptions"]] == ["SIGINT", "SIGTERM"]
+    assert "interrupted" not in run
+    # Every evaluation journaled before an interrupt kept its journal file (never recomputed),
+    # and those that had no row yet were reported from the journal.
+    journal = _journal(out)
+    for before, recorded in ((journal1, rows1), (journal2, rows2)):
+        assert all(journal[name] == mtime for name, mtime in before.items())
+        recorded_lams = {r["lam"] for r in recorded}
+        for r in rows:
+            if f"lam={r['lam']!r}.json" in before and r["lam"] not in recorded_lams:
+                assert r.get("from_journal"), r
+    assert len(journal) == 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Two runs into one output directory
+
+def test_a_second_run_in_a_busy_directory_is_refused_and_a_dead_runs_lock_taken_over(
+        ray_session, trajectory, tmp_path, capsys):
+    """Two `ckmerge-ray tune` processes on one output directory (a resubmitted job): the second
+    exits 2 naming who holds the directory (host, pid, since when) and touches nothing. The
+    first is then killed (SIGKILL, as a lost machine or an OOM kill would), leaving its lock: the
+    next run on this host finds that pid gone, takes the lock over and runs. A lock held on
+    another host cannot be checked from here and is refused with how to clear it. Before issue
+    21 nothing stopped the second run."""
+    import socket
+
+    from ckmerge_ray import tune_merge
+    from ckmerge_ray.errors import RunError
+
+    out = tmp_path / "run"
+    heldout = trajectory[-1].parent / "heldout.jsonl"
+    args = ["tune", str(trajectory[-2]), str(trajectory[-1]), "--objective", f"loss:{heldout}",
+            "--seq-len", "64", "--max-tokens", "1024", "--trials", "2", "--max-concurrent", "1",
+            "--no-export", "--output", str(out)]
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    first = subprocess.Popen([CLI, *args], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "run.lock").exists() or not (out / "run.lock").read_text():
+            assert first.poll() is None, first.stdout.read()
+            assert time.time() < deadline, "the first run never took the lock"
+            time.sleep(0.1)
+        holder = json.loads((out / "run.lock").read_text())
+        assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
+
+        second = subprocess.run([CLI, *args], env=env, capture_output=True, text=True, timeout=120)
+        assert first.poll() is None, "the first run ended before the second started"
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert (f"is in use by another run: pid {first.pid} on host {holder['host']}, since "
+                f"{holder['started']}") in second.stderr
+        assert "[ckmerge]" not in second.stdout  # refused before any work
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the driver, its Ray and its workers
+        first.wait()
+    assert json.loads((out / "run.lock").read_text()) == holder  # left behind by the dead run
+
+    assert cli([*args, "--overwrite"]) == 0
+    log = capsys.readouterr().out
+    assert f"taking over the lock of {out}: its run (pid {first.pid} on {holder['host']}" in log
+    assert not (out / "run.lock").exists() and (out / "summary.json").exists()
+
+    (out / "run.lock").write_text(json.dumps(
+        {"host": "gpu-node-7", "pid": 4242, "started": "2026-01-02T03:04:05+00:00"}))
+    with pytest.raises(RunError, match=r"in use by another run: pid 4242 on host gpu-node-7, since "
+                                       r"2026-01-02T03:04:05\+00:00.*remove .*run\.lock"):
+        tune_merge((trajectory[-2], trajectory[-1]), {"cpu": 1}, objective=f"loss:{heldout}",
+                   output_dir=out, overwrite=True)

@@ -1,0 +1,182 @@
+"""Stopping a tuning run without losing it: SIGINT, SIGTERM, and a file the run cannot write.
+
+Ctrl-C (SIGINT), the SIGTERM a job scheduler or a preempted node sends, and a table or journal
+that cannot be written (a full disk) all end a run the way Ray Tune ends one on Ctrl-C: Tune's
+loop stops, Tune saves the experiment a last time (trials in flight are queued again when it is
+restored), and `tune_merge` then raises `RunInterrupted` or `OutputError` instead of writing
+results as if the run had finished. `ckmerge-ray tune --resume RUN_DIR` continues it.
+
+Why not leave SIGINT to Tune: `Tuner.fit` returns normally after it, so a caller cannot tell an
+interrupted run from a finished one (ckmerge-ray used to export best/ from the trials done so
+far and write summary.json, and a resume then reported the run as finished); Tune ignores
+SIGTERM; and an exception raised in a Tune callback only fails the trial at hand. So for the
+duration of a run `RunGuard` takes SIGINT and SIGTERM (main thread only), turns Tune's own
+SIGINT handler off while its loop runs (``TUNE_DISABLE_SIGINT_HANDLER``, a documented switch),
+and `StopForwarder`, a Tune callback, passes a stop request to the loop at its next step by
+raising SIGUSR1, on which Tune always stops gracefully (``ray/tune/tune.py``,
+``_setup_signal_catching``). A second signal, or one outside Tune's loop (storing the shards,
+writing the results), stops at once: the run is then as a killed driver leaves it (Tune's last
+periodic snapshot, the journal, the table), which a resume also continues.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, Optional
+
+from ray import tune
+
+from ckmerge_ray.errors import CkmergeError, RunInterrupted
+from ckmerge_ray.results import RUN_FILE, TRIALS_FILE, read_rows
+from ckmerge_ray.rundir import mark_interrupted
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+TUNE_SIGINT_SWITCH = "TUNE_DISABLE_SIGINT_HANDLER"
+
+# The guard of the run in progress in this process (None outside tune_merge), read by the
+# Tune callbacks, which Tune pickles with the experiment and so cannot hold it themselves.
+_ACTIVE: Optional["RunGuard"] = None
+
+
+class RunGuard:
+    """SIGINT and SIGTERM of one run, and the reason it must stop, if any (a context manager).
+
+    Attributes:
+        signum: the first signal received, or None.
+        error: an `OutputError` (or other `CkmergeError`) that stops the run, or None.
+    """
+
+    def __init__(self, log: Callable[[str], None]):
+        self.log = log
+        self.signum: Optional[int] = None
+        self.error: Optional[CkmergeError] = None
+        self.in_tune_loop = False
+        self.forwarded = False
+        self._previous: Dict[int, Any] = {}  # handlers to put back at the end
+        self._outer: Optional[RunGuard] = None
+
+    # --- the signals ---------------------------------------------------------------------------
+
+    def __enter__(self) -> "RunGuard":
+        global _ACTIVE
+        self._outer, _ACTIVE = _ACTIVE, self
+        self.take_signals()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        global _ACTIVE
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        _ACTIVE = self._outer
+        return False
+
+    def take_signals(self) -> None:
+        """Handle SIGINT and SIGTERM here. Called again once Ray is connected: `ray.init`
+        installs its own SIGTERM handler (``sys.exit``), which would skip the saving."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python lets only the main thread set handlers; Tune then keeps SIGINT
+        for sig in SIGNALS:
+            current = signal.getsignal(sig)
+            if current != self._handle:
+                self._previous.setdefault(sig, current)
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None or not self.in_tune_loop:
+            self.signum = self.signum or signum
+            raise KeyboardInterrupt(name)  # a second signal, or no trial running: stop now
+        self.signum = signum
+        self.log(f"{name} received: stopping once Ray Tune has saved the experiment (trials in "
+                 f"flight run again on resume); send {name} again to stop at once")
+
+    @contextmanager
+    def tune_loop(self) -> Iterator[None]:
+        """Around `Tuner.fit`: Tune's SIGINT handler off, so that ours sees the signal, and the
+        SIGUSR1 handler Tune leaves behind put back afterwards."""
+        ours = bool(self._previous)
+        saved_env = os.environ.get(TUNE_SIGINT_SWITCH)
+        saved_usr1 = signal.getsignal(signal.SIGUSR1) if ours else None
+        if ours:
+            os.environ[TUNE_SIGINT_SWITCH] = "1"
+        self.in_tune_loop = True
+        try:
+            yield
+        finally:
+            self.in_tune_loop = False
+            if ours:
+                if saved_env is None:
+                    os.environ.pop(TUNE_SIGINT_SWITCH, None)
+                else:
+                    os.environ[TUNE_SIGINT_SWITCH] = saved_env
+                signal.signal(signal.SIGUSR1, saved_usr1)
+
+    # --- stop requests -------------------------------------------------------------------------
+
+    def stop(self, error: CkmergeError) -> None:
+        """Ask the run to stop because of `error` (the first one is kept and raised)."""
+        if self.error is None:
+            self.error = error
+            self.log(f"stopping the run: {error}")
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.signum is not None or self.error is not None
+
+    def raise_if_stopped(self, out: Path, requested: int) -> None:
+        """After Tune's loop: raise what stopped it (the error first, then the signal)."""
+        if self.error is not None:
+            raise self.error
+        if self.signum is not None:
+            raise self.interrupted(out, requested, saved=True)
+
+    def interrupted(self, out: Path, requested: int, saved: bool,
+                    mark: bool = True) -> RunInterrupted:
+        """The `RunInterrupted` of the run in `out` (of `requested` trials), noted in its
+        run.json when `mark`. `saved`: Ray Tune saved the experiment after the signal; else
+        its last periodic snapshot and the journal are what a resume starts from. A
+        KeyboardInterrupt without a signal of ours counts as SIGINT."""
+        signum = self.signum or signal.SIGINT
+        name = signal.Signals(signum).name
+        if not (out / RUN_FILE).exists():
+            return RunInterrupted(f"interrupted by {name} before the run started; nothing to "
+                                  f"resume in {out}: start it again", signum)
+        recorded = len(read_rows(out / TRIALS_FILE))
+        if mark:
+            mark_interrupted(out, name, recorded, requested)
+        how = ("Ray Tune saved the experiment" if saved else
+               "stopped at once (the journal and Ray Tune's last snapshot are kept)")
+        return RunInterrupted(
+            f"interrupted by {name}: {recorded} of {requested} trials recorded, {how}; no best "
+            f"model or summary was written. Continue with: ckmerge-ray tune --resume {out} "
+            "(Python: tune_merge(..., resume=True)); finished evaluations are not redone", signum)
+
+
+def request_stop(error: CkmergeError, log: Optional[Callable[[str], None]] = None) -> bool:
+    """Ask the run in progress to stop with `error` (from a Tune callback). False when no run
+    is guarded in this process; the caller then reports the error itself."""
+    if _ACTIVE is None:
+        if log:
+            log(f"error: {error}")
+        return False
+    _ACTIVE.stop(error)
+    return True
+
+
+class StopForwarder(tune.Callback):
+    """Passes a stop request of the run's `RunGuard` to Tune's loop: at the loop's next step it
+    raises SIGUSR1, Tune's graceful stop (the experiment saved, trials in flight re-queued on
+    restore). Without Tune's handler (Tune not in the main thread) the run goes on to its end,
+    and `tune_merge` raises then."""
+
+    def on_step_begin(self, iteration: int, trials, **info):
+        guard = _ACTIVE
+        if guard is None or guard.forwarded or not guard.stop_requested:
+            return
+        guard.forwarded = True
+        if callable(signal.getsignal(signal.SIGUSR1)):
+            signal.raise_signal(signal.SIGUSR1)
