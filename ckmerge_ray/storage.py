@@ -470,6 +470,20 @@ def _load_rank(rel: str) -> Tuple[int, str]:
     return (_LOAD_ORDER.get(name, 1 if name.endswith(".index.json") else 0), rel)
 
 
+def swap_in(new: Path, dest: Path) -> None:
+    """Put the complete local directory `new` at `dest`: an old `dest` is moved aside
+    (``.NAME-old-<µs>``), `new` renamed in, and only then the old copy removed. Killed at any
+    point, one complete copy exists: `dest`, or the old one under its aside name (which
+    `results.recover_published` moves back)."""
+    old = None
+    if dest.exists():
+        old = dest.parent / f".{dest.name}-old-{time.time_ns() // 1000:017d}"
+        os.replace(dest, old)
+    os.replace(new, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _publish_local(src: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-tmp-"))
@@ -479,13 +493,7 @@ def _publish_local(src: Path, dest: Path) -> None:
             if p.is_file():
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
-        old = None
-        if dest.exists():
-            old = dest.parent / f".{dest.name}-old-{time.time_ns() // 1000:017d}"
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
