@@ -15,7 +15,7 @@ from ckmerge_ray import sweep_trajectory, tune_merge
 from ckmerge_ray.checkpoints.dcp import read_metadata
 from ckmerge_ray.errors import CheckpointError
 from ckmerge_ray.storage import clear_instance_caches, locate, read_counter
-from tests.s3server import s3_server  # noqa: F401 - pytest fixture
+from tests.s3server import s3_server  # noqa: F401,F811 - pytest fixture
 from tests.test_dcp import save_fsdp_layout
 
 SEQ = {"seq_len": 64, "max_tokens": 2048}
