@@ -73,6 +73,7 @@ class _Run:
     puts: int = 0  # puts per checkpoint by this run (0: the caller stored them)
     q: int = 1  # trials at once
     resumed: bool = False
+    trainable: Any = None  # the Tune trainable (set by build_tuner)
     started: float = field(default_factory=time.perf_counter)
     seconds: Dict[str, float] = field(default_factory=dict)
 
@@ -173,14 +174,10 @@ def run_locked(ctx: _Run, guard: RunGuard, record: Dict, objective, stored) -> T
         record.update(_run_extras(objective, ctx))
         tuner, experiment = build_tuner(ctx, plan.run_id, searcher, previous, record)
         t_fit = time.perf_counter()
-        with guard.tune_loop():
-            try:
-                grid = tuner.fit()
-            except OSError as e:  # Tune's own files (storage_path) on a full disk
-                raise output_error(e, f"Ray Tune's experiment {experiment}", ctx.out) from e
+        grid, restored = fit(ctx, guard, tuner, experiment)
         ctx.seconds["tune"] = time.perf_counter() - t_fit
         guard.raise_if_stopped(ctx.out, ctx.search.num_samples)  # signal, or unwritable file
-        if previous:  # the searcher that ran is the one Tune restored: read its final state
+        if previous or restored:  # the searcher that ran is a restored one: read its final state
             searcher.restore_from_dir(experiment)
         rows = read_rows(ctx.out / TRIALS_FILE)
         best, best_observed = pick_best(rows, ctx.search, ctx.objective.mode, searcher)
@@ -267,7 +264,7 @@ def build_tuner(ctx: _Run, run_id: str, searcher, previous: Optional[Dict],
     """A new Tune experiment (run.json written first), or the restored one when resuming.
     Returns the tuner and the experiment's path."""
     search, run, mode = ctx.search, ctx.run, ctx.objective.mode
-    trainable = tune.with_resources(
+    trainable = ctx.trainable = tune.with_resources(
         tune.with_parameters(merge_trainable, holder=f"ckmerge-plan-{run_id}"),
         ctx.resources.to_dict(),
     )
@@ -305,6 +302,50 @@ def build_tuner(ctx: _Run, run_id: str, searcher, previous: Optional[Dict],
 
 def _join(storage: str, name: str) -> str:
     return f"{storage.rstrip('/')}/{name}" if "://" in storage else str(Path(storage) / name)
+
+
+# --- 4. fit ------------------------------------------------------------------------------------
+
+# Errors of a trial whose worker process or node died, rather than of its merge or objective.
+LOST_WORKER_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError,
+                      ray.exceptions.WorkerCrashedError, ray.exceptions.LocalRayletDiedError,
+                      ray.exceptions.ObjectLostError)
+# Times the trials that failed that way are run again after Tune gave up on them.
+LOST_TRIAL_ROUNDS = 2
+
+
+def fit(ctx: _Run, guard: RunGuard, tuner: tune.Tuner, experiment: str) -> Tuple[Any, bool]:
+    """Run Tune's loop; then run again, from the experiment Tune saved, the trials that failed
+    because their worker or node died. Returns the result grid and whether it was restored.
+
+    Tune retries such a trial `max_failures` times, but a lost node can use those retries up in
+    a second: Tune hands the retry to the idle actors it cached on that node (reuse_actors),
+    which fail at once until Ray has declared the node dead. Run again once Tune's loop is over,
+    the trial gets a new actor on a node that is alive; an evaluation it finished before its
+    node went is answered from the journal.
+    """
+    restored = False
+    for again in range(LOST_TRIAL_ROUNDS + 1):
+        with guard.tune_loop():
+            try:
+                grid = tuner.fit()
+            except OSError as e:  # Tune's own files (storage_path) on a full disk
+                raise output_error(e, f"Ray Tune's experiment {experiment}", ctx.out) from e
+        lost = [r.error for r in grid if r.error is not None and lost_worker(r.error)]
+        if not lost or guard.stop_requested or again == LOST_TRIAL_ROUNDS:
+            return grid, restored
+        ctx.log(f"{len(lost)} trial(s) failed because a worker or node was lost "
+                f"({type(lost[0]).__name__}) after Ray Tune's retries: running them again")
+        tuner = tune.Tuner.restore(experiment, trainable=ctx.trainable, restart_errored=True)
+        restored = True
+    return grid, restored
+
+
+def lost_worker(error: BaseException) -> bool:
+    """Whether a trial's error says its worker process or node died (not its merge or
+    objective, whose failures are reported as results)."""
+    return any(isinstance(e, LOST_WORKER_ERRORS)
+               for e in (error, getattr(error, "cause", None), error.__cause__))
 
 
 # --- 5. the best λ -----------------------------------------------------------------------------

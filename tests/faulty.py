@@ -115,7 +115,9 @@ class HangsOnNode(HeldoutLoss):
     """Records every evaluation's start and finish with the node it ran on (files in
     `token_dir`), adds that node to the metrics (``node_id``), and on the node named in
     `token_dir`/doomed hangs in every evaluation that starts there after one has finished there
-    (touching `token_dir`/hanging), so the test can remove that node while its trials run."""
+    (touching `token_dir`/hanging), so the test can remove that node while its trials run. Once
+    the test has touched `token_dir`/lost, an evaluation elsewhere waits for `token_dir`/joined
+    (the replacement node is up), so that trials are still waiting when it joins."""
 
     def __init__(self, path, token_dir, **kwargs):
         super().__init__(path, **kwargs)
@@ -136,6 +138,11 @@ class HangsOnNode(HeldoutLoss):
                                   for n in os.listdir(self.token_dir)):
             open(os.path.join(self.token_dir, "hanging"), "w").close()
             time.sleep(600)  # the test removes this node meanwhile
+        deadline = time.time() + 120
+        while (os.path.exists(os.path.join(self.token_dir, "lost"))
+               and not os.path.exists(os.path.join(self.token_dir, "joined"))
+               and time.time() < deadline):
+            time.sleep(0.1)
         out = super().evaluate(model, device)
         open(os.path.join(self.token_dir, f"finished-{tag}"), "w").close()
         return {**out, "node_id": node}

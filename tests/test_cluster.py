@@ -395,6 +395,169 @@ def test_two_node_cluster_pulls_each_shard_once_per_node(trajectory, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# A worker node lost mid-run, and its replacement joining (ray.cluster_utils.Cluster)
+
+NODE_CHURN = r"""
+import json, sys, threading, time
+from pathlib import Path
+import ray
+from ray._private import internal_api
+from ray.cluster_utils import Cluster
+
+root, earlier, later, heldout, out = sys.argv[1:6]
+sys.path.insert(0, root)
+from ckmerge_ray import tune_merge
+from tests import faulty
+
+faulty.ship_by_value()
+MiB = 2**20
+tokens = Path(out) / "tokens"
+tokens.mkdir()
+# Head: the driver's node, 1 CPU. A worker node of 2 CPUs that is lost (preempted) while its
+# trials run; a replacement of 2 CPUs joins right after, as an autoscaler would bring one.
+cluster = Cluster(initialize_head=True, head_node_args=dict(
+    num_cpus=1, object_store_memory=100 * MiB, include_dashboard=False))
+doomed = cluster.add_node(num_cpus=2, object_store_memory=100 * MiB)
+cluster.wait_for_nodes()
+report, seen = {}, {"locations": {}, "shard_bytes": {}, "holder_nodes": []}
+done = threading.Event()
+try:
+    ray.init(address=cluster.address, logging_level="WARNING")
+    head = ray.get_runtime_context().get_node_id()
+    report.update(head=head, doomed=doomed.node_id)
+    (tokens / "doomed").write_text(doomed.node_id)
+
+    def tune():  # in a thread: Cluster adds nodes from the main thread only
+        try:
+            t0 = time.perf_counter()
+            objective = faulty.HangsOnNode(heldout, tokens, seq_len=64, max_tokens=1024)
+            result = tune_merge((earlier, later), {"cpu": 1}, objective=objective, num_trials=5,
+                                max_concurrent=3, output_dir=out + "/run", export_best=False,
+                                max_shard_bytes=128 * 1024, progress=True)
+            report["tune_s"] = time.perf_counter() - t0
+            report["rows"] = [{k: r.get(k) for k in ("trial_id", "lam", "status", "node_id",
+                                                     "from_journal", "error")}
+                              for r in result.table.to_pylist()]
+            report["summary_store"] = result.summary["object_store"]
+        except BaseException as e:
+            report["tune_error"] = repr(e)
+        finally:
+            done.set()
+
+    def watch():  # while the run lasts: the plan holder's node, where each shard has copies
+        refs = None
+        while not done.is_set():
+            try:
+                if refs is None:
+                    names = [a for a in ray.util.list_named_actors() if a.startswith("ckmerge-plan-")]
+                    if names:
+                        holder = ray.get_actor(names[0])
+                        info = ray._private.state.actors(holder._actor_id.hex())
+                        seen["holder_nodes"].append(info["Address"]["NodeID"])
+                        [plan_ref] = ray.get(holder.plan_ref.remote())
+                        plan = ray.get(plan_ref)
+                        refs = plan.earlier.refs + plan.later.refs
+                        seen["shard_bytes"] = dict(zip([r.hex() for r in refs],
+                                                       plan.earlier.nbytes + plan.later.nbytes))
+                if refs:
+                    for ref, loc in ray.experimental.get_object_locations(refs).items():
+                        seen["locations"][ref.hex()] = sorted(loc["node_ids"])
+            except Exception as e:  # the holder goes away at the end of the run
+                seen["last_error"] = repr(e)
+            time.sleep(0.25)
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (tune, watch)]
+    for t in threads:
+        t.start()
+    while not (tokens / "hanging").exists() and not done.is_set():
+        time.sleep(0.1)
+    if not done.is_set():
+        report["started_before_loss"] = sorted(p.name[8:] for p in tokens.glob("started-*"))
+        report["finished_before_loss"] = sorted(p.name[9:] for p in tokens.glob("finished-*"))
+        (tokens / "lost").touch()
+        cluster.remove_node(doomed, allow_graceful=False)  # no goodbye, as on preemption
+        joined = cluster.add_node(num_cpus=2, object_store_memory=100 * MiB)
+        report["joined"] = joined.node_id
+        (tokens / "joined").touch()
+    for t in threads:
+        t.join(240)
+    nodes = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
+    joined = nodes.get(report.get("joined"))
+    if joined:
+        stats = internal_api.node_stats(joined["NodeManagerAddress"], joined["NodeManagerPort"],
+                                        include_memory_info=False)
+        report["joined_created_bytes"] = stats.store_stats.cumulative_created_bytes
+    report.update(
+        journal=len(list(Path(out, "run", "evaluations").glob("lam=*.json"))),
+        started=sorted(p.name[8:] for p in tokens.glob("started-*")),
+        finished=sorted(p.name[9:] for p in tokens.glob("finished-*")), **seen)
+finally:
+    done.set()
+    ray.shutdown()
+    cluster.shutdown()
+print("REPORT " + json.dumps(report))
+"""
+
+
+@pytest.mark.timeout(300, func_only=True)
+def test_a_lost_worker_node_and_a_joining_one_mid_run(trajectory, tmp_path):
+    """Issue 21, items 1 and 2, on a simulated cluster: a worker node is removed for real (its
+    processes killed, no graceful shutdown) while its trials run, after at least one
+    evaluation finished on it; a new node joins right after. The lost trials are retried on the
+    nodes that remain or join, fetching the shards again from the copies that still exist (the
+    driver's store holds the primaries); the run ends with the requested number of distinct
+    evaluations; the evaluations that finished on the lost node count and none is computed
+    twice; the run's plan holder, and so its journal, was on the driver's node; trials land
+    on the new node, which pulled each checkpoint once."""
+    pair = trajectory[-2], trajectory[-1]
+    script = tmp_path / "churn.py"
+    script.write_text(NODE_CHURN)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(ROOT), str(pair[0]), str(pair[1]),
+         str(pair[1].parent / "heldout.jsonl"), str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_clean_env(),
+        start_new_session=True, cwd=tmp_path)
+    try:
+        stdout, stderr = proc.communicate(timeout=270)
+    except subprocess.TimeoutExpired:
+        _stop_group(proc, grace=2)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"the node-churn run timed out:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    finally:
+        _stop_group(proc, grace=2)
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    report = json.loads(next(ln for ln in stdout.splitlines() if ln.startswith("REPORT "))[7:])
+    assert "tune_error" not in report, report["tune_error"]
+    head, doomed, joined = report["head"], report["doomed"], report.get("joined")
+    assert joined, f"the worker node was never lost: {report}"
+
+    # The fault happened as intended: evaluations had finished on the doomed node, and at
+    # least one more had started there and was in flight when it went.
+    on = lambda names, node: [n for n in names if n.startswith(node)]  # noqa: E731
+    assert on(report["finished_before_loss"], doomed), report
+    finished_there = on(report["finished"], doomed)
+    assert len(on(report["started"], doomed)) > len(finished_there), report
+
+    # The run finished with the requested number of distinct evaluations, each computed once.
+    rows = report["rows"]
+    assert len(rows) == 6 and all(r["status"] == "ok" for r in rows), rows
+    assert len({r["lam"] for r in rows}) == 6 and len({r["trial_id"] for r in rows}) == 6
+    assert len(report["finished"]) == 6 == report["journal"], report
+    assert len([r for r in rows if r["node_id"] == doomed]) == len(finished_there), rows
+    assert any(r["node_id"] == joined for r in rows), f"no trial ran on the new node: {rows}"
+    assert report["holder_nodes"] and set(report["holder_nodes"]) == {head}, report
+
+    # Shards: copies on the driver's node and the new one, none on the lost one; the new node
+    # pulled each shard exactly once (a second pull of any shard would add its size again).
+    shard_bytes = report["shard_bytes"]
+    assert len(shard_bytes) == 2 * report["summary_store"]["shards_per_checkpoint"] >= 4
+    for ref, nodes in report["locations"].items():
+        assert head in nodes and doomed not in nodes and joined in nodes, (ref, nodes)
+    pair_bytes = sum(shard_bytes.values())
+    assert pair_bytes <= report["joined_created_bytes"] < pair_bytes + min(shard_bytes.values())
+
+
+# ---------------------------------------------------------------------------------------------
 # `ray start --head` on loopback + `ray job submit` with token authentication
 
 @pytest.mark.timeout(240, func_only=True)
