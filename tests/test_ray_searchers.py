@@ -431,8 +431,11 @@ def test_bookkeeping_is_one_namespaced_key():
     s = merge_searcher(0.5, "min", 2, seed=0)
     cfg = s.suggest("a")
     assert set(cfg) == {"lam", SEARCH_KEY}
-    assert search_record(cfg) == {"acquisition": "initial", "batch": 0,
-                                  "p_ei": 1 / 3, "p_pi": 1 / 3, "p_ucb": 1 / 3}
+    # merge_searcher starts PI at gain -1 (space.INITIAL_GAINS): p_pi = e^-1 / (2 + e^-1).
+    p_pi = math.exp(-1) / (2 + math.exp(-1))
+    assert search_record(cfg) == pytest.approx({"acquisition": "initial", "batch": 0,
+                                                "p_ei": (1 - p_pi) / 2, "p_pi": p_pi,
+                                                "p_ucb": (1 - p_pi) / 2})
     # A user's own "batch" / "acquisition" parameter is not mistaken for the record.
     assert search_record({"lam": 0.7, "batch": 32, "acquisition": "mine"}) == \
         {"acquisition": "", "batch": None}

@@ -221,3 +221,36 @@ def test_screened_out_trials_are_excluded_and_informative_only_with_a_stderr():
         cfg = s.suggest(f"n{i}")
         assert min(abs(cfg["lam"] - 0.8), abs(cfg["lam"] - 0.6)) >= 0.005
         s.on_trial_complete(f"n{i}", {"score": bowl(cfg["lam"])})
+
+
+def test_length_scale_floor_is_in_lambda_units():
+    # The GP's inputs are λ; on [0, 1] and on [0.5, 1] it sees the same initial points, so the
+    # same scores give the same posterior (the floor was 0.4 of the range: 0.4 λ on [0, 1]).
+    from ckmerge_ray.search.space import LENGTH_SCALE_FLOOR
+
+    posts = []
+    for alpha in (0.0, 0.5):
+        s = merge_searcher(alpha, "min", 1, seed=0)
+        _observe(s, [(lam, {"score": bowl(lam)}) for lam in (0.0, 0.5, 1.0)])
+        X, y = s._observations()
+        assert s._fit_gp(X, y).kernel_.length_scale >= LENGTH_SCALE_FLOOR - 1e-9
+        posts.append(s.posterior([{"lam": x} for x in np.linspace(0.5, 1.0, 11)]))
+    assert np.allclose(posts[0][0], posts[1][0]) and np.allclose(posts[0][1], posts[1][1])
+    assert merge_searcher(0.5, "min", 1, min_length_scale=0.1).min_length_scale == 0.1  # explicit wins
+
+
+def test_initial_gains_start_the_hedge_and_are_checked():
+    s = merge_searcher(0.5, "min", 1, seed=0)  # merge_searcher: PI starts at gain -1
+    p = s.probabilities()
+    assert math.isclose(p["pi"], math.exp(-1) / (2 + math.exp(-1)))
+    assert math.isclose(p["ei"], p["ucb"])
+    seen = [search_record(c) for c in drive(s, bowl, 4)]
+    assert math.isclose(seen[3]["p_pi"], p["pi"])  # the first GP choice draws with them
+    g = GPHedgeSearch(space={"lam": (0.0, 1.0)}, metric="score", mode="min")
+    assert g.gains == {"ei": 0.0, "pi": 0.0, "ucb": 0.0}  # GPHedgeSearch itself: uniform
+    assert merge_searcher(0.5, "min", 1, acquisitions=("ei", "ucb")).gains == {"ei": 0.0, "ucb": 0.0}
+    assert merge_searcher(0.5, "min", 1, initial_gains={}).gains["pi"] == 0.0
+    with pytest.raises(ValueError, match="initial_gains names"):
+        merge_searcher(0.5, "min", 1, initial_gains={"lcb": 1.0})
+    with pytest.raises(ValueError, match="initial_gains must be finite"):
+        merge_searcher(0.5, "min", 1, initial_gains={"pi": float("-inf")})

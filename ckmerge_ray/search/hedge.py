@@ -115,12 +115,24 @@ class GPHedgeSearch(BayesOptSearch):
         batch_size: suggestions per batch (default 1: classic sequential GP-Hedge).
         acquisitions: any non-empty subset of ("ei", "pi", "ucb") (default all three); a single
             one disables the hedge.
-        eta: hedge learning rate (default 1.0). xi: EI/PI improvement margin, in the metric's
-            units (default 0.0). kappa: UCB exploration weight (default 1.0, not
-            bayes_opt's 2.576, which is tuned for long runs: within a budget of about ten trials
-            on a smooth 1-D landscape, UCB at 2.576 σ spends trials on the edges. On the
-            benchmark landscapes, median trials to 1 % of the gain went from 4 to 3 at q = 1 on
-            [0.5, 1] and from 7 to 5 at q = 4).
+        eta: hedge learning rate (default 1.0).
+        initial_gains: the hedge's starting gain per acquisition (default none: all 0, the
+            uniform start of GP-Hedge); a name outside ``acquisitions`` is ignored. Gains are in
+            units of the observed scores' spread, as the credits are, so with ``eta`` = 1
+            ``{"pi": -1.0}`` starts PI at probability e⁻¹/(2 + e⁻¹) ≈ 16 % instead of 1/3, and
+            PI catches up only if its nominees' posterior means beat the others' by about one
+            spread in all. ``merge_searcher`` passes ``{"pi": -1.0}`` (chosen on the fit split;
+            see there).
+        xi: EI/PI improvement margin, in the metric's units (default 0.0; ``xi`` depends on the
+            metric's scale, so no other default would carry across metrics. On the fit split no
+            margin helped: ξ = 0.3·std(y) moved PI's first nominee into the 1 % band on 2 of 9
+            landscapes but EI's out of it on 3, ``benchmarks/tune_defaults.py``).
+        kappa: UCB exploration weight (default 1.0, not bayes_opt's 2.576, which is tuned for
+            long runs: within a budget of about ten trials on a smooth 1-D landscape, UCB at
+            2.576 σ spends trials on the edges. On the demo landscapes, median trials to 1 % of
+            the gain went from 4 to 3 at q = 1 on [0.5, 1] and from 7 to 5 at q = 4. Checked
+            again on the fit split by ``benchmarks/tune_defaults.py``: UCB's first nominee lands
+            within 1 % of the gain on 6 of 9 landscapes at κ = 1, on 3 of 9 at 0.5 or 2).
         gp_noise: the GP's ``alpha``, observation noise variance added to the kernel diagonal
             on the normalized target scale (default 1e-6: deterministic objectives). Raise it
             (e.g. 1e-2) for noisy objectives so the GP does not interpolate noise.
@@ -143,7 +155,8 @@ class GPHedgeSearch(BayesOptSearch):
             smallest range (default None: bayes_opt's Matern kernel, bounds 1e-5 to 1e5). With
             a handful of points a free length scale often collapses, the GP mean reverts to the
             prior between observations, and the acquisitions cling to the best observed point;
-            a bound encodes "the landscape is smooth at the scale of the space".
+            a bound encodes "the landscape is smooth at this scale". ``merge_searcher`` sets
+            0.2 in λ units, whatever the range (see there).
         seed: seeds the GP fits, the candidate sets and the hedge draws; same seed and same
             results give the same sequence, also across save/restore.
         n_candidates: random candidates per acquisition maximization (default 2000), refined
@@ -176,6 +189,7 @@ class GPHedgeSearch(BayesOptSearch):
         batch_size: int = 1,
         acquisitions: Sequence[str] = ACQUISITIONS,
         eta: float = 1.0,
+        initial_gains: Optional[Dict[str, float]] = None,
         xi: float = 0.0,
         kappa: float = 1.0,
         gp_noise: float = 1e-6,
@@ -219,7 +233,14 @@ class GPHedgeSearch(BayesOptSearch):
         self.min_length_scale = min_length_scale
         self.seed = int(seed)
         self.n_candidates = int(n_candidates)
-        self.gains: Dict[str, float] = {a: 0.0 for a in acquisitions}
+        initial_gains = dict(initial_gains or {})
+        unknown = [a for a in initial_gains if a not in ACQUISITIONS]
+        if unknown:
+            raise ValueError(f"initial_gains names {unknown}; acquisitions are {ACQUISITIONS}")
+        if any(finite_real(v) is None for v in initial_gains.values()):
+            raise ValueError(f"initial_gains must be finite numbers, got {initial_gains!r}")
+        # A name outside `acquisitions` is ignored, so one prior serves every portfolio.
+        self.gains: Dict[str, float] = {a: float(initial_gains.get(a, 0.0)) for a in acquisitions}
         self.batch_index = -1
         self._slot = batch_size  # the first suggestion opens batch 0
         self._batch_probs: Dict[str, float] = {}
