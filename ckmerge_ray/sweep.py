@@ -75,16 +75,20 @@ class _Sweep:
     out: Path = Path()
 
 
-def discover_checkpoints(source: str | os.PathLike | Sequence[str | os.PathLike]
+def discover_checkpoints(source: str | os.PathLike | Sequence[str | os.PathLike],
+                         include_final: bool = False, log: Optional[Log] = None
                          ) -> List[Tuple[int, Path | str]]:
     """(step, directory) of each checkpoint, oldest first: a local Path, or a URI string.
 
     A single directory (or URI prefix, e.g. ``s3://bucket/run``) holding subdirectories named
     ``checkpoint-<step>``, ``step-<N>``, ``step<N>``, ``step_<N>``, ``iter_<N>`` or
-    ``global_step<N>`` gives those, sorted by the number (so step 900 comes before step 1000);
-    a model saved at its top (Trainer's final ``save_model``) is not one of them. A list of
-    checkpoint directories is taken in the order given; their step is read from the name when
-    it has one, else it is the position in the list.
+    ``global_step<N>`` gives those, sorted by the number (so step 900 comes before step 1000).
+    A model saved at its top (Trainer's final ``save_model``) is not one of them: it is
+    reported to `log`, and added as the last point only with `include_final` (its step is
+    ``global_step`` of a ``trainer_state.json`` beside it, which ``trainer.save_state()``
+    writes, else one more than the last checkpoint's). A list of checkpoint directories is
+    taken in the order given; their step is read from the name when it has one, else it is
+    the position in the list.
     """
     if isinstance(source, (str, os.PathLike)):
         source = [source]
@@ -95,7 +99,10 @@ def discover_checkpoints(source: str | os.PathLike | Sequence[str | os.PathLike]
             raise ConfigError(str(e)) from e
         found = [(step, loc.local_path or loc.uri) for step, loc in
                  discover_children(root, CHECKPOINT_NAME)]
-        if found or not (root / "config.json").exists():
+        has_root_model = (root / "config.json").exists()
+        if found and has_root_model:
+            found = _with_root_model(root, found, include_final, log)
+        if found or not has_root_model:
             if len(found) < 2:
                 seen = [c.name for c in root.listdir()][:8]
                 raise ConfigError(
@@ -114,6 +121,36 @@ def discover_checkpoints(source: str | os.PathLike | Sequence[str | os.PathLike]
     return out
 
 
+def _with_root_model(root, found: List[Tuple[int, Path | str]], include_final: bool,
+                     log: Optional[Log]) -> List[Tuple[int, Path | str]]:
+    """`found` (the subfolder checkpoints), and the model at `root` last if `include_final`."""
+    step = final_step(root)
+    known = step is not None
+    step = step if known and step > found[-1][0] else found[-1][0] + 1
+    if include_final:
+        if log:
+            log(f"{root} holds a model of its own (Trainer's final save_model): included as the "
+                f"last point, step {step}" + ("" if known else " (no trainer_state.json beside "
+                                               "it: step assumed after the last checkpoint)"))
+        return [*found, (step, root.local_path or root.uri)]
+    if log:
+        log(f"{root} also holds a model of its own (Trainer's final save_model): not part of "
+            f"the trajectory of its {len(found)} checkpoint folder(s); include_final=True "
+            "(CLI: --include-final) adds it as the last point")
+    return found
+
+
+def final_step(root) -> Optional[int]:
+    """``global_step`` of the trainer_state.json in `root` (a Location), or None."""
+    import json
+
+    state = root / "trainer_state.json"
+    try:
+        return int(json.loads(state.read_bytes())["global_step"]) if state.exists() else None
+    except (CheckpointError, ValueError, KeyError, TypeError):
+        return None
+
+
 def sweep_trajectory(
     checkpoints: str | os.PathLike | Sequence[str | os.PathLike],
     resources: "Resources | Mapping[str, float] | None" = None,
@@ -124,6 +161,7 @@ def sweep_trajectory(
     checkpoint: Optional[CheckpointConfig] = None,
     heatmap: bool = False,
     heatmap_lambda: float = 0.5,
+    include_final: bool = False,
     objective_options: Optional[Mapping[str, Any]] = None,
     tune_options: Optional[Mapping[str, Any]] = None,
     **options,
@@ -139,6 +177,8 @@ def sweep_trajectory(
         heatmap: also score heatmap_lambda·Θ(j) + (1-heatmap_lambda)·Θ(i) for every pair
             i < j, and every checkpoint alone (n(n+1)/2 evaluations; all checkpoints are then
             held in the object store together).
+        include_final: also the model saved at the top of a Trainer output directory, as
+            the last point (see `discover_checkpoints`).
         tune_options: further `tune_merge` keywords for every pair (e.g. ``acquisitions``).
         **options: any field of the settings values by name (``alpha``, ``num_trials``, ...).
 
@@ -154,7 +194,7 @@ def sweep_trajectory(
     settings = split_options(options, {"num_trials": 8, "output_dir": "ckmerge_runs/sweep"},
                              search=search, run=run, checkpoint=checkpoint)
     ctx = check_sweep(checkpoints, objective, objective_options, resources, tune_options,
-                      heatmap_lambda, **settings)
+                      heatmap_lambda, include_final=include_final, **settings)
     ctx.out = claim_output_dir(ctx.out, SWEEP_TABLE, ctx.run.overwrite,
                                extra=(HEATMAP_TABLE, PAIRS_DIR))
     started = time.perf_counter()
@@ -170,11 +210,7 @@ def sweep_trajectory(
     summary["plots"] = draw_plots(ctx.out, "sweep", rows, summary, ctx.log,
                                   heat=heat.to_pylist() if heat is not None else (), extra=plots)
     write_json_atomic(ctx.out / SUMMARY_FILE, summary)
-    for r in rows:
-        if r["status"] == "ok":
-            ctx.log(f"{r['earlier'].rstrip('/').rsplit('/', 1)[-1]} -> "
-                    f"{r['later'].rstrip('/').rsplit('/', 1)[-1]}: best λ="
-                    f"{r['best_lambda']:.4f}, gain over the later checkpoint {r['gain']:+.5f}")
+    log_pairs(rows, ctx.log)
     if not any(r["status"] == "ok" for r in rows):
         raise RunError(f"every pair failed; first error: {rows[0]['error']} "
                        f"(table in {ctx.out / SWEEP_TABLE})")
@@ -184,12 +220,12 @@ def sweep_trajectory(
 
 def check_sweep(checkpoints, objective, objective_options, resources, tune_options,
                 heatmap_lambda: float, search: SearchConfig, run: RunConfig,
-                checkpoint: CheckpointConfig) -> _Sweep:
+                checkpoint: CheckpointConfig, include_final: bool = False) -> _Sweep:
     """Every check a pair's `tune_merge` makes, and the sweep's own, before anything is stored."""
     log, resources = printer(run.progress), Resources.of(resources)
     if not 0.0 < heatmap_lambda < 1.0:
         raise ConfigError(f"heatmap_lambda must be in (0, 1), got {heatmap_lambda}")
-    found = discover_checkpoints(checkpoints)
+    found = discover_checkpoints(checkpoints, include_final, log)
     if len(found) < 2:
         raise ConfigError(f"a sweep needs at least two checkpoints, got {len(found)}")
     out = Path(run.output_dir).resolve()
@@ -213,36 +249,69 @@ def tune_pairs(ctx: _Sweep, window: WindowStore, keep: bool) -> Tuple[List[Dict]
     """Tune every adjacent pair in turn on the window's stored checkpoints; sweep.parquet is
     rewritten after each. Returns the rows and the pairs' plots (relative to the sweep).
     Without `keep`, checkpoint k is released once pair k is done."""
-    import dataclasses
-
-    from ckmerge_ray.tuner import tune_merge
-
-    rows, plots, names = [], [], [i.name for i in ctx.infos]
+    rows, plots = [], []
     for k in range(len(ctx.infos) - 1):
-        pair = (window.get(k), window.get(k + 1))
-        run_dir = Path(PAIRS_DIR) / f"{k:02d}-{names[k]}-{names[k + 1]}"
-        ctx.log(f"pair {k + 1}/{len(ctx.infos) - 1}: {names[k]} -> {names[k + 1]}")
-        t0 = time.perf_counter()
-        row = {"pair": k, "earlier": str(ctx.infos[k].source),
-               "later": str(ctx.infos[k + 1].source),
-               "earlier_step": ctx.steps[k], "later_step": ctx.steps[k + 1],
-               "run_dir": str(run_dir), "store_digest": pair_digest(*pair)}
-        run = dataclasses.replace(ctx.tuned["run"], output_dir=str(ctx.out / run_dir))
-        try:
-            result = tune_merge((ctx.infos[k].source, ctx.infos[k + 1].source), ctx.resources,
-                                stored=pair, **{**ctx.tuned, "run": run})
-        except RunError as e:  # every trial of this pair failed: the others may not
-            row.update(status="error", error=f"{type(e).__name__}: {e}")
-            ctx.log(f"pair {names[k]} -> {names[k + 1]} FAILED: {row['error']}")
-        else:
-            row.update(pair_row(result))
-            plots += [(run_dir / p).as_posix() for p in result.summary.get("plots", [])]
-        row["wall_s"] = time.perf_counter() - t0
+        ctx.log(f"pair {k + 1}/{len(ctx.infos) - 1}: {ctx.infos[k].name} -> "
+                f"{ctx.infos[k + 1].name}")
+        row, pair_plots, _ = tune_pair(k, (ctx.infos[k], ctx.infos[k + 1]),
+                                       (ctx.steps[k], ctx.steps[k + 1]),
+                                       (window.get(k), window.get(k + 1)), ctx.out, ctx.tuned,
+                                       ctx.resources, ctx.log)
         rows.append(row)
+        plots += pair_plots
         write_table_atomic(ctx.out / SWEEP_TABLE, rows)
         if not keep:
             window.release(k)  # pair k+1 needs only checkpoint k+1 again: let Ray free k
     return rows, plots
+
+
+def pair_run_dir(k: int, earlier: CheckpointInfo, later: CheckpointInfo) -> Path:
+    """Pair k's tune run, relative to the sweep (or watch) directory."""
+    return Path(PAIRS_DIR) / f"{k:02d}-{earlier.name}-{later.name}"
+
+
+def tune_pair(k: int, infos: Tuple[CheckpointInfo, CheckpointInfo], steps: Tuple[int, int],
+              stored: Tuple[StoredCheckpoint, StoredCheckpoint], out: Path, tuned: Dict[str, Any],
+              resources: Resources, log: Log, resume: bool = False,
+              failures: Tuple[type, ...] = (RunError,)) -> Tuple[Dict, List[str], Any]:
+    """Tune pair k (earlier, later) from its stored shards in ``out/pairs/<k>-<names>``: the
+    row of sweep.parquet, the pair run's plots (relative to `out`) and its `TuneMergeResult`
+    (None when it failed). `tuned`: tune_merge's keywords but the run directory; `resume`
+    continues the pair's own run (no finished evaluation is redone). An error of a kind in
+    `failures` is recorded in the row (status "error") instead of raised: the other pairs may
+    still succeed."""
+    import dataclasses
+
+    from ckmerge_ray.tuner import tune_merge
+
+    earlier, later = infos
+    run_dir = pair_run_dir(k, earlier, later)
+    t0 = time.perf_counter()
+    row = {"pair": k, "earlier": str(earlier.source), "later": str(later.source),
+           "earlier_step": steps[0], "later_step": steps[1],
+           "run_dir": str(run_dir), "store_digest": pair_digest(*stored)}
+    run = dataclasses.replace(tuned["run"], output_dir=str(out / run_dir), resume=resume)
+    result, plots = None, []
+    try:
+        result = tune_merge((earlier.source, later.source), resources, stored=stored,
+                            **{**tuned, "run": run})
+    except failures as e:  # every trial of this pair failed: the others may not
+        row.update(status="error", error=f"{type(e).__name__}: {e}")
+        log(f"pair {earlier.name} -> {later.name} FAILED: {row['error']}")
+    else:
+        row.update(pair_row(result))
+        plots = [(run_dir / p).as_posix() for p in result.summary.get("plots", [])]
+    row["wall_s"] = time.perf_counter() - t0
+    return row, plots, result
+
+
+def log_pairs(rows: Sequence[Dict], log: Log) -> None:
+    """One line per successful pair: best λ and gain over the later checkpoint."""
+    for r in rows:
+        if r["status"] == "ok":
+            log(f"{r['earlier'].rstrip('/').rsplit('/', 1)[-1]} -> "
+                f"{r['later'].rstrip('/').rsplit('/', 1)[-1]}: best λ="
+                f"{r['best_lambda']:.4f}, gain over the later checkpoint {r['gain']:+.5f}")
 
 
 def pair_row(result) -> Dict:
