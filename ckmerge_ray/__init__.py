@@ -6,7 +6,8 @@ Data flow, one module each: checkpoints (read, validate) -> store (shards in the
 model) -> cli. Settings are values (config); the cluster (cluster), the output directory
 (rundir) and a run's checked inputs (inputs) have modules of their own. Beside them: baselines
 and evaluator (other merges of the same shards), compare (baselines vs the tuned merge), sweep
-(every adjacent pair of a run) and plots. See README's "How it works".
+(every adjacent pair of a run), watch (the same while the run trains; integrations holds
+the Trainer callback) and plots. See README's "How it works".
 
 The public names below are imported on first use, so that `import ckmerge_ray.merge` (or
 `checkpoints`) needs neither Ray nor transformers: a GPU box without Ray can still run the merge
@@ -25,6 +26,7 @@ _LAZY = {
     "BaselineConfig": "config", "Resources": "config",
     "compare_merges": "compare", "CompareResult": "compare",
     "sweep_trajectory": "sweep", "SweepResult": "sweep", "discover_checkpoints": "sweep",
+    "watch_trajectory": "watch", "WatchResult": "watch",
     "GPHedgeSearch": "search",
     "Objective": "objectives", "HeldoutLoss": "objectives", "LmEvalObjective": "objectives",
     "parse_objective": "objectives",

@@ -4,6 +4,8 @@
     ckmerge-ray tune ckpts/checkpoint-900 ckpts/checkpoint-1000 \\
         --objective loss:heldout.jsonl --alpha 0.5 --trials 12 \\
         --cpus-per-trial 1 --gpus-per-trial 0 --output runs/x
+    ckmerge-ray watch runs/pretrain --objective loss:heldout.jsonl \\
+        --marker trainer_state.json --output runs/watch      # while the run trains
 
 Exit codes: 0 on success; 2 on bad input, a failed run, a sweep whose every pair failed or a
 comparison whose every method failed (one line on stderr); 130 on SIGINT (Ctrl-C) and 143 on
@@ -31,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tune_parser(sub)
     _add_compare_parser(sub)
     _add_sweep_parser(sub)
+    _add_watch_parser(sub)
     pl = sub.add_parser("plot", help="redraw the plots of a run, sweep or comparison",
                         description="Redraw the PNG plots of RUN_DIR from its saved tables.")
     pl.add_argument("run_dir")
@@ -115,7 +118,36 @@ def _add_sweep_parser(sub) -> None:
                    help="also score the merge of every pair (i, j) at --heatmap-lambda")
     w.add_argument("--heatmap-lambda", type=float, default=0.5,
                    help="weight of the later checkpoint in heatmap merges (default 0.5)")
+    w.add_argument("--include-final", action="store_true",
+                   help="also the model Trainer's save_model wrote at the top of DIR, as the "
+                   "last point (default: reported, not swept)")
     _add_run_arguments(w, default_output="ckmerge_runs/sweep")
+
+
+def _add_watch_parser(sub) -> None:
+    w = sub.add_parser("watch", help="follow a training run: tune each new adjacent pair",
+                       description="Poll SOURCE (a run directory or URI prefix) for "
+                       "checkpoint-<step>/ (step-<N>/, iter_<N>/, ...) folders and tune each new "
+                       "adjacent pair once its later checkpoint is complete; keeps "
+                       "sweep.parquet, the plots, latest/ and best_overall/ in --output current.")
+    w.add_argument("source", help="the directory or URI prefix the trainer saves checkpoints in")
+    w.add_argument("--marker", default=None, metavar="NAME",
+                   help="a checkpoint is complete once NAME exists in its folder (HF Trainer "
+                   "writes trainer_state.json last; CkmergeCallback writes "
+                   "ckmerge_complete); default: its files all there and unchanged between two "
+                   "polls")
+    w.add_argument("--until", type=int, default=None, metavar="STEP",
+                   help="stop after the pair whose later checkpoint is at step >= STEP")
+    w.add_argument("--max-pairs", type=int, default=None,
+                   help="stop once this many pairs are done (resumed ones included)")
+    w.add_argument("--poll-seconds", type=float, default=30.0,
+                   help="seconds between two looks at SOURCE (default 30)")
+    w.add_argument("--idle-timeout", type=float, default=None, metavar="SECONDS",
+                   help="stop when no checkpoint became complete for this long (default: never)")
+    w.add_argument("--resume", action="store_true",
+                   help="continue the watch in --output: finished pairs are not redone, the "
+                   "pair that was running resumes without redoing a finished evaluation")
+    _add_run_arguments(w, default_output="ckmerge_runs/watch")
 
 
 def _add_objective_arguments(p: argparse.ArgumentParser, required: bool) -> None:
@@ -193,6 +225,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _compare(args)
         if args.command == "sweep":
             return _sweep(args)
+        if args.command == "watch":
+            return _watch(args)
         if args.command == "plot":
             return _plot(args)
     except RunInterrupted as e:  # before CkmergeError: the run is saved, not failed
@@ -312,12 +346,33 @@ def _sweep(args) -> int:
 
     checkpoints = args.checkpoints[0] if len(args.checkpoints) == 1 else args.checkpoints
     result = sweep_trajectory(checkpoints, _resources(args), args.objective, heatmap=args.heatmap,
-                              heatmap_lambda=args.heatmap_lambda, **_settings(args))
+                              heatmap_lambda=args.heatmap_lambda,
+                              include_final=args.include_final, **_settings(args))
     for r in result.table.to_pylist():
         what = (f"best λ={r['best_lambda']:.4f} gain {r['gain']:+.5f}" if r["status"] == "ok"
                 else f"FAILED: {r['error']}")
         print(f"[ckmerge] step {r['earlier_step']} -> {r['later_step']}: {what}", flush=True)
     print(f"[ckmerge] results: {result.output_dir} (sweep.parquet, summary.json)", flush=True)
+    return 0
+
+
+def _watch(args) -> int:
+    import dataclasses
+
+    from ckmerge_ray.watch import watch_trajectory
+
+    settings = _settings(args)
+    settings["run"] = dataclasses.replace(settings["run"], resume=args.resume)
+    result = watch_trajectory(args.source, _resources(args), args.objective, marker=args.marker,
+                              until=args.until, max_pairs=args.max_pairs,
+                              poll_seconds=args.poll_seconds, idle_timeout=args.idle_timeout,
+                              **settings)
+    for r in result.table.to_pylist():
+        what = (f"best λ={r['best_lambda']:.4f} gain {r['gain']:+.5f}" if r["status"] == "ok"
+                else f"FAILED: {r['error']}")
+        print(f"[ckmerge] step {r['earlier_step']} -> {r['later_step']}: {what}", flush=True)
+    print(f"[ckmerge] results: {result.output_dir} (sweep.parquet, latest/, best_overall/, "
+          "summary.json)", flush=True)
     return 0
 
 

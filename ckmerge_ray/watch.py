@@ -1,0 +1,592 @@
+"""`watch_trajectory`: follow a pretraining run while it trains, and tune each new adjacent pair
+as soon as its later checkpoint is complete.
+
+The watch polls a run directory (local or a URI) for ``checkpoint-<step>/``-style folders (the
+names `sweep.discover_checkpoints` knows). A checkpoint is read only once it is *complete*:
+
+- with ``marker="NAME"``: the file NAME exists in the folder (the trainer's word that it is
+  done; HF Trainer writes ``trainer_state.json`` last, and `integrations.CkmergeCallback`
+  writes a marker after every save), and its format's files are all there;
+- otherwise: every file its format names is present and whole as far as the headers tell
+  (the safetensors index and each file's header against the file's size; DCP's ``.metadata``,
+  written last, and every ``.distcp`` it names), and nothing in the folder changed (sizes and
+  modification times, or ETags) between two polls.
+
+Pairs are tuned one after another with `tune_merge` in ``pairs/`` as `sweep_trajectory` does
+(each checkpoint put into the object store once; the earlier checkpoint of the next pair stays
+there). After each pair: a row of ``sweep.parquet``, the plots, ``latest/`` (the newest pair's
+best merged model) and ``best_overall/`` (the best merged model so far by the objective),
+each replaced atomically. Example::
+
+    from ckmerge_ray import watch_trajectory
+    watch_trajectory("runs/pretrain", {"cpu": 1}, objective="loss:heldout.jsonl",
+                     num_trials=8, output_dir="runs/watch", marker="trainer_state.json")
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import pyarrow as pa
+
+from ckmerge_ray.checkpoints import (
+    CheckpointInfo, load_checkpoint_info, plan_shards, tokenizer_files,
+)
+from ckmerge_ray.cluster import ray_session
+from ckmerge_ray.config import CheckpointConfig, Resources, RunConfig, SearchConfig, split_options
+from ckmerge_ray.errors import CheckpointError, ConfigError, RunError, RunInterrupted
+from ckmerge_ray.inputs import Log, load_window, prepare_objective, printer
+from ckmerge_ray.plots import draw_plots
+from ckmerge_ray.results import (
+    PAIRS_DIR, RUN_FILE, SUMMARY_FILE, SWEEP_GAIN_PLOT, SWEEP_TABLE, read_rows, recover_published,
+    write_json_atomic, write_table_atomic,
+)
+from ckmerge_ray.rundir import check_not_a_file, jsonable
+from ckmerge_ray.storage import Location, checkpoint_id, discover_children, locate, publish_dir
+from ckmerge_ray.store import StoredCheckpoint, put_checkpoint
+from ckmerge_ray.sweep import CHECKPOINT_NAME, log_pairs, pair_run_dir, tune_pair
+
+WATCH_FILE = "watch.json"  # what defines the watch (a resume must match it)
+LATEST_DIR = "latest"  # the newest pair's best merged model
+BEST_OVERALL_DIR = "best_overall"  # the best merged model of any pair so far
+STALLED_POLLS = 3  # an incomplete checkpoint unchanged this long no longer holds up later ones
+
+
+@dataclass
+class WatchResult:
+    """What the watch did: one row per pair (also in sweep.parquet), where the models are."""
+
+    table: pa.Table
+    mode: str
+    output_dir: Path
+    latest: Optional[Path]
+    best_overall: Optional[Path]
+    summary: Dict = field(default_factory=dict)
+
+
+@dataclass
+class _Checkpoint:
+    """A checkpoint folder the watch has seen; `info`/`stored` once it is read."""
+
+    step: int
+    location: Location
+    fingerprint: Optional[tuple] = None  # at the last poll that found its files all there
+    state: Any = None  # what the last poll saw (unchanged for `stalled` polls: stalled)
+    stalled: int = 0
+    complete: bool = False
+    first_whole: Optional[float] = None  # wall time of the first poll that found it whole
+    complete_at: Optional[float] = None  # wall time it was declared complete
+    info: Optional[CheckpointInfo] = None
+    stored: Optional[StoredCheckpoint] = None
+    plan: Optional[List[List[str]]] = None
+
+
+def watch_trajectory(
+    source: str | os.PathLike,
+    resources: "Resources | Mapping[str, float] | None" = None,
+    objective: str = "",
+    *,
+    search: Optional[SearchConfig] = None,
+    run: Optional[RunConfig] = None,
+    checkpoint: Optional[CheckpointConfig] = None,
+    marker: Optional[str] = None,
+    until: Optional[int] = None,
+    max_pairs: Optional[int] = None,
+    poll_seconds: float = 30.0,
+    idle_timeout: Optional[float] = None,
+    objective_options: Optional[Mapping[str, Any]] = None,
+    tune_options: Optional[Mapping[str, Any]] = None,
+    **options,
+) -> WatchResult:
+    """Follow the run in `source` and tune every new adjacent pair as its later checkpoint
+    becomes complete, keeping sweep.parquet, the plots, ``latest/`` and ``best_overall/``
+    current. Runs until `until`, `max_pairs` or `idle_timeout` ends it (or a signal).
+
+    Args:
+        source: the run directory or URI prefix the trainer saves ``checkpoint-<step>/`` (or
+            ``step-<N>/``, ``iter_<N>/``, ...) folders into. A model saved at its top is not
+            followed.
+        resources, objective, search, run, checkpoint, objective_options, tune_options: as in
+            `sweep_trajectory` (``num_trials`` defaults to 8, ``output_dir`` to
+            ``ckmerge_runs/watch``). ``resume=True`` continues a watch in ``output_dir``: no
+            pair in its table is tuned again, and the pair that was running resumes its own
+            run (no finished evaluation is redone). The objective must be a string (a spec or
+            an objective YAML) so that every pair scores the same way.
+        marker: a file name; a checkpoint is complete once it exists in its folder (default:
+            complete when its files are all there and unchanged between two polls).
+        until: stop after the pair whose later checkpoint's step is at least this.
+        max_pairs: stop once the table holds this many pairs (resumed ones included).
+        poll_seconds: time between two looks at `source` (default 30).
+        idle_timeout: stop when no checkpoint became complete for this many seconds (default:
+            wait forever).
+
+    Returns:
+        A `WatchResult`. A pair whose checkpoint is unreadable, or changed or vanished after
+        it was stored, or whose every trial failed, is a row with status "error"; the watch
+        goes on from the last good checkpoint.
+
+    Raises:
+        ConfigError, ObjectiveError for bad settings (before the first pair, as soon as the
+        first checkpoint is complete); RunInterrupted on SIGINT/SIGTERM (the table holds every
+        finished pair: resume it).
+    """
+    settings = split_options(options, {"num_trials": 8, "output_dir": "ckmerge_runs/watch"},
+                             search=search, run=run, checkpoint=checkpoint)
+    search, run, checkpoint = settings["search"], settings["run"], settings["checkpoint"]
+    _check_settings(objective, marker, until, max_pairs, poll_seconds, idle_timeout)
+    log = printer(run.progress)
+    try:
+        root = locate(source, what="run directory")
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from e
+    out = Path(run.output_dir).resolve()
+    record = {"source": checkpoint_id(source), "objective": objective,
+              "objective_options": jsonable(dict(objective_options or {})),
+              **jsonable(search.to_dict())}
+    rows = claim_watch_dir(out, record, run.overwrite, run.resume)
+    tuned = split_options(dict(tune_options or {}), search=search,
+                          run=RunConfig(progress=run.progress, export_best=True,
+                                        max_concurrent=run.max_concurrent),
+                          checkpoint=checkpoint)
+    tuned.update(objective=objective, objective_options=objective_options)
+    w = _Watch(root, out, log, Resources.of(resources), checkpoint, search, tuned, objective,
+               objective_options, marker, rows)
+    with ray_session(log), _signals():
+        try:
+            w.follow(until, max_pairs, poll_seconds, idle_timeout)
+        except KeyboardInterrupt as e:
+            raise RunInterrupted(f"watch stopped by {e or 'SIGINT'}; {len(w.rows)} pair(s) in "
+                                 f"{out / SWEEP_TABLE}: resume with resume=True (CLI: --resume)",
+                                 signal.SIGTERM if str(e) == "SIGTERM" else signal.SIGINT
+                                 ) from None
+    log_pairs(w.rows, log)
+    return WatchResult(write_table_atomic(out / SWEEP_TABLE, w.rows), w.mode, out,
+                       _if_dir(out / LATEST_DIR), _if_dir(out / BEST_OVERALL_DIR), w.summary())
+
+
+def _check_settings(objective, marker, until, max_pairs, poll_seconds, idle_timeout) -> None:
+    if not isinstance(objective, str) or not objective:
+        raise ConfigError("watch needs the objective as a string (a spec such as "
+                          "'loss:heldout.jsonl', or an objective YAML), the same for every pair")
+    if marker is not None and (not marker or "/" in marker or marker in (".", "..")):
+        raise ConfigError(f"marker must be a file name inside each checkpoint folder, got "
+                          f"{marker!r}")
+    if max_pairs is not None and (not isinstance(max_pairs, int) or max_pairs < 1):
+        raise ConfigError(f"max_pairs must be a positive integer, got {max_pairs!r}")
+    if until is not None and not isinstance(until, int):
+        raise ConfigError(f"until must be a step (an integer), got {until!r}")
+    if not poll_seconds > 0:
+        raise ConfigError(f"poll_seconds must be positive, got {poll_seconds}")
+    if idle_timeout is not None and not idle_timeout > 0:
+        raise ConfigError(f"idle_timeout must be positive, got {idle_timeout}")
+
+
+def claim_watch_dir(out: Path, record: Dict, overwrite: bool, resume: bool) -> List[Dict]:
+    """Claim `out` for a watch defined by `record`; returns the rows of the pairs done so far
+    (resume) or []. Refuses a directory holding a watch or sweep unless `overwrite`/`resume`,
+    and a resume with a different definition, naming the differing values."""
+    check_not_a_file(out)
+    if resume:
+        if not (out / WATCH_FILE).exists():
+            raise ConfigError(f"nothing to resume in {out}: no {WATCH_FILE} (start it without "
+                              "resume)")
+        stored = json.loads((out / WATCH_FILE).read_text())
+        diffs = [f"{k}={v!r} (the watch has {stored.get(k)!r})" for k, v in record.items()
+                 if jsonable(v) != stored.get(k)]
+        if diffs:
+            raise ConfigError(f"cannot resume {out} with different arguments: " + "; ".join(diffs))
+        for name in (LATEST_DIR, BEST_OVERALL_DIR):  # a publish killed midway
+            recover_published(out / name)
+        return read_rows(out / SWEEP_TABLE)
+    if (out / WATCH_FILE).exists() or (out / SWEEP_TABLE).exists():
+        if not overwrite:
+            raise ConfigError(f"{out} already holds a watch or sweep; pass resume=True (CLI: "
+                              "--resume) to continue it, overwrite=True (CLI: --overwrite) to "
+                              "replace it, or choose another directory")
+        import shutil
+        for name in (SWEEP_TABLE, SUMMARY_FILE, WATCH_FILE, SWEEP_GAIN_PLOT, PAIRS_DIR,
+                     LATEST_DIR, BEST_OVERALL_DIR):
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / WATCH_FILE, record)
+    return []
+
+
+def checkpoint_state(loc: Location, marker: Optional[str], checkpoint: CheckpointConfig,
+                     required: Sequence[str] = ()) -> Tuple[Optional[tuple], str]:
+    """(fingerprint of the folder, "") when every file the checkpoint's format names is there
+    and whole as far as its headers tell, the `required` files (the tokenizer files the
+    previous checkpoint had) exist, and so does the marker, if one is named; else (None, why
+    not). Reads headers only."""
+    if marker is not None and not (loc / marker).exists():
+        return None, f"no {marker} yet"
+    try:
+        before = loc.fingerprint()
+        load_checkpoint_info(loc, allow_pickle=checkpoint.allow_pickle, format=checkpoint.format,
+                             model_config=checkpoint.model_config)
+        if loc.fingerprint() != before:
+            return None, "files changed while their headers were read"
+    except CheckpointError as e:
+        return None, str(e)
+    missing = [n for n in required if not (loc / n).exists()]
+    if missing:
+        return None, f"no {', '.join(missing)} yet (the previous checkpoint has them)"
+    return before, ""
+
+
+class _Watch:
+    """The watch's state between polls: checkpoints seen, the pair rows, the models published."""
+
+    def __init__(self, root: Location, out: Path, log: Log, resources: Resources,
+                 checkpoint: CheckpointConfig, search: SearchConfig, tuned: Dict,
+                 objective: str, objective_options, marker: Optional[str], rows: List[Dict]):
+        self.root, self.out, self.log, self.resources = root, out, log, resources
+        self.checkpoint, self.search, self.tuned = checkpoint, search, tuned
+        self.objective_spec, self.objective_options = objective, objective_options
+        self.marker, self.rows = marker, rows
+        self.mode: Optional[str] = None
+        self.objective_repr: Optional[str] = None
+        self.seen: Dict[str, _Checkpoint] = {}
+        self.prev: Optional[_Checkpoint] = None
+        self.frontier = max((r["later_step"] for r in rows), default=None)
+        self.reference: Dict = {}  # non-float tensors, equal along the run (store.put_checkpoint)
+        self.puts: Dict[str, int] = {}
+        previous = _read_json(out / SUMMARY_FILE)
+        self.latency: List[Dict] = previous.get("latency", []) if rows else []
+        # name -> step, when first found whole and when declared complete (wall times)
+        self.completed: Dict[str, Dict] = previous.get("checkpoints", {}) if rows else {}
+        self.pair_plots: List[str] = _pair_plots(out, rows)
+        self.resuming = bool(rows)  # the first pair's earlier end comes from the table
+        self.required: List[str] = []  # tokenizer files of the last checkpoint read
+        if rows:
+            self.mode = previous.get("mode")
+            self.objective_repr = previous.get("objective")
+            self.log(f"resuming the watch in {out}: {len(rows)} pair(s) done, up to step "
+                     f"{self.frontier}")
+
+    # --- polling -------------------------------------------------------------------------------
+
+    def follow(self, until: Optional[int], max_pairs: Optional[int], poll_seconds: float,
+               idle_timeout: Optional[float]) -> None:
+        """Poll, tune each pair as it becomes complete, until a stop condition holds."""
+        last_progress = time.monotonic()
+        self.log(f"watching {self.root} every {poll_seconds:g}s for checkpoints"
+                 + (f" with {self.marker}" if self.marker else " (complete: files all there "
+                    "and unchanged between two polls)"))
+        while not self._finished(until, max_pairs):
+            for c in self.ready():
+                last_progress = time.monotonic()
+                if self.prev is None:
+                    self.start_from(c)
+                else:
+                    self.tune_next(c)
+                if self._finished(until, max_pairs):
+                    return
+            if idle_timeout is not None and time.monotonic() - last_progress > idle_timeout:
+                self.log(f"no checkpoint became complete for {idle_timeout:g}s: stopping")
+                return
+            time.sleep(poll_seconds)
+
+    def _finished(self, until, max_pairs) -> bool:
+        if max_pairs is not None and len(self.rows) >= max_pairs:
+            self.log(f"{len(self.rows)} pair(s) done (max_pairs={max_pairs}): stopping")
+            return True
+        if until is not None and self.frontier is not None and self.frontier >= until:
+            self.log(f"reached step {self.frontier} (until={until}): stopping")
+            return True
+        return False
+
+    def ready(self) -> List[_Checkpoint]:
+        """Checkpoints newly complete, in step order. One still being written holds up later
+        ones until it has not changed for `STALLED_POLLS` polls (abandoned: skipped)."""
+        for step, loc in discover_children(self.root, CHECKPOINT_NAME):
+            if loc.uri not in self.seen and (self.frontier is None or step > self.frontier):
+                self.seen[loc.uri] = _Checkpoint(step, loc)
+                self.log(f"found {loc.name}")
+        pending = sorted((c for c in self.seen.values() if not c.complete
+                          and (self.frontier is None or c.step > self.frontier)),
+                         key=lambda c: c.step)
+        out = []
+        for c in pending:
+            self.poll(c)
+        for i, c in enumerate(pending):
+            if c.complete:
+                out.append(c)
+            elif not any(d.complete for d in pending[i + 1:]) or c.stalled < STALLED_POLLS:
+                break
+            else:  # passed over for good once a later pair moves the frontier past it
+                self.log(f"skipping {c.location.name}: incomplete and unchanged for "
+                         f"{c.stalled} polls while a later checkpoint is complete")
+        return out
+
+    def poll(self, c: _Checkpoint) -> None:
+        """Look at one checkpoint: complete now (marker, or whole and unchanged since the
+        previous poll)?"""
+        try:
+            fp, why = checkpoint_state(c.location, self.marker, self.checkpoint, self.required)
+        except CheckpointError as e:  # vanished while being looked at
+            fp, why = None, str(e)
+        state = fp if fp is not None else why
+        c.stalled = c.stalled + 1 if state == c.state else 0
+        c.state = state
+        if fp is None:
+            if why and c.stalled == 0:
+                self.log(f"{c.location.name} not complete yet: {why}")
+            c.fingerprint, c.first_whole = None, None
+            return
+        if c.first_whole is None or fp != c.fingerprint:
+            c.first_whole = time.time()
+        if self.marker is not None or fp == c.fingerprint:
+            c.complete, c.complete_at = True, time.time()
+            self.completed[c.location.name] = {"step": c.step, "first_whole_at": c.first_whole,
+                                               "complete_at": c.complete_at}
+            self.log(f"{c.location.name} is complete"
+                     + (f" ({self.marker} present)" if self.marker else " (unchanged since the "
+                        "previous poll)"))
+        c.fingerprint = fp
+
+    # --- pairs ---------------------------------------------------------------------------------
+
+    def start_from(self, c: _Checkpoint) -> None:
+        """The first complete checkpoint (or, on resume, the next one): the objective is
+        checked on it, and it becomes the earlier end of the next pair."""
+        try:
+            (c.info,) = load_window([c.location.uri], self.checkpoint, self.log)
+        except CheckpointError as e:
+            self.log(f"{c.location.name} cannot be read ({e}); waiting for the next checkpoint")
+            self.frontier = c.step
+            return
+        self.required = [f.name for f in tokenizer_files(c.location)]
+        if self.mode is None:
+            objective = prepare_objective(self.objective_spec, self.objective_options, c.info,
+                                          self.search, self.log,
+                                          self.checkpoint.trust_remote_code)
+            self.mode, self.objective_repr = objective.mode, repr(objective)
+        if self.resuming:  # c is the first checkpoint after the table's last pair
+            self.resuming = False
+            self.prev = self._resume_earlier()
+            if self.prev is not None:
+                return self.tune_next(c)
+        self.prev, self.frontier = c, c.step
+
+    def _resume_earlier(self) -> Optional[_Checkpoint]:
+        """The earlier end of the first pair after a resume: the table's last later checkpoint
+        (or, if it cannot be read now, that pair's earlier one)."""
+        last = self.rows[-1]
+        for key in ("later", "earlier"):
+            try:
+                loc = locate(last[key], what="checkpoint directory")
+                c = _Checkpoint(last[f"{key}_step"], loc, complete=True)
+                (c.info,) = load_window([loc.uri], self.checkpoint, self.log)
+                return c
+            except CheckpointError as e:
+                self.log(f"{last[key]} cannot be read now ({e})")
+        return None
+
+    def tune_next(self, c: _Checkpoint) -> None:
+        """Tune the pair (previous good checkpoint, c); record, publish, move on."""
+        prev, k = self.prev, len(self.rows)
+        self.log(f"pair {k + 1}: {prev.location.name} -> {c.location.name}")
+        t_detect = time.time()
+        try:
+            infos, stored, store_s = self.store_pair(prev, c)
+        except CheckpointError as e:
+            row = self._failed_row(k, prev, c, e)
+            result = None
+        else:
+            row, plots, result = tune_pair(k, tuple(infos), (prev.step, c.step), stored, self.out,
+                                           self.tuned, self.resources, self.log,
+                                           resume=(self.out / pair_run_dir(k, *infos)
+                                                   / RUN_FILE).exists(),
+                                           failures=(RunError, CheckpointError))
+            if result is not None:
+                try:  # a checkpoint that changed while its pair ran: the pair fails
+                    for info in infos:
+                        info.check_unchanged("while its pair was tuned")
+                except CheckpointError as e:
+                    row.update(status="error", error=f"CheckpointError: {e}")
+                    self.log(f"pair {prev.location.name} -> {c.location.name} FAILED: {e}")
+                    result = None
+                else:
+                    self.pair_plots += plots
+        t_tuned = time.time()
+        publish_s = self.publish(row, result) if result is not None else 0.0
+        self.rows.append(row)
+        write_table_atomic(self.out / SWEEP_TABLE, self.rows)
+        if result is not None:
+            seconds = result.summary.get("seconds", {})
+            self.latency.append({
+                "pair": k, "later": c.location.name, "first_whole_at": c.first_whole,
+                "complete_at": c.complete_at, "pair_started_at": t_detect,
+                "detect_s": (c.complete_at or t_detect) - (c.first_whole or t_detect),
+                "store_s": store_s, "tune_s": seconds.get("tune"),
+                "tune_merge_total_s": seconds.get("total"),
+                "publish_s": publish_s, "published_at": time.time(),
+                "complete_to_published_s": time.time() - (c.first_whole or t_detect),
+                "tuned_s": t_tuned - t_detect})
+        self.write_summary()
+        self.frontier = c.step
+        if c.stored is not None and _intact(c):  # the next pair starts from c
+            prev.stored, self.prev = None, c  # Ray frees prev's shards
+        elif not _intact(prev):  # neither is usable: start again from the next checkpoint
+            prev.stored, c.stored, self.prev = None, None, None
+        else:  # c is unusable: the next pair starts from prev again
+            c.stored = None
+
+    def store_pair(self, prev: _Checkpoint, c: _Checkpoint):
+        """Both checkpoints validated together and in the object store (prev usually is
+        already, with the same shard plan). Raises CheckpointError, also for a prev that
+        changed or vanished since it was stored."""
+        t0 = time.perf_counter()
+        if prev.info is not None and prev.stored is not None:
+            prev.info.check_unchanged("after it was stored")
+        infos = load_window([prev.location.uri, c.location.uri], self.checkpoint, self.log)
+        plan = plan_shards(infos[1], self.checkpoint.max_shard_bytes)
+        if prev.stored is None or prev.plan != plan:
+            prev.stored, prev.plan = self._put(infos[0], plan), plan
+            prev.info = infos[0]
+        c.stored, c.plan, c.info = self._put(infos[1], plan), plan, infos[1]
+        self.required = [f.name for f in tokenizer_files(c.location)]
+        return [prev.info, c.info], (prev.stored, c.stored), time.perf_counter() - t0
+
+    def _put(self, info: CheckpointInfo, plan) -> StoredCheckpoint:
+        stored = put_checkpoint(info, plan, reference=self.reference, progress=self.log)
+        self.puts[info.name] = self.puts.get(info.name, 0) + 1
+        return stored
+
+    def _failed_row(self, k: int, prev: _Checkpoint, c: _Checkpoint, e: Exception) -> Dict:
+        self.log(f"pair {prev.location.name} -> {c.location.name} FAILED: {e}")
+        return {"pair": k, "earlier": prev.location.uri, "later": c.location.uri,
+                "earlier_step": prev.step, "later_step": c.step,
+                "run_dir": str(Path(PAIRS_DIR) / f"{k:02d}-{prev.location.name}-"
+                               f"{c.location.name}"),
+                "store_digest": None, "status": "error",
+                "error": f"{type(e).__name__}: {e}", "wall_s": 0.0}
+
+    # --- output --------------------------------------------------------------------------------
+
+    def publish(self, row: Dict, result) -> float:
+        """latest/ := this pair's best/; best_overall/ too when its score is the best so far."""
+        t0 = time.perf_counter()
+        best = Path(result.best_model_path) if result.best_model_path else None
+        if best is None or not best.is_dir():
+            self.log(f"pair {row['pair']} has no best/ to publish")
+            return 0.0
+        publish_dir(best, self.out / LATEST_DIR)
+        self.log(f"latest/ <- pair {row['pair']} (λ={row['best_lambda']:.4f}, score "
+                 f"{row['best_score']:.6g})")
+        leader = self.best_row()
+        if leader is None or _better(row["best_score"], leader["best_score"], self.mode):
+            publish_dir(best, self.out / BEST_OVERALL_DIR)
+            self.log(f"best_overall/ <- pair {row['pair']}")
+        return time.perf_counter() - t0
+
+    def best_row(self) -> Optional[Dict]:
+        """The finished pair whose best merged model scores best (the first of equals)."""
+        ok = [r for r in self.rows if r["status"] == "ok" and _finite(r.get("best_score"))]
+        best = None
+        for r in ok:
+            if best is None or _better(r["best_score"], best["best_score"], self.mode):
+                best = r
+        return best
+
+    def summary(self) -> Dict:
+        leader = self.best_row()
+        newest = next((r for r in reversed(self.rows) if r["status"] == "ok"), None)
+        return {
+            "kind": "watch", "source": self.root.uri, "objective": self.objective_repr,
+            "mode": self.mode, "marker": self.marker,
+            "alpha": self.search.alpha, "num_trials": self.search.num_trials,
+            "seed": self.search.seed,
+            "steps": sorted({s for r in self.rows for s in (r["earlier_step"], r["later_step"])}),
+            "pairs": len(self.rows), "pairs_ok": sum(r["status"] == "ok" for r in self.rows),
+            "latest": newest and {"pair": newest["pair"], "later": newest["later"],
+                                  "best_lambda": newest["best_lambda"],
+                                  "best_score": newest["best_score"], "path": LATEST_DIR},
+            "best_overall": leader and {"pair": leader["pair"], "later": leader["later"],
+                                        "best_lambda": leader["best_lambda"],
+                                        "best_score": leader["best_score"],
+                                        "path": BEST_OVERALL_DIR},
+            "object_store": {"puts_per_checkpoint": self.puts},
+            "checkpoints": self.completed,
+            "latency": self.latency,
+            "plots": [],
+        }
+
+    def write_summary(self) -> None:
+        summary = self.summary()
+        summary["plots"] = draw_plots(self.out, "sweep", self.rows, summary, self.log,
+                                      extra=self.pair_plots)
+        write_json_atomic(self.out / SUMMARY_FILE, summary)
+
+
+def _intact(c: _Checkpoint) -> bool:
+    try:
+        if c.info is not None:
+            c.info.check_unchanged("after it was stored")
+        return True
+    except CheckpointError:
+        return False
+
+
+def _better(a: float, b: float, mode: Optional[str]) -> bool:
+    return a > b if mode == "max" else a < b
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _if_dir(p: Path) -> Optional[Path]:
+    return p if p.is_dir() else None
+
+
+def _read_json(path: Path) -> Dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _pair_plots(out: Path, rows: List[Dict]) -> List[str]:
+    plots = []
+    for r in rows:
+        if r["status"] == "ok":
+            plots += [(Path(r["run_dir"]) / p).as_posix() for p in
+                      _read_json(out / r["run_dir"] / SUMMARY_FILE).get("plots", [])]
+    return plots
+
+
+@contextmanager
+def _signals() -> Iterator[None]:
+    """SIGTERM stops the watch as Ctrl-C does (KeyboardInterrupt), between pairs and while
+    polling; a pair's own `tune_merge` handles both signals itself while it runs (it raises
+    RunInterrupted)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, stop)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
