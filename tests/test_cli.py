@@ -24,7 +24,7 @@ def test_help():
 def test_missing_checkpoint_is_one_line_and_nonzero(tmp_path):
     r = cli("tune", tmp_path / "a", tmp_path / "b", "--objective", "loss:x.jsonl", "--output", tmp_path / "o")
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [f"ckmerge-ray: error: checkpoint directory does not exist: {tmp_path / 'a'}"]
+    assert r.stderr.strip().splitlines() == [f"ckmerge-ray: error: checkpoint directory {tmp_path / 'a'} does not exist"]
 
 
 def test_bad_alpha_is_refused_before_reading_checkpoints(trajectory, tmp_path):
