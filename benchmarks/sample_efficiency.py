@@ -8,7 +8,8 @@ trials pending at once, oldest finishing first, exactly as Tune calls it.
 
 Two splits, by trajectory, so the searcher's defaults are never reported on the data they were
 chosen on:
-- fit (the defaults — κ, the length-scale floor, the initial design — were chosen here):
+- fit (the defaults — the length-scale floor, the hedge's starting gains, κ, ξ, the initial
+  design — were chosen here, by `benchmarks/tune_defaults.py`, which reads only these files):
   `landscapes.json` (the demo: a small Llama on the standard library, fp32) and
   `landscapes_gpt2-shakespeare-fp16.json` (GPT-2 on tinyshakespeare, fp16).
 - held-out (reported; never used to choose anything): `landscapes_gptneox-stdlib-bf16.json` and
@@ -18,8 +19,11 @@ are recorded in the file).
 
     python benchmarks/sample_efficiency.py                      # full: both splits, writes BENCHMARKS.md
     python benchmarks/sample_efficiency.py --quick              # a few seconds, no file written
-    python benchmarks/sample_efficiency.py --split fit --seeds 5 --hedge kappa=2.0   # tuning runs
+    python benchmarks/sample_efficiency.py --split fit --seeds 5 --hedge kappa=2.0   # ad-hoc runs
     python benchmarks/sample_efficiency.py --trajectory DIR     # landscapes from your checkpoints
+
+Seeds: run k on a landscape uses `landscape_seed(name, k)`, distinct across landscapes, so the
+hedge's draws (and random search's λ) are not one sequence repeated on every landscape.
 
 Counting: a "trial" is an evaluation inside the search space [α, 1]. tune_merge also scores
 λ = 0 (Θ(t-1) alone) for every run to report the gain over it; GP-Hedge feeds that score to its
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import zlib
@@ -247,10 +252,45 @@ def table(landscapes: Dict[str, tuple], searchers: Dict, alpha: float, seeds, no
     return lines, medians
 
 
+def first_choice(landscapes: Dict[str, tuple], alpha: float, split: str) -> str:
+    """A markdown row: after the initial design, on how many landscapes each acquisition's first
+    nominee (GP-Hedge's defaults, one GP fit, no search) lies within 1 % of the gain, and the
+    share of first GP choices expected to, weighting each by the hedge's first probabilities.
+    Explains the q = 1 medians: the design takes 2 trials of [0.5, 1] (λ = 0 is outside) and 3
+    of [0, 1], so a median of d + 1 trials needs more than half of the first choices to hit."""
+    from ckmerge_ray.search.hedge import _BYO_KIND
+
+    hits, expected, n, design = {a: 0 for a in _BYO_KIND}, 0.0, 0, 0
+    for name, (lams, s) in landscapes.items():
+        inside = lams >= alpha - 1e-12
+        f_star, f_one = float(s[inside].min()), float(s[-1])
+        if f_one - f_star <= 1e-4 * abs(f_one):
+            continue
+        f = lambda x: float(np.interp(x, lams, s))  # noqa: E731
+        searcher = hedge(alpha, 1, 0)
+        design = len([p for p in searcher._points_to_evaluate if p["lam"] >= alpha - 1e-12])
+        for i in range(len(searcher._points_to_evaluate)):
+            cfg = searcher.suggest(f"t{i}")
+            searcher.on_trial_complete(f"t{i}", {"score": f(cfg["lam"])})
+        X, y = searcher._observations()
+        gp = searcher._fit_gp(X, y)
+        probs = searcher.probabilities()
+        rng = np.random.default_rng(0)
+        n += 1
+        for a in searcher.acquisitions:
+            x = float(searcher._box().maximize(_BYO_KIND[a], searcher.kappa, searcher.xi, gp,
+                                               float(y.max()), list(X), rng)[0])
+            hit = f(x) <= f_star + TARGET * (f_one - f_star)
+            hits[a] += hit
+            expected += probs[a] * hit
+    return (f"| {split} | [{alpha}, 1] | {design} | " + " | ".join(f"{hits[a]}/{n}" for a in hits)
+            + f" | {100 * expected / max(n, 1):.0f} % |")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="2 seeds, 4 held-out landscapes, q=1 hedge vs random; writes nothing")
+                   help="2 seeds, every fourth held-out pair, q=1 hedge vs random; writes nothing")
     p.add_argument("--seeds", type=int, default=10)
     p.add_argument("--noise", type=float, default=0.0, help="std of Gaussian noise on observations")
     p.add_argument("--split", choices=["both", *SPLITS], default="both")
@@ -264,15 +304,26 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="worker processes")
     p.add_argument("--alpha", type=float, nargs="*", default=[0.5, 0.0],
                    help="lower ends of the search spaces [α, 1]")
+    p.add_argument("--first-choice", action="store_true",
+                   help="only the first-GP-choice table (seconds; writes nothing)")
     p.add_argument("--section", default="", help="suffix of the BENCHMARKS.md section title")
     p.add_argument("--write", type=Path, default=HERE.parent / "BENCHMARKS.md")
     args = p.parse_args(argv)
     start = time.perf_counter()
+    load_start = os.getloadavg()[0]
     global JOBS
     JOBS = args.jobs
     for kv in args.hedge:
         key, value = kv.split("=", 1)
         HEDGE_OVERRIDES[key] = json.loads(value)
+
+    if args.first_choice:
+        print("| split | space | design trials in the space | EI first nominee within 1 % | PI | "
+              "UCB | first GP choices within 1 % (hedge-weighted) |\n|---|---|---|---|---|---|---|")
+        for split in (list(SPLITS) if args.split == "both" else [args.split]):
+            for alpha in args.alpha:
+                print(first_choice(load_split(SPLITS[split]), alpha, split), flush=True)
+        return 0
 
     if args.trajectory:
         data = compute_landscapes(args.trajectory, args.grid, seq_len=128, max_tokens=16384)
@@ -317,14 +368,19 @@ def main(argv=None) -> int:
         cmd = cmd.strip()
         write_section(f"Sample efficiency of λ searchers, held-out landscapes (noise {args.noise})"
                       + (f", {args.section}" if args.section else ""),
-                      f"Command: `{cmd}` ({args.seeds} seeds per landscape; median [IQR]; "
-                      f"'>12' = not reached within 12 trials). Machine: {machine}. Landscapes: "
+                      f"Command: `{cmd}` ({args.seeds} seeds per landscape, distinct across "
+                      f"landscapes; median [IQR] over landscapes × seeds; '>12' = not reached "
+                      f"within 12 trials). Machine: {machine}; {time.perf_counter() - start:.0f} s "
+                      f"at --jobs {args.jobs}, 1-minute load average {load_start:.1f} at the start "
+                      f"and {os.getloadavg()[0]:.1f} at the end (the cores are shared with other "
+                      f"jobs). Landscapes: "
                       f"held-out loss of merges of adjacent checkpoint pairs, {args.grid}-point "
                       f"grids, split by trajectory: the **held-out** split ("
                       f"{', '.join(f'`benchmarks/{f}`' for f in SPLITS['held-out'])}) was never "
                       f"used to choose a default; the **fit** split ("
-                      f"{', '.join(f'`benchmarks/{f}`' for f in SPLITS['fit'])}) is where κ, the "
-                      f"length-scale floor and the initial design were chosen. Random search "
+                      f"{', '.join(f'`benchmarks/{f}`' for f in SPLITS['fit'])}) is where the "
+                      f"length-scale floor, the hedge's starting gains, κ, ξ and the initial "
+                      f"design were chosen (`python benchmarks/tune_defaults.py`). Random search "
                       f"ignores results, so it has one row for every q.\n" + text,
                       path=args.write)
     print(format_headline(**headline))
