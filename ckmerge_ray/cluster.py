@@ -38,7 +38,8 @@ def connect(log=None) -> bool:
     sets it) this joins that cluster with a bare ``ray.init()``: CPUs, GPUs and object-store
     sizes belong to the cluster's nodes, never to the driver. Token authentication needs nothing
     here: Ray itself reads RAY_AUTH_MODE and the token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
-    ~/.ray/auth_token). A new local instance binds its ports to this machine and runs no
+    ~/.ray/auth_token). Without RAY_ADDRESS a new local instance is started (never another
+    session's cluster found in /tmp/ray); it binds its ports to this machine and runs no
     dashboard.
 
     Returns whether this call started Ray (and so should shut it down).
@@ -50,8 +51,8 @@ def connect(log=None) -> bool:
         ray.init()  # joins the cluster; resource counts belong to the cluster, not to us
         if log:
             log(f"joined the Ray cluster at {address}: {describe_cluster()}")
-    else:
-        ray.init(include_dashboard=False, logging_level="WARNING")
+    else:  # "local": a bare ray.init() would join whatever cluster this machine last started
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
     return True
 
 
