@@ -60,12 +60,13 @@ def load_window(paths: Sequence[str | os.PathLike], checkpoint: CheckpointConfig
     convert_to_model(infos, code_dir, checkpoint.name_map)
     for info in infos[:-1]:
         validate_pair(info, infos[-1])
-    if log is not None:
-        other = ", ".join(f"{g} ({n})" for g, n in infos[-1].non_tensors.items())
-        for line in (infos[-1].renaming.describe(), other and f"not tensors, not read: {other}",
-                     describe(infos[-1].conversion)):
+    for info in infos if log is not None else ():
+        other = ", ".join(f"{g} ({n})" for g, n in info.non_tensors.items())
+        for line in (f"{info.format} checkpoint, weights in {info.path}" if
+                     info.format == "dcp" else "", info.renaming.describe(),
+                     other and f"not tensors, not read: {other}", describe(info.conversion)):
             if line:
-                log(f"{infos[-1].name}: {line}")
+                log(f"{info.name}: {line}")
     return infos
 
 

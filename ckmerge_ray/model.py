@@ -197,15 +197,28 @@ def convert_to_model(infos, code_dir: Optional[str] = None, name_map=None) -> to
         if conversion.unexpected:
             raise name_mismatch(info, model, conversion.unexpected, set(conversion.targets))
         info.apply_conversion(conversion)
+        info.tied = tied_names(model, info.specs)
     later = infos[-1]
     check_model_covers(model, list(later.specs), {n: s.shape for n, s in later.specs.items()})
     return model
 
 
+def tied_names(model: torch.nn.Module, names) -> List[List[str]]:
+    """Groups of checkpoint tensors that the model holds as one tensor (tied weights, e.g. an
+    output head tied to the embedding by ``tie_word_embeddings``): they must be equal in the
+    checkpoint, or the model (and `from_pretrained`) would silently keep only one of them."""
+    tensors = tensor_map(model)
+    groups: Dict[int, List[str]] = {}
+    for n in names:
+        if n in tensors:
+            groups.setdefault(id(tensors[n]), []).append(n)
+    return [g for g in groups.values() if len(g) > 1]
+
+
 def name_mismatch(info, model: torch.nn.Module, unexpected: List[str], loaded) -> CheckpointError:
     """The error for a checkpoint whose names do not match the architecture even after
     renaming: the first unexpected and missing names and the name-map rule that would fix most."""
-    from ckmerge_ray.checkpoints.names import suggest_rule
+    from ckmerge_ray.checkpoints.names import TORCHTITAN, suggest_rule
     from ckmerge_ray.naming import first_names
 
     covered = {id(t) for n, t in tensor_map(model).items() if n in loaded}
@@ -213,11 +226,21 @@ def name_mismatch(info, model: torch.nn.Module, unexpected: List[str], loaded) -
     text = (f"tensor names of {info.path} do not match {type(model).__name__}"
             f"{' after ' + info.renaming.describe() if info.renaming.describe() else ''}: "
             f"unexpected {first_names(unexpected)}; missing {first_names(missing)}")
+    renaming = info.renaming
+    if renaming is not None and renaming.name_map:
+        made = [f"{renaming.targets[n][0]!r} -> {n!r}" for n in unexpected[:2]
+                if n in renaming.targets and renaming.targets[n][0] != n]
+        if made:
+            text += f". The name map {renaming.name_map} made {', '.join(made)}: check its 'to'"
     rule = suggest_rule(unexpected, missing)
     if rule:
         text += (f". A name-map rule that would fix most of them (YAML, --name-map FILE):\n"
                  f"rules:\n{rule}")
-    else:
+    elif any(TORCHTITAN.search(n) for n in unexpected):
+        text += (". These look like torchtitan's Llama names: try --name-map "
+                 "examples/torchtitan_llama.yaml (with --model-config for the Hugging Face "
+                 "config)")
+    elif renaming is None or not renaming.name_map:
         text += ". Give a name map (--name-map FILE) from these names to the architecture's"
     return CheckpointError(text)
 

@@ -101,12 +101,16 @@ def put_checkpoint(
     first read and after the last, so no stored checkpoint mixes old and new bytes).
     """
     info.check_unchanged("before it was stored")
+    tied = {n: g[0] for g in info.tied for n in g}
+    first_of: Dict[str, tuple] = {}  # group -> (name, tensor) first seen
     refs, nbytes = [], []
     start = time.perf_counter()
     total = sum(info.specs[n].nbytes for names in plan for n in names)
     done = 0
     for i, tensors in enumerate(iter_plan(info, plan)):
         for name, t in tensors.items():
+            if name in tied:
+                check_tied(info, name, t, tied[name], first_of)
             if t.is_floating_point():
                 if check_finite and not bool(torch.isfinite(t).all()):
                     raise CheckpointError(f"tensor {name!r} in {info.path} contains NaN or inf")
@@ -131,6 +135,22 @@ def put_checkpoint(
             )
     info.check_unchanged("while it was being stored")  # else shards could mix old and new bytes
     return StoredCheckpoint(str(info.path), refs, [list(n) for n in plan], nbytes)
+
+
+def check_tied(info: CheckpointInfo, name: str, t: torch.Tensor, group: str,
+               first_of: Dict[str, tuple]) -> None:
+    """Tensors the model ties (one parameter under two names) must be equal in the checkpoint.
+    Raises CheckpointError naming both and the config field to change."""
+    if group not in first_of:
+        first_of[group] = (name, t.clone())
+        return
+    other, first = first_of[group]
+    if not torch.equal(first, t):
+        raise CheckpointError(
+            f"{other!r} and {name!r} in {info.path} differ, but {info.model_dir / 'config.json'} "
+            "ties them (tie_word_embeddings or the architecture's tied weights), so the model "
+            "would keep only one: use a config.json with tie_word_embeddings: false for a "
+            "separately trained output head")
 
 
 def pack_shard(tensors: Dict[str, torch.Tensor]) -> Dict:

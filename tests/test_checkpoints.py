@@ -233,3 +233,24 @@ def test_tune_refuses_a_checkpoint_replaced_between_validation_and_storing(
                    output_dir=tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "trials.parquet").exists()
     assert not (tmp_path / "run" / "best").exists()
+
+
+def test_a_separate_head_under_a_tied_config_is_refused(tmp_path):
+    """A trainer's untied output head saved with a config that ties it to the embedding: the
+    model (and from_pretrained) would silently keep one of the two, so it is refused."""
+    from ckmerge_ray.store import put_checkpoint
+
+    pair = []
+    for i in range(2):
+        model = tiny_llama(i, tie_word_embeddings=True)
+        model.save_pretrained(tmp_path / f"c{i}")
+        tensors = load_file(tmp_path / f"c{i}" / "model.safetensors")
+        tensors["lm_head.weight"] = torch.randn_like(tensors["model.embed_tokens.weight"])
+        save_file(tensors, tmp_path / f"c{i}" / "model.safetensors", metadata={"format": "pt"})
+        pair.append(tmp_path / f"c{i}")
+    _, later = _validated(pair)
+    assert later.tied == [["model.embed_tokens.weight", "lm_head.weight"]] or \
+        later.tied == [["lm_head.weight", "model.embed_tokens.weight"]]
+    with pytest.raises(CheckpointError, match="differ, but .*config.json ties them .*"
+                                              "tie_word_embeddings: false"):
+        put_checkpoint(later, plan_shards(later, 1 << 30))

@@ -268,3 +268,30 @@ def test_cli_checkpoint_options_refuse_bad_input_in_one_line(tiny_pair, capsys, 
     assert cli_main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("ckmerge-ray: error: ") and message in err and err.count("\n") == 1
+
+
+def test_torchtitan_names_without_a_map_point_to_the_example(trajectory, tmp_path):
+    titan = [save_titan_layout(c, tmp_path / f"step-{i}") for i, c in enumerate(trajectory[-2:])]
+    cfg = CheckpointConfig(model_config=str(trajectory[-1] / "config.json"))
+    with pytest.raises(CheckpointError) as err:
+        load_window(titan, cfg)
+    assert "torchtitan_llama.yaml" in str(err.value) and "match:" not in str(err.value)
+
+
+def test_a_name_map_typo_names_the_map_and_suggests_no_wrong_rule(trajectory, tmp_path):
+    titan = [save_titan_layout(c, tmp_path / f"step-{i}") for i, c in enumerate(trajectory[-2:])]
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(open(TITAN_MAP).read().replace("self_attn.q_proj", "self_attn.q_prj"))
+    cfg = CheckpointConfig(name_map=str(typo), model_config=str(trajectory[-1] / "config.json"))
+    with pytest.raises(CheckpointError) as err:
+        load_window(titan, cfg)
+    text = str(err.value)
+    assert f"The name map {typo} made '_orig_mod.layers.0.attention.wq.weight' -> " \
+        "'model.layers.0.self_attn.q_prj.weight'" in text and "check its 'to'" in text
+    assert "match:" not in text
+
+
+def test_format_hf_on_a_trainer_fsdp_folder_says_what_it_holds(dcp_pair):
+    with pytest.raises(CheckpointError, match="holds a torch.distributed.checkpoint in .*"
+                                              "pytorch_model_fsdp_0.*--format dcp"):
+        load_checkpoint_info(dcp_pair[1], format="hf")

@@ -59,6 +59,7 @@ class CheckpointInfo:
     # file (a Location) -> its fingerprint when validated (`check_unchanged`)
     fingerprints: Dict[Location, tuple] = field(default_factory=dict, repr=False)
     config_bytes: bytes = field(default=b"", repr=False)  # config.json as validated
+    tied: List[List[str]] = field(default_factory=list)  # names the model holds as one tensor
     renaming: Optional[Renaming] = None
     conversion: Optional[Conversion] = None
     stored_specs: Dict[str, TensorSpec] = field(default_factory=dict, repr=False)

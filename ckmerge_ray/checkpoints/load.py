@@ -87,6 +87,12 @@ def detect_format(root: Location, format: str = "auto") -> Tuple[str, Location]:
     for a DCP folder without its .metadata (unfinished, or not copied), or when `format` is
     "dcp" and the folder is not one."""
     if format == "hf":
+        dcp_inside = [f for f in [root] + [root / sub for sub in FSDP_MODEL_DIRS]
+                      if (f / dcp.METADATA).exists()]
+        if dcp_inside and not any((root / n).exists() for n in (hf.SAFE_SINGLE, hf.SAFE_INDEX)):
+            raise CheckpointError(f"{root} holds a torch.distributed.checkpoint in "
+                                  f"{dcp_inside[0]}, not Hugging Face weights: use format "
+                                  "'dcp' or 'auto' (CLI: --format dcp, or leave --format out)")
         return "hf", root
     candidates = [root] + [root / sub for sub in FSDP_MODEL_DIRS]
     for folder in candidates:

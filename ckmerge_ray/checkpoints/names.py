@@ -314,8 +314,8 @@ def _remove_tokens(name: str) -> str:
 
 
 def suggest_rule(unexpected: Sequence[str], missing: Sequence[str]) -> Optional[str]:
-    """The name-map rule (prefix to prefix) that would turn the most unexpected names into
-    missing ones, as YAML text; None when no common suffix pairs them."""
+    """The name-map rule (prefix to prefix, no layer numbers in it) that turns at least half of
+    the unexpected names into missing ones, as YAML text; None when there is none."""
     missing_set = set(missing)
     votes: Dict[Tuple[str, str], int] = {}
     for name in unexpected:
@@ -330,7 +330,15 @@ def suggest_rule(unexpected: Sequence[str], missing: Sequence[str]) -> Optional[
             else:
                 continue
             break
+    votes = {k: v for k, v in votes.items() if not re.search(r"\d", k[0] + k[1])}
     if not votes:
         return None
-    (old, new), _ = max(votes.items(), key=lambda kv: kv[1])
+    (old, new), count = max(votes.items(), key=lambda kv: kv[1])
+    if count < len(unexpected) / 2:  # a prefix rename explains few of them: no guess
+        return None
     return f"  - match: '^{re.escape(old)}(.*)$'\n    to: '{new}\\1'"
+
+
+# Names torchtitan's Llama uses (its Llama3StateDictAdapter maps them to Hugging Face's).
+TORCHTITAN = re.compile(r"(^|\.)(tok_embeddings|attention\.w[qkvo]|feed_forward\.w[123]|"
+                        r"attention_norm|ffn_norm)(\.|$)")
