@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -24,6 +23,7 @@ from safetensors.torch import save_file
 from ckmerge_ray.errors import OutputError
 from ckmerge_ray.merge import merge_state_dicts
 from ckmerge_ray.search import LAMBDA
+from ckmerge_ray.storage import swap_in
 from ckmerge_ray.store import StoredCheckpoint, shard_tensors
 
 # Every file and folder a run writes, named once. A tune run's directory:
@@ -170,17 +170,9 @@ def export_merged(
 
 
 def publish_dir(new: Path, dest: Path) -> None:
-    """Put the complete directory `new` at `dest`: an old `dest` is moved aside
-    (``.NAME-old-<µs>``), `new` renamed in, and only then the old copy removed. Killed at any
-    point, one complete copy exists: `dest`, or the old one under its aside name, which
-    `recover_published` moves back."""
-    old = None
-    if dest.exists():
-        old = dest.parent / f".{dest.name}-old-{time.time_ns() // 1000:017d}"
-        os.replace(dest, old)
-    os.replace(new, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Put the complete directory `new` at `dest` (`storage.swap_in`: the old one renamed aside,
+    the new one in, the old removed); `recover_published` puts right a killed swap."""
+    swap_in(new, dest)
 
 
 def recover_published(dest: Path) -> None:
