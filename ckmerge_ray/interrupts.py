@@ -86,13 +86,11 @@ class RunGuard:
                 signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame) -> None:
-        name = signal.Signals(signum).name
+        # Records only: printing here could re-enter a print the main thread was in.
         if self.signum is not None or not self.in_tune_loop:
             self.signum = self.signum or signum
-            raise KeyboardInterrupt(name)  # a second signal, or no trial running: stop now
+            raise KeyboardInterrupt(signal.Signals(signum).name)  # again, or outside Tune: now
         self.signum = signum
-        self.log(f"{name} received: stopping once Ray Tune has saved the experiment (trials in "
-                 f"flight run again on resume); send {name} again to stop at once")
 
     @contextmanager
     def tune_loop(self) -> Iterator[None]:
@@ -178,5 +176,9 @@ class StopForwarder(tune.Callback):
         if guard is None or guard.forwarded or not guard.stop_requested:
             return
         guard.forwarded = True
+        if guard.error is None:
+            name = signal.Signals(guard.signum).name
+            guard.log(f"{name} received: stopping once Ray Tune has saved the experiment (trials "
+                      f"in flight run again on resume); send {name} again to stop at once")
         if callable(signal.getsignal(signal.SIGUSR1)):
             signal.raise_signal(signal.SIGUSR1)

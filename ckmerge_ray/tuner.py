@@ -124,8 +124,8 @@ def tune_merge(
     if isinstance(pair, (str, os.PathLike)) or len(pair) != 2:
         raise ConfigError(f"pair must be (earlier, later) checkpoint directories, got {pair!r}")
     record = run_record(pair, objective, objective_options, settings["search"])
+    check_unlocked(out)  # another run works there: refuse before anything else
     claim_tune_dir(out, run.overwrite, run.resume, record, prepare=False)  # refuse early
-    check_unlocked(out)  # another run works there: refuse before any work
     total = settings["search"].num_samples
     with RunGuard(printer(run.progress)) as guard:
         try:

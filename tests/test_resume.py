@@ -202,6 +202,12 @@ def test_resume_refuses_different_arguments_and_missing_runs(ray_session, trajec
 CLI = str(Path(sys.executable).parent / "ckmerge-ray")
 
 
+def _session_address(ray) -> str:
+    """The session's Ray, for a `ckmerge-ray` subprocess to join (as a job joins a cluster):
+    its own Ray would cost a start-up (~15 CPU-seconds) per process."""
+    return ray.get_runtime_context().gcs_address
+
+
 def _rows(out: Path) -> list:
     path = out / "trials.parquet"
     return pq.read_table(path).to_pylist() if path.exists() else []
@@ -237,7 +243,7 @@ def test_sigint_and_sigterm_leave_a_resumable_run_that_resume_finishes(ray_sessi
     resume reported it finished."""
     out = tmp_path / "run"
     heldout = trajectory[-1].parent / "heldout.jsonl"
-    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "RAY_ADDRESS": _session_address(ray_session), "PYTHONUNBUFFERED": "1"}
     popen = dict(env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                  start_new_session=True)
     first = subprocess.Popen(
@@ -305,7 +311,7 @@ def test_a_second_run_in_a_busy_directory_is_refused_and_a_dead_runs_lock_taken_
     args = ["tune", str(trajectory[-2]), str(trajectory[-1]), "--objective", f"loss:{heldout}",
             "--seq-len", "64", "--max-tokens", "1024", "--trials", "2", "--max-concurrent", "1",
             "--no-export", "--output", str(out)]
-    env = {**os.environ, "RAY_ADDRESS": "local"}
+    env = {**os.environ, "RAY_ADDRESS": _session_address(ray_session)}
     first = subprocess.Popen([CLI, *args], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -324,7 +330,7 @@ def test_a_second_run_in_a_busy_directory_is_refused_and_a_dead_runs_lock_taken_
                 f"{holder['started']}") in second.stderr
         assert "[ckmerge]" not in second.stdout  # refused before any work
     finally:
-        os.killpg(first.pid, signal.SIGKILL)  # the driver, its Ray and its workers
+        os.killpg(first.pid, signal.SIGKILL)  # the driver (Ray ends its job's workers)
         first.wait()
     assert json.loads((out / "run.lock").read_text()) == holder  # left behind by the dead run
 

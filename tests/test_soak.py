@@ -3,7 +3,8 @@ seeded random moments (in a merge, in an evaluation, between the journal and the
 whose driver is killed in the middle of exporting best/; a resume finishes it. The kills are
 real SIGKILLs; the worker ones are placed by hooks that `tests.faulty.KillsWorkersAtRandom`
 installs in each worker (on the merge and on `tune.report`), the driver's by wrapping the
-export's safetensors writer in the driver script."""
+export's safetensors writer in the driver script. The driver joins the session's Ray, as a job
+joins a cluster (its own Ray would cost a start-up)."""
 
 import json
 import os
@@ -32,7 +33,7 @@ def save_then_die(*args, **kwargs):  # the driver dies once the export's first s
     real_save(*args, **kwargs)
     if faulty.take_token(tokens, "killed-export"):
         print("KILLED MID-EXPORT", flush=True)
-        os.killpg(os.getpgrp(), signal.SIGKILL)  # the driver, its Ray and its workers
+        os.kill(os.getpid(), signal.SIGKILL)
 
 results.save_file = save_then_die
 objective = faulty.KillsWorkersAtRandom(heldout, tokens, seed=int(seed), seq_len=64, max_tokens=1024)
@@ -60,7 +61,8 @@ def test_soak_forty_trials_with_workers_and_the_driver_killed(ray_session, traje
     driver = subprocess.run(
         [sys.executable, str(script), str(ROOT), str(earlier), str(later), str(heldout), str(out),
          str(tokens), str(seed)], capture_output=True, text=True, timeout=480,
-        env={**os.environ, "RAY_ADDRESS": "local"}, start_new_session=True)
+        env={**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address},
+        start_new_session=True)
     assert driver.returncode == -signal.SIGKILL and "KILLED MID-EXPORT" in driver.stdout, \
         driver.stdout[-3000:] + driver.stderr[-3000:]
     kills = sorted(p.name for p in tokens.glob("killed-*"))
