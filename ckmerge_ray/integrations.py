@@ -20,10 +20,8 @@ files whole and unchanged between two polls), or write a marker file of your own
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
-import tempfile
 import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence
@@ -35,17 +33,12 @@ MARKER = "ckmerge_complete"  # the file CkmergeCallback writes into each finishe
 
 def write_marker(checkpoint_dir: str, step: int, name: str = MARKER) -> str:
     """Write `name` into `checkpoint_dir` atomically (JSON: step and wall time). Returns its path."""
+    from pathlib import Path
+
+    from ckmerge_ray.results import write_json_atomic  # the one atomic writer
+
     path = os.path.join(checkpoint_dir, name)
-    fd, tmp = tempfile.mkstemp(dir=checkpoint_dir, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"step": step, "time": time.time()}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_json_atomic(Path(path), {"step": step, "time": time.time()})
     return path
 
 

@@ -86,14 +86,19 @@ def claim_output_dir(out: Path, table_file: str, overwrite: bool, extra: Sequenc
         if not overwrite:
             raise ConfigError(f"{out} already holds {table_file}; pass overwrite=True "
                               "(CLI: --overwrite) or choose another directory")
-        for name in (table_file, SUMMARY_FILE, *extra):
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+        remove_outputs(out, (table_file, SUMMARY_FILE, *extra))
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def remove_outputs(out: Path, names: Sequence[str]) -> None:
+    """Remove these files or folders of an earlier run in `out` (overwrite)."""
+    for name in names:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
 
 
 def check_claimable(out: Path, table_file: str, overwrite: bool) -> None:

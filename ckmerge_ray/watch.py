@@ -50,7 +50,7 @@ from ckmerge_ray.results import (
     PAIRS_DIR, RUN_FILE, SUMMARY_FILE, SWEEP_GAIN_PLOT, SWEEP_TABLE, read_rows, recover_published,
     write_json_atomic, write_table_atomic,
 )
-from ckmerge_ray.rundir import check_not_a_file, jsonable
+from ckmerge_ray.rundir import check_not_a_file, jsonable, remove_outputs
 from ckmerge_ray.storage import Location, checkpoint_id, discover_children, locate, publish_dir
 from ckmerge_ray.store import StoredCheckpoint, put_checkpoint
 from ckmerge_ray.sweep import CHECKPOINT_NAME, log_pairs, pair_run_dir, tune_pair
@@ -212,14 +212,8 @@ def claim_watch_dir(out: Path, record: Dict, overwrite: bool, resume: bool) -> L
             raise ConfigError(f"{out} already holds a watch or sweep; pass resume=True (CLI: "
                               "--resume) to continue it, overwrite=True (CLI: --overwrite) to "
                               "replace it, or choose another directory")
-        import shutil
-        for name in (SWEEP_TABLE, SUMMARY_FILE, WATCH_FILE, SWEEP_GAIN_PLOT, PAIRS_DIR,
-                     LATEST_DIR, BEST_OVERALL_DIR):
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+        remove_outputs(out, (SWEEP_TABLE, SUMMARY_FILE, WATCH_FILE, SWEEP_GAIN_PLOT, PAIRS_DIR,
+                             LATEST_DIR, BEST_OVERALL_DIR))
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / WATCH_FILE, record)
     return []
