@@ -174,7 +174,7 @@ class KillsWorkersAtRandom(HeldoutLoss):
     every kill leaves a ``killed-<phase>-<attempt>`` token. Hooks the merge and `tune.report`
     of the worker process that unpickles it (the plan is unpickled on workers only)."""
 
-    PHASES = ("merge", "merge", "evaluate", "evaluate", "report", "report")
+    PHASES = ("merge", "merge", "evaluate", "report")
 
     def __init__(self, path, token_dir, seed, first=2, last=38, **kwargs):
         import random
