@@ -300,7 +300,8 @@ def test_a_second_run_in_a_busy_directory_is_refused_and_a_dead_runs_lock_taken_
     first is then killed (SIGKILL, as a lost machine or an OOM kill would), leaving its lock: the
     next run on this host finds that pid gone, takes the lock over and runs. A lock held on
     another host cannot be checked from here and is refused with how to clear it. Before issue
-    21 nothing stopped the second run."""
+    21 nothing stopped a second run: `--resume` on the busy directory drove the same Tune
+    experiment from a second process."""
     import socket
 
     from ckmerge_ray import tune_merge
@@ -316,19 +317,22 @@ def test_a_second_run_in_a_busy_directory_is_refused_and_a_dead_runs_lock_taken_
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.time() + 120
-        while not (out / "run.lock").exists() or not (out / "run.lock").read_text():
+        while not (out / "run.json").exists():  # locked, and resumable as far as run.json goes
             assert first.poll() is None, first.stdout.read()
-            assert time.time() < deadline, "the first run never took the lock"
+            assert time.time() < deadline, "the first run never wrote run.json"
             time.sleep(0.1)
         holder = json.loads((out / "run.lock").read_text())
         assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
 
-        second = subprocess.run([CLI, *args], env=env, capture_output=True, text=True, timeout=120)
-        assert first.poll() is None, "the first run ended before the second started"
-        assert second.returncode == 2, second.stdout + second.stderr
-        assert (f"is in use by another run: pid {first.pid} on host {holder['host']}, since "
-                f"{holder['started']}") in second.stderr
-        assert "[ckmerge]" not in second.stdout  # refused before any work
+        # The same command again, and the resubmitted job's usual `--resume`: both refused.
+        for again in (args, ["tune", "--resume", str(out)]):
+            second = subprocess.run([CLI, *again], env=env, capture_output=True, text=True,
+                                    timeout=120)
+            assert first.poll() is None, "the first run ended before the second started"
+            assert second.returncode == 2, second.stdout + second.stderr
+            assert (f"is in use by another run: pid {first.pid} on host {holder['host']}, since "
+                    f"{holder['started']}") in second.stderr
+            assert "[ckmerge]" not in second.stdout  # refused before any work
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the driver (Ray ends its job's workers)
         first.wait()
