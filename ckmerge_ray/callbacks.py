@@ -32,7 +32,7 @@ class TrialTableWriter(tune.Callback):
         self.mode = mode
         self.progress = progress
         self.rows: List[Dict] = []
-        self._reconciled = True  # nothing from an earlier process to reconcile
+        self._reconciled = True  # setup() starts each fit (and restore) by reconciling
 
     def setup(self, **info):
         # On a restored experiment this object comes back from Tune's pickled state, rows and
