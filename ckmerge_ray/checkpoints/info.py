@@ -312,16 +312,20 @@ def check_remote_code(info: CheckpointInfo, trust_remote_code: bool) -> Optional
     if not classes:
         return None
     if not trust_remote_code:
-        files = sorted({info.path / (ref.split("--")[-1].rsplit(".", 1)[0] + ".py")
+        files = sorted({str(info.model_dir / (ref.split("--")[-1].rsplit(".", 1)[0] + ".py"))
                         for ref in classes.values() if isinstance(ref, str) and "." in ref})
         raise CheckpointError(
-            f"{info.path / 'config.json'} names classes in the checkpoint's own code (auto_map: "
-            f"{', '.join(f'{k} -> {v}' for k, v in classes.items())}; files: "
-            f"{', '.join(map(str, files)) or 'none found'}). ckmerge-ray runs no code from a "
+            f"{info.model_dir / 'config.json'} names classes in the checkpoint's own code "
+            f"(auto_map: {', '.join(f'{k} -> {v}' for k, v in classes.items())}; files: "
+            f"{', '.join(files) or 'none found'}). ckmerge-ray runs no code from a "
             "checkpoint unless asked: pass trust_remote_code=True (CLI: --trust-remote-code) "
             "to import it on the driver and on every trial worker"
         )
-    return str(info.path.resolve())
+    if not info.model_dir.is_local:
+        raise CheckpointError(f"{info.model_dir} ships its own modeling code, which is imported "
+                              "from a local or shared filesystem only: copy the checkpoint's "
+                              "config and code there, or name one with model_config=")
+    return str(info.model_dir.local_path.resolve())
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
