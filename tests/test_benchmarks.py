@@ -180,3 +180,28 @@ def test_convert_store_quick(tmp_path):
     # read a tensor twice or went through Python per element would pass 4x.
     assert float(figures["convert_ratio"]) < 4.0
     assert int(figures["tensors"]) == 21  # the model's tensors, not the file's 41
+
+
+def test_checkpoint_sources_quick(tmp_path):
+    pytest.importorskip("moto.server")
+    pytest.importorskip("accelerate")
+    figures = run_quick("checkpoint_sources.py", tmp_path, "--cache", str(tmp_path))
+    # Every source puts the same tensors into the store: one SHA-256 over every stored tensor
+    # (name, dtype, shape, bytes) is equal for HF and DCP, local and on S3, and for the
+    # merge_fsdp_weights conversion; a reader that dropped, renamed, transposed or mis-cast a
+    # tensor changes it.
+    assert figures["same_digest"] == "1" and figures["same_stored"] == "1", figures
+    assert int(figures["tensors"]) == 21  # 2 layers x 9 + embedding, norm, head
+    # From the S3 server each stored byte is read once: the safetensors files' bytes exactly
+    # (header and tensors), and of the DCP's .distcp exactly the model's items, never the
+    # optimizer's (two thirds of the file: AdamW's two moments beside the weights).
+    assert int(figures["hf_s3_weight_bytes_extra"]) == 0, figures
+    assert int(figures["dcp_s3_weight_bytes_extra"]) == 0, figures
+    assert float(figures["model_items_over_dcp"]) < 0.4, figures
+    # What the server sent, counted by a proxy outside the process, covers those reads (it
+    # cannot be less) plus HTTP overhead; a second read of a checkpoint would add 50 % of the
+    # pair's tensor bytes. --quick measured +33,632 bytes and 0.021.
+    assert int(figures["wire_minus_read_min"]) >= 0, figures
+    assert float(figures["wire_extra_over_tensors_max"]) < 0.25, figures
+    # The conversion path writes one more copy of the pair (model.safetensors + config.json).
+    assert 0.99 < float(figures["convert_disk_over_hf"]) < 1.01, figures
