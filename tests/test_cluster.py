@@ -210,6 +210,27 @@ def _stop_strays(marker: str) -> None:
             pass
 
 
+def _run_script(tmp_path, name: str, text: str, args, timeout: float, what: str):
+    """Run `text` as a script in its own session (its Ray cluster's processes die with it);
+    returns (stdout, stderr) and fails the test on a timeout or a non-zero exit."""
+    script = tmp_path / name
+    script.write_text(text)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_clean_env(),
+        start_new_session=True, cwd=tmp_path)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _stop_group(proc, grace=2)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{what} timed out:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    finally:
+        _stop_group(proc, grace=2)  # the cluster's processes, if the script died early
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    return stdout, stderr
+
+
 def _clean_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("RAY_") or k in ("RAY_USAGE_STATS_ENABLED",)}
@@ -344,22 +365,9 @@ def test_two_node_cluster_pulls_each_shard_once_per_node(trajectory, tmp_path):
     checkpoint shard reaches the worker node exactly once although two trial processes there
     read it; impossible requests and a too-small store are refused before any trial."""
     pair = trajectory[-2], trajectory[-1]
-    script = tmp_path / "two_node.py"
-    script.write_text(TWO_NODE)
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(pair[0]), str(pair[1]),
-         str(pair[1].parent / "heldout.jsonl"), str(tmp_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_clean_env(),
-        start_new_session=True, cwd=tmp_path)
-    try:
-        stdout, stderr = proc.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
-        _stop_group(proc, grace=2)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"two-node run timed out:\n{stdout[-3000:]}\n{stderr[-3000:]}")
-    finally:
-        _stop_group(proc, grace=2)  # the cluster's processes, if the script died early
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    stdout, stderr = _run_script(tmp_path, "two_node.py", TWO_NODE,
+                                 [pair[0], pair[1], pair[1].parent / "heldout.jsonl", tmp_path],
+                                 150, "two-node run")
     report = json.loads(next(ln for ln in stdout.splitlines() if ln.startswith("REPORT "))[7:])
     head, worker = report["head"], report["worker"]
 
@@ -512,22 +520,9 @@ def test_a_lost_worker_node_and_a_joining_one_mid_run(trajectory, tmp_path):
     endpoints, then two GP batches; the second GP batch is proposed once the replacement has
     joined, so that it has trials to run whatever became of the lost ones.)"""
     pair = trajectory[-2], trajectory[-1]
-    script = tmp_path / "churn.py"
-    script.write_text(NODE_CHURN)
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(ROOT), str(pair[0]), str(pair[1]),
-         str(pair[1].parent / "heldout.jsonl"), str(tmp_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_clean_env(),
-        start_new_session=True, cwd=tmp_path)
-    try:
-        stdout, stderr = proc.communicate(timeout=270)
-    except subprocess.TimeoutExpired:
-        _stop_group(proc, grace=2)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"the node-churn run timed out:\n{stdout[-3000:]}\n{stderr[-3000:]}")
-    finally:
-        _stop_group(proc, grace=2)
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    stdout, stderr = _run_script(tmp_path, "churn.py", NODE_CHURN,
+                                 [ROOT, pair[0], pair[1], pair[1].parent / "heldout.jsonl",
+                                  tmp_path], 270, "the node-churn run")
     report = json.loads(next(ln for ln in stdout.splitlines() if ln.startswith("REPORT "))[7:])
     assert "tune_error" not in report, report["tune_error"]
     head, doomed, joined = report["head"], report["doomed"], report.get("joined")
