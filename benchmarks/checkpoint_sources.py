@@ -426,12 +426,20 @@ def git_head() -> str:
     return head + ("+" if dirty else "")
 
 
+READERS = ("ckmerge_ray/checkpoints", "ckmerge_ray/storage.py", "ckmerge_ray/store.py",
+           "ckmerge_ray/inputs.py", "ckmerge_ray/model.py", "ckmerge_ray/naming.py")
+
+
 def git_state(start: str, end: str) -> str:
     """The code measured, in words ('+': with uncommitted changes in ckmerge_ray/)."""
     if start == end:
         return f"commit {start}"
+    root = Path(__file__).resolve().parent.parent
+    changed = subprocess.run(["git", "diff", "--name-only", start.rstrip("+"), end.rstrip("+"),
+                              "--", *READERS], cwd=root, text=True, capture_output=True).stdout.split()
     return (f"commit {start} when the run started and {end} when it ended (other engineers "
-            "committed during the run)")
+            "committed during the run; " + (f"to the readers: {', '.join(changed)}" if changed else
+                                            "none of it to the code measured here") + ")")
 
 
 def table(rows: Dict[str, dict]) -> str:
@@ -569,6 +577,8 @@ def main() -> None:
         return
     if args.report:
         saved = json.loads(args.report.read_text())
+        if "heads" in saved["meta"]:
+            saved["meta"]["git"] = git_state(*saved["meta"]["heads"])
         write_section("Checkpoint sources (issue 18)", section(saved["meta"], saved["rows"]))
         print(figures(saved["meta"], saved["rows"]))
         return
@@ -587,7 +597,8 @@ def main() -> None:
             tmp.cleanup()
     rows = summarize(m)
     meta = {k: v for k, v in m.items() if k != "results"}
-    meta.update(machine=machine(), git=git_state(head_before, git_head()),
+    heads = [head_before, git_head()]
+    meta.update(machine=machine(), heads=heads, git=git_state(*heads),
                 uptime=[uptime_before, load_average()],
         command="python benchmarks/checkpoint_sources.py" + "".join(
             f" {flag} {value}" for flag, value, default in (
