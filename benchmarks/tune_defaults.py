@@ -23,10 +23,10 @@ over both spaces (a run that never reaches the target counts 13); the two best a
 defaults also run at q = 4, and the one with the smallest worst median over both spaces and both
 q, then the smallest summed mean, is chosen; the current defaults win ties. κ and ξ are judged by
 table 1 only: a first pass of this script with whole runs for κ = 0.5 and 2 and a floor of 0.1 λ
-too took 21 minutes on these shared cores and ranked them as table 1 does (all worse than the
+too took 21 minutes on the shared cores (threaded BLAS, load 6 to 13) and ranked them as table 1 does (all worse than the
 base), so they were dropped from the whole-run grid.
 
-    python benchmarks/tune_defaults.py                 # about 15 minutes at --jobs 1, 2 busy cores
+    python benchmarks/tune_defaults.py                 # 135 s at --jobs 1 on an idle core
     python benchmarks/tune_defaults.py --seeds 1 --skip-first-choice   # a smoke run
 """
 
