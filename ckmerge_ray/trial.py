@@ -296,11 +296,35 @@ def evaluate_stage(plan: TrialPlan, lam: float, config: Dict, stage: str, journa
     return result
 
 
+# λs closer than this are one evaluation: the merged weights differ by at most
+# 1e-6·|Θ(t) - Θ(t-1)| per element, at the rounding of fp32 weights for any pair of adjacent
+# checkpoints. A restored searcher re-proposes the λ of a trial that finished after Tune's last
+# snapshot only up to its optimizer's tolerance (2.5e-8 apart, seen in a test), and the journal
+# must still answer it.
+LAM_MATCH = 1e-6
+
+
 def journal_file(journal_dir: str, lam: float, stage: str = FULL) -> Path:
-    """One file per evaluated λ and fidelity, named by the exact float (Tune restores configs
-    exactly)."""
+    """One file per evaluated λ and fidelity, named by the exact float."""
     suffix = "" if stage == FULL else f".{stage}"
     return Path(journal_dir) / f"lam={float(lam)!r}{suffix}.json"
+
+
+def journaled(journal_dir: str, lam: float, stage: str = FULL) -> Optional[Path]:
+    """The journal file of λ, or of the journaled λ nearest to it within `LAM_MATCH`, or None."""
+    exact = journal_file(journal_dir, lam, stage)
+    if exact.exists():
+        return exact
+    suffix = ".json" if stage == FULL else f".{stage}.json"
+    near = []
+    for path in Path(journal_dir).glob("lam=*.json"):
+        value = path.name[len("lam="):-len(suffix)] if path.name.endswith(suffix) else ""
+        try:
+            near.append((abs(float(value) - lam), path))
+        except ValueError:  # another fidelity's file (lam=0.5.screen.json for FULL)
+            continue
+    near = [c for c in near if c[0] <= LAM_MATCH]
+    return min(near)[1] if near else None
 
 
 def write_journal(journal_dir: Optional[str], lam: float, result: Dict, stage: str = FULL) -> None:
@@ -310,10 +334,10 @@ def write_journal(journal_dir: Optional[str], lam: float, result: Dict, stage: s
 
 
 def read_journal(journal_dir: Optional[str], lam: float, stage: str = FULL) -> Optional[Dict]:
-    if not journal_dir:
-        return None
-    path = journal_file(journal_dir, lam, stage)
-    if not path.exists():
+    """The journaled result at λ (within `LAM_MATCH`) and fidelity `stage`, or None; its
+    ``lam`` is the λ that was merged."""
+    path = journaled(journal_dir, lam, stage) if journal_dir else None
+    if path is None:
         return None
     result = json.loads(path.read_text())
     result["score"] = float(result["score"])  # NaN of a failed evaluation round-trips as NaN

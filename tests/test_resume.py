@@ -349,3 +349,19 @@ def test_a_second_run_in_a_busy_directory_is_refused_and_a_dead_runs_lock_taken_
                                        r"2026-01-02T03:04:05\+00:00.*remove .*run\.lock"):
         tune_merge((trajectory[-2], trajectory[-1]), {"cpu": 1}, objective=f"loss:{heldout}",
                    output_dir=out, overwrite=True)
+
+
+def test_the_journal_answers_a_lambda_re_proposed_up_to_the_optimizers_tolerance(tmp_path):
+    # What a restored searcher did in CI: the trial at 0.8314909490626584 finished after Tune's
+    # last snapshot, and the restored GP proposed 0.8314909237243263 for it.
+    from ckmerge_ray.trial import LAM_MATCH, SCREEN, read_journal, write_journal
+
+    journal = str(tmp_path / "evaluations")
+    assert read_journal(journal, 0.5) is None  # no journal yet
+    write_journal(journal, 0.8314909490626584, {"score": 4.76, "lam": 0.8314909490626584})
+    write_journal(journal, 0.8314910, {"score": 9.0, "lam": 0.8314910}, SCREEN)
+    hit = read_journal(journal, 0.8314909237243263)
+    assert hit == {"score": 4.76, "lam": 0.8314909490626584}  # the λ that was merged
+    assert read_journal(journal, 0.8314909490626584 + 2 * LAM_MATCH) is None
+    assert read_journal(journal, 0.8314909237243263, SCREEN)["score"] == 9.0
+    assert read_journal(journal, 0.5, SCREEN) is None
