@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -40,11 +41,39 @@ def trajectory(tmp_path_factory) -> list[Path]:
 
 
 @pytest.fixture(scope="session")
-def trajectory_bf16(tmp_path_factory) -> list[Path]:
-    """bf16 checkpoints saved as sharded safetensors (index + several files)."""
+def trajectory_bf16(trajectory, tmp_path_factory) -> list[Path]:
+    """bf16 checkpoints saved as sharded safetensors (index + several files).
+
+    The same training run as `trajectory` (TINY), so instead of training it again each fp32
+    checkpoint is saved again by make_trajectory's own writer with save_dtype bfloat16 and
+    max_shard_size 60KB: the files are byte for byte those a bf16 make_trajectory writes
+    (compared file by file when this was written; training on the CPU is deterministic)."""
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ckmerge_ray.demo import save_checkpoint
+
+    class TokenizerFiles:  # the trained tokenizer's files as saved (a reload would add fields)
+        def __init__(self, ckpt):
+            self.files = [f for f in ckpt.iterdir() if f.name.startswith(("tokenizer", "special_tokens"))]
+
+        def save_pretrained(self, path):
+            for f in self.files:
+                shutil.copy(f, Path(path) / f.name)
+
     out = tmp_path_factory.mktemp("traj_bf16")
     cfg = TrajectoryConfig(**{**TINY.__dict__, "save_dtype": "bfloat16", "max_shard_size": "60KB"})
-    return make_trajectory(out, cfg, log=lambda m: None)
+    shutil.copy(trajectory[-1].parent / "heldout.jsonl", out / "heldout.jsonl")
+    saved = []
+    for ckpt in trajectory:
+        # built as make_trajectory builds it (from_pretrained would order the parameters, and
+        # so the shards, differently), then given the checkpoint's weights
+        model = LlamaForCausalLM(LlamaConfig.from_pretrained(ckpt))
+        missing, unexpected = model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
+        assert missing == ["lm_head.weight"] and not unexpected  # tied to the embedding
+        save_checkpoint(model, TokenizerFiles(ckpt), out / ckpt.name, cfg)
+        saved.append(out / ckpt.name)
+    return saved
 
 
 def tiny_llama(seed: int = 0, **overrides):

@@ -45,8 +45,15 @@ def test_sample_efficiency_quick(tmp_path):
     assert hedge["0_0"] < float(figures["random_a0_0"]), figures
 
 
-def test_merge_throughput_quick(tmp_path):
-    figures = run_quick("merge_throughput.py", tmp_path, "--cache", str(tmp_path))
+@pytest.fixture(scope="module")
+def quick_pair_cache(tmp_path_factory):
+    """merge_throughput.py and trial_overhead.py --quick both use common.make_pair's 14M bf16
+    pair (reused when already on disk): written once."""
+    return tmp_path_factory.mktemp("quick_pairs")
+
+
+def test_merge_throughput_quick(tmp_path, quick_pair_cache):
+    figures = run_quick("merge_throughput.py", tmp_path, "--cache", str(quick_pair_cache))
     # merge GB/s ÷ copy GB/s of the same bytes, back to back. BENCHMARKS.md: 0.92–1.10 (median
     # of pairs) from 14M to 953M; --quick (14M, 3 pairs, shared cores): fp32 1.10, bf16 0.83,
     # IQR down to 0.67. ≥ 0.3 never flakes on that noise and fails if the merge gets ~3x slower
@@ -55,8 +62,8 @@ def test_merge_throughput_quick(tmp_path):
         assert float(figures[f"merge_bw_ratio_{dtype}"]) >= 0.3, figures
 
 
-def test_trial_overhead_quick(tmp_path):
-    figures = run_quick("trial_overhead.py", tmp_path, "--cache", str(tmp_path))
+def test_trial_overhead_quick(tmp_path, quick_pair_cache):
+    figures = run_quick("trial_overhead.py", tmp_path, "--cache", str(quick_pair_cache))
     # (a) the product's trial path (fetch the shards, lerp into the resident model) ÷ (b) a naive
     # from_pretrained merge, same model, same run. Target 0.05 (docstring); BENCHMARKS.md 0.024
     # at 134M, --quick (14M) 0.016–0.023. ≤ 0.1 fails if the trial path gets ~5x slower.

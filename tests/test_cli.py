@@ -1,6 +1,7 @@
-"""The CLI driven for real: in a subprocess with its own Ray instance, or (for input errors
-refused before Ray starts) through `main()` in this process, which spares a fresh interpreter
-importing lm-eval (about 10 s each on 2 cores)."""
+"""The CLI driven for real: in a subprocess (the end-to-end run joins the session's Ray with
+--address, as a job joins a cluster, which spares a Ray start-up), or (for input errors refused
+before Ray starts) through `main()` in this process, which spares a fresh interpreter importing
+lm-eval (about 10 s each on 2 cores)."""
 
 import json
 import subprocess
@@ -21,31 +22,36 @@ def test_help():
         assert flag in r.stdout
 
 
-def test_missing_checkpoint_is_one_line_and_nonzero(tmp_path):
-    r = cli("tune", tmp_path / "a", tmp_path / "b", "--objective", "loss:x.jsonl", "--output", tmp_path / "o")
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [f"ckmerge-ray: error: checkpoint directory {tmp_path / 'a'} does not exist"]
+def test_missing_checkpoint_is_one_line_and_nonzero(tmp_path, capsys):
+    code, err = in_process(capsys, "tune", tmp_path / "a", tmp_path / "b", "--objective", "loss:x.jsonl",
+                           "--output", tmp_path / "o")
+    assert code == 2
+    assert err.strip().splitlines() == [f"ckmerge-ray: error: checkpoint directory {tmp_path / 'a'} does not exist"]
 
 
-def test_bad_alpha_is_refused_before_reading_checkpoints(trajectory, tmp_path):
-    r = cli("tune", trajectory[-2], trajectory[-1], "--objective", "loss:x.jsonl", "--alpha", "1.5",
-            "--output", tmp_path / "o")
-    assert r.returncode == 2
-    assert "alpha must be in [0, 1), got 1.5" in r.stderr
+def test_bad_alpha_is_refused_before_reading_checkpoints(trajectory, tmp_path, capsys):
+    code, err = in_process(capsys, "tune", trajectory[-2], trajectory[-1], "--objective", "loss:x.jsonl",
+                           "--alpha", "1.5", "--output", tmp_path / "o")
+    assert code == 2
+    assert "alpha must be in [0, 1), got 1.5" in err
 
 
-def test_tune_end_to_end(trajectory, tmp_path):
+def test_tune_end_to_end(ray_session, trajectory, tmp_path, capsys):
     out = tmp_path / "run"
+    address = ray_session.get_runtime_context().gcs_address
     r = cli("tune", trajectory[-2], trajectory[-1], "--objective", f"loss:{trajectory[-1].parent / 'heldout.jsonl'}",
             "--seq-len", 64, "--max-tokens", 2048, "--trials", 4, "--cpus-per-trial", 1,
-            "--gpus-per-trial", 0, "--max-concurrent", 2, "--output", out)
+            "--gpus-per-trial", 0, "--max-concurrent", 2, "--output", out, "--address", address)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert f"joined the Ray cluster at {address}" in r.stdout  # --address reached the run
     summary = json.loads((out / "summary.json").read_text())
     assert f"best λ={summary['best_lambda']:.4f}" in r.stdout
     assert "gain vs λ=0" in r.stdout and "best model: " in r.stdout
     assert r.stdout.count("[ckmerge] trial ") == 5  # progress line per trial (4 + λ=0)
-    again = cli("tune", trajectory[-2], trajectory[-1], "--objective", "loss:x.jsonl", "--output", out)
-    assert again.returncode == 2 and "already holds a run" in again.stderr
+    # refused before Ray is touched, so main() in this process serves
+    code, err = in_process(capsys, "tune", trajectory[-2], trajectory[-1], "--objective", "loss:x.jsonl",
+                           "--output", out)
+    assert code == 2 and "already holds a run" in err
 
 
 def in_process(capsys, *args):

@@ -6,44 +6,64 @@ checks that `recover_published` (which every export runs first) leaves exactly o
 best/, old or new, and nothing else beside it.
 """
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from ckmerge_ray.results import publish_dir, recover_published
 
-# The child publishes NEW over DEST, dying at the k-th filesystem step: os.replace calls
-# (1: old moved aside, 2: new renamed in) or inside the removal of the old copy (3).
-CHILD = r"""
-import os, shutil, sys
-from pathlib import Path
-from ckmerge_ray import results
+def publish_and_die(new: Path, dest: Path, kill_at: int) -> None:
+    """In a forked child: publish NEW over DEST, dying at the k-th filesystem step: os.replace
+    calls (1: old moved aside, 2: new renamed in) or inside the removal of the old copy (3).
+    A fork of this process, which has imported the package already, spares a fresh interpreter
+    importing torch and Ray (seconds each on 2 cores); the child's patches stay in the child."""
+    import os
+    import shutil
 
-new, dest, kill_at = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
-step = {"n": 0}
-real_replace, real_rmtree = os.replace, shutil.rmtree
+    from ckmerge_ray import results
 
-def tick():
-    step["n"] += 1
-    if step["n"] == kill_at:
-        os._exit(9)
+    step = {"n": 0}
+    real_replace, real_rmtree = os.replace, shutil.rmtree
 
-def replace(a, b):
-    tick()
-    real_replace(a, b)
+    def tick():
+        step["n"] += 1
+        if step["n"] == kill_at:
+            os._exit(9)
 
-def rmtree(path, *args, **kwargs):
-    first = sorted(Path(path).iterdir())[0]
-    first.unlink()  # the removal has begun: the old copy is now incomplete
-    tick()
-    real_rmtree(path, *args, **kwargs)
+    def replace(a, b):
+        tick()
+        real_replace(a, b)
 
-results.os.replace = replace
-results.shutil.rmtree = rmtree
-results.publish_dir(new, dest)
-"""
+    def rmtree(path, *args, **kwargs):
+        first = sorted(Path(path).iterdir())[0]
+        first.unlink()  # the removal has begun: the old copy is now incomplete
+        tick()
+        real_rmtree(path, *args, **kwargs)
+
+    results.os.replace = replace
+    results.shutil.rmtree = rmtree
+    results.publish_dir(new, dest)
+
+
+def run_in_child(fn, *args) -> int:
+    """Exit code of `fn(*args)` run in a forked child process (0 if it returns, 1 if it raises)."""
+    import os
+    import traceback
+    import warnings
+
+    with warnings.catch_warnings():  # Python >= 3.12 warns about fork() in a threaded process
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: no pytest or atexit clean-up runs, whatever happens
+        code = 0
+        try:
+            fn(*args)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
 
 
 def model_dir(path: Path, tag: str) -> Path:
@@ -66,9 +86,7 @@ def complete_copy_of(path: Path) -> str:
 def test_killed_publish_leaves_one_complete_best(tmp_path, kill_at, expected):
     dest = model_dir(tmp_path / "best", "old")
     new = model_dir(tmp_path / ".best-tmp-x", "new")
-    r = subprocess.run([sys.executable, "-c", CHILD, str(new), str(dest), str(kill_at)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 9, r.stderr  # it really died at that step
+    assert run_in_child(publish_and_die, new, dest, kill_at) == 9  # it really died at that step
     if kill_at == 2:  # between the two renames: best/ is gone, the old copy is aside
         assert not dest.exists() and len(list(tmp_path.glob(".best-old-*"))) == 1
 

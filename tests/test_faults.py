@@ -63,57 +63,70 @@ def test_a_killed_worker_is_retried_and_every_trial_is_recorded_once(ray_session
     assert len(journal) == 6
 
 
+def export_pair(earlier, later, dest, lam, progress=None):
+    """Store the pair and export its merge at λ to `dest` (the export step of a run). The killed
+    export runs this in a subprocess (EXPORT_SCRIPT); the others run it here, on the session's
+    Ray, which spares two interpreters importing torch and Ray and two Ray start-ups."""
+    from pathlib import Path
+
+    from ckmerge_ray.checkpoints import load_checkpoint_info, plan_shards
+    from ckmerge_ray.results import export_merged
+    from ckmerge_ray.store import put_checkpoint
+
+    a, b = load_checkpoint_info(earlier), load_checkpoint_info(later)
+    plan = plan_shards(b, 1 << 30)
+    ref = {}
+    sa, sb = put_checkpoint(a, plan, reference=ref), put_checkpoint(b, plan, reference=ref)
+    export_merged(sa, sb, lam, (b.path / "config.json").read_bytes(), [], Path(dest),
+                  progress=progress)
+
+
 EXPORT_SCRIPT = r'''
 import os, signal, sys
-from pathlib import Path
+root, earlier, later, dest, lam = sys.argv[1:6]
+sys.path.insert(0, root)
 import ray
-from ckmerge_ray.checkpoints import load_checkpoint_info, plan_shards
-from ckmerge_ray.results import export_merged
-from ckmerge_ray.store import put_checkpoint
+from tests.test_faults import export_pair
 
-earlier, later, dest, lam, kill = sys.argv[1], sys.argv[2], Path(sys.argv[3]), float(sys.argv[4]), sys.argv[5] == "kill"
-ray.init(num_cpus=1, include_dashboard=False)
-a, b = load_checkpoint_info(earlier), load_checkpoint_info(later)
-plan = plan_shards(b, 1 << 30)
-ref = {}
-sa, sb = put_checkpoint(a, plan, reference=ref), put_checkpoint(b, plan, reference=ref)
+ray.init()  # joins the session's Ray (RAY_ADDRESS), as a job joins a cluster
 
-def progress(msg):
+def progress(msg):  # killed for real after the first shard is on disk
     print(msg, flush=True)
-    if kill:  # killed for real after the first shard is on disk
-        os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
 
-export_merged(sa, sb, lam, (b.path / "config.json").read_bytes(), [], dest, progress=progress)
+export_pair(earlier, later, dest, float(lam), progress=progress)
 print("EXPORTED", flush=True)
 '''
 
 
-def test_export_killed_midway_leaves_no_partial_model(trajectory_bf16, tmp_path):
+def test_export_killed_midway_leaves_no_partial_model(ray_session, trajectory_bf16, tmp_path):
     import subprocess
     import sys
+    from pathlib import Path
 
     from safetensors.torch import load_file
 
+    root = Path(__file__).resolve().parent.parent
     script = tmp_path / "export.py"
     script.write_text(EXPORT_SCRIPT)
+    earlier, later = trajectory_bf16[-2], trajectory_bf16[-1]
     dest = tmp_path / "best"
-    run = lambda lam, mode: subprocess.run(  # noqa: E731
-        [sys.executable, str(script), str(trajectory_bf16[-2]), str(trajectory_bf16[-1]), str(dest),
-         str(lam), mode], capture_output=True, text=True, timeout=180,
-        env={**__import__("os").environ, "RAY_ADDRESS": "local"})
-    first = run(0.6, "ok")
-    assert "EXPORTED" in first.stdout, first.stdout + first.stderr
+    export_pair(earlier, later, dest, 0.6)
     before = {f.name: f.read_bytes() for f in dest.iterdir()}
     assert sum(name.endswith(".safetensors") for name in before) > 1  # several shards
 
-    killed = run(0.9, "kill")
+    killed = subprocess.run(
+        [sys.executable, str(script), str(root), str(earlier), str(later), str(dest), "0.9"],
+        capture_output=True, text=True, timeout=180,
+        env={**__import__("os").environ,
+             "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address})
     assert killed.returncode == -9 and "exported shard 1/" in killed.stdout, killed.stdout + killed.stderr
+    assert "EXPORTED" not in killed.stdout
     assert {f.name: f.read_bytes() for f in dest.iterdir()} == before, "the old best/ was touched"
     leftovers = list(tmp_path.glob(".best-tmp-*"))
     assert leftovers, "the kill came before the export started: the test tested nothing"
 
-    again = run(0.9, "ok")
-    assert "EXPORTED" in again.stdout, again.stdout + again.stderr
+    export_pair(earlier, later, dest, 0.9)  # the next export puts right what the kill left
     assert not list(tmp_path.glob(".best-*")), "leftovers of the killed export remain"
     index = __import__("json").loads((dest / "model.safetensors.index.json").read_text())
     for fname in set(index["weight_map"].values()):
