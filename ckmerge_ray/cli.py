@@ -121,7 +121,15 @@ def _add_sweep_parser(sub) -> None:
     w.add_argument("--include-final", action="store_true",
                    help="also the model Trainer's save_model wrote at the top of DIR, as the "
                    "last point (default: reported, not swept)")
+    _add_pairs_argument(w, "as many as the trial slots and the object store fit; each pair "
+                        "then runs the slots / pairs trials at a time unless --max-concurrent")
     _add_run_arguments(w, default_output="ckmerge_runs/sweep")
+
+
+def _add_pairs_argument(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--max-concurrent-pairs", type=int, default=None, metavar="N",
+                   help=f"adjacent pairs tuned at once, sharing the cluster's trial slots "
+                   f"(default: {default})")
 
 
 def _add_watch_parser(sub) -> None:
@@ -136,6 +144,8 @@ def _add_watch_parser(sub) -> None:
                    "writes trainer_state.json last; CkmergeCallback writes "
                    "ckmerge_complete); default: its files all there and unchanged between two "
                    "polls")
+    _add_pairs_argument(w, "the trial slots over --max-concurrent, so one pair at a time "
+                        "unless --max-concurrent leaves room")
     w.add_argument("--until", type=int, default=None, metavar="STEP",
                    help="stop after the pair whose later checkpoint is at step >= STEP")
     w.add_argument("--max-pairs", type=int, default=None,
@@ -317,7 +327,8 @@ def _settings(args) -> dict:
     return dict(
         search=SearchConfig(alpha=args.alpha, num_trials=args.trials, seed=args.seed),
         run=RunConfig(output_dir=args.output, overwrite=args.overwrite, progress=not args.quiet,
-                      max_concurrent=args.max_concurrent),
+                      max_concurrent=args.max_concurrent,
+                      max_concurrent_pairs=getattr(args, "max_concurrent_pairs", None)),
         checkpoint=_checkpoint_config(args),
         objective_options=_objective_options(args),
     )

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import warnings
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import ray
 
@@ -71,6 +71,17 @@ def describe_cluster() -> str:
 STORE_BUDGET = 0.8
 
 
+def smallest_store(resources: Resources) -> Tuple[Dict, List[Dict]]:
+    """The node with the smallest object store among the driver's node and every node that can
+    hold a trial at `resources`, and all those nodes (entries of ``ray.nodes()``)."""
+    me = ray.get_runtime_context().get_node_id()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    used = [n for n in nodes if n["NodeID"] == me or (
+        n["Resources"].get("CPU", 0) >= resources.cpu
+        and n["Resources"].get("GPU", 0) >= resources.gpu)]
+    return min(used, key=lambda n: n["Resources"].get("object_store_memory", 0)), used
+
+
 def check_object_store(need: int, resources: Resources, allow_spilling: bool, log) -> None:
     """Both checkpoints live in the object store of the driver's node (the primary copies) and
     of every node that runs trials (one pulled copy per node). The smallest of those stores
@@ -79,12 +90,7 @@ def check_object_store(need: int, resources: Resources, allow_spilling: bool, lo
     spill disk is too small. A pair that fits but leaves less than 20 % headroom gets a warning:
     other objects could still push shards out to disk."""
     me = ray.get_runtime_context().get_node_id()
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    # The driver's node, and every node that can hold at least one trial.
-    used = [n for n in nodes if n["NodeID"] == me or (
-        n["Resources"].get("CPU", 0) >= resources.cpu
-        and n["Resources"].get("GPU", 0) >= resources.gpu)]
-    smallest = min(used, key=lambda n: n["Resources"].get("object_store_memory", 0))
+    smallest, used = smallest_store(resources)
     store = int(smallest["Resources"].get("object_store_memory", 0))
     gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
     role = "the driver's node" if smallest["NodeID"] == me else "a node that can run trials"

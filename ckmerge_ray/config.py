@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 from ckmerge_ray.errors import ConfigError
-from ckmerge_ray.search.hedge import ACQUISITIONS
+from ckmerge_ray.search.record import ACQUISITIONS
 
 # The merge methods `compare_merges` knows, in the order it runs them.
 METHODS = ("uniform", "greedy", "sma", "ema", "wma", "fisher", "regmean", "grid", "random", "tuned")
@@ -147,6 +147,9 @@ class RunConfig(_Settings):
     storage_path: Optional[str] = None  # Ray Tune storage (default output_dir/ray); URI allowed
     progress: bool = True  # one line per stored shard and per finished trial
     max_concurrent: Optional[int] = None  # trials at once (default: what the cluster fits)
+    # sweep and watch: pairs tuned at once (default: as many as the trial slots and the object
+    # store fit; see ckmerge_ray/pairs.py)
+    max_concurrent_pairs: Optional[int] = None
     max_failures: int = 2  # retries of a trial whose worker process died
     allow_spilling: bool = False  # run even if the checkpoints exceed a node's object store
     export_best: bool = True  # write the best merged model to output_dir/best
@@ -165,6 +168,10 @@ class RunConfig(_Settings):
                 not isinstance(self.max_concurrent, int) or self.max_concurrent < 1):
             raise ConfigError(f"max_concurrent must be a positive integer, got "
                               f"{self.max_concurrent!r}")
+        if self.max_concurrent_pairs is not None and (
+                not isinstance(self.max_concurrent_pairs, int) or self.max_concurrent_pairs < 1):
+            raise ConfigError(f"max_concurrent_pairs must be a positive integer, got "
+                              f"{self.max_concurrent_pairs!r}")
         if not isinstance(self.max_failures, int) or self.max_failures < 0:
             raise ConfigError(f"max_failures must be a non-negative integer, got "
                               f"{self.max_failures!r}")

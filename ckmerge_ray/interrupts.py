@@ -17,6 +17,12 @@ raising SIGUSR1, on which Tune always stops gracefully (``ray/tune/tune.py``,
 ``_setup_signal_catching``). A second signal, or one outside Tune's loop (storing the shards,
 writing the results), stops at once: the run is then as a killed driver leaves it (Tune's last
 periodic snapshot, the journal, the table), which a resume also continues.
+
+Runs in other threads (the pairs a sweep or watch tunes concurrently) have guards too, one per
+thread. Python delivers signals to the main thread only: its guard passes a signal on to every
+guard of the process, and `StopForwarder` ends a loop in another thread (where Tune has no
+signal handler) by raising `LoopStopped` in it; Tune then stops the trials in flight, and the
+run is left as a killed driver leaves it.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import signal
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from ray import tune
 
@@ -37,9 +43,22 @@ from ckmerge_ray.rundir import mark_interrupted
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 TUNE_SIGINT_SWITCH = "TUNE_DISABLE_SIGINT_HANDLER"
 
-# The guard of the run in progress in this process (None outside tune_merge), read by the
-# Tune callbacks, which Tune pickles with the experiment and so cannot hold it themselves.
-_ACTIVE: Optional["RunGuard"] = None
+# The guard of the run in progress in each thread (none outside tune_merge), read by the Tune
+# callbacks, which run in the thread of their Tune loop and which Tune pickles with the
+# experiment (so they cannot hold it themselves); and every guard of the process, which a
+# signal reaches through the main thread's.
+_LOCAL = threading.local()
+_ALL: List["RunGuard"] = []
+_ALL_LOCK = threading.Lock()
+
+
+def active_guard() -> Optional["RunGuard"]:
+    """The guard of the run in progress in this thread, or None."""
+    return getattr(_LOCAL, "guard", None)
+
+
+class LoopStopped(CkmergeError):
+    """Raised by `StopForwarder` in a Tune loop that runs outside the main thread, to end it."""
 
 
 class RunGuard:
@@ -62,16 +81,18 @@ class RunGuard:
     # --- the signals ---------------------------------------------------------------------------
 
     def __enter__(self) -> "RunGuard":
-        global _ACTIVE
-        self._outer, _ACTIVE = _ACTIVE, self
+        self._outer, _LOCAL.guard = active_guard(), self
+        with _ALL_LOCK:
+            _ALL.append(self)
         self.take_signals()
         return self
 
     def __exit__(self, *exc) -> bool:
-        global _ACTIVE
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-        _ACTIVE = self._outer
+        with _ALL_LOCK:
+            _ALL.remove(self)
+        _LOCAL.guard = self._outer
         return False
 
     def take_signals(self) -> None:
@@ -87,6 +108,10 @@ class RunGuard:
 
     def _handle(self, signum: int, frame) -> None:
         # Records only: printing here could re-enter a print the main thread was in.
+        with _ALL_LOCK:
+            others = [g for g in _ALL if g is not self]
+        for guard in others:  # the runs of other threads stop at their loop's next step
+            guard.signum = guard.signum or signum
         if self.signum is not None or not self.in_tune_loop:
             self.signum = self.signum or signum
             raise KeyboardInterrupt(signal.Signals(signum).name)  # again, or outside Tune: now
@@ -157,28 +182,49 @@ class RunGuard:
 def request_stop(error: CkmergeError, log: Optional[Callable[[str], None]] = None) -> bool:
     """Ask the run in progress to stop with `error` (from a Tune callback). False when no run
     is guarded in this process; the caller then reports the error itself."""
-    if _ACTIVE is None:
+    guard = active_guard()
+    if guard is None:
         if log:
             log(f"error: {error}")
         return False
-    _ACTIVE.stop(error)
+    guard.stop(error)
     return True
 
 
+def stop_all_runs(error: BaseException) -> None:
+    """Ask every guarded run of the process to stop because of `error` (a sweep or watch that
+    is ending while pairs run): a signal or interruption stops them as that signal would."""
+    with _ALL_LOCK:
+        guards = list(_ALL)
+    for guard in guards:
+        if isinstance(error, (KeyboardInterrupt, RunInterrupted)):
+            guard.signum = guard.signum or getattr(error, "signum", None) or signal.SIGINT
+        elif isinstance(error, CkmergeError):
+            guard.stop(error)
+        else:
+            guard.stop(CkmergeError(f"stopped: {type(error).__name__}: {error}"))
+
+
 class StopForwarder(tune.Callback):
-    """Passes a stop request of the run's `RunGuard` to Tune's loop: at the loop's next step it
-    raises SIGUSR1, Tune's graceful stop (the experiment saved, trials in flight re-queued on
-    restore). Without Tune's handler (Tune not in the main thread) the run goes on to its end,
-    and `tune_merge` raises then."""
+    """Passes a stop request of the run's `RunGuard` to Tune's loop, at the loop's next step.
+    In the main thread it raises SIGUSR1, Tune's graceful stop (the experiment saved, trials in
+    flight re-queued on restore); in another thread, where Tune has no signal handler, it raises
+    `LoopStopped`, on which Tune stops the trials in flight (``ray/tune/tune.py``: the loop's
+    ``except Exception``) and saves nothing more: a resume starts from Tune's last periodic
+    snapshot and the journal."""
 
     def on_step_begin(self, iteration: int, trials, **info):
-        guard = _ACTIVE
+        guard = active_guard()
         if guard is None or guard.forwarded or not guard.stop_requested:
             return
         guard.forwarded = True
+        main = threading.current_thread() is threading.main_thread()
         if guard.error is None:
             name = signal.Signals(guard.signum).name
             guard.log(f"{name} received: stopping once Ray Tune has saved the experiment (trials "
-                      f"in flight run again on resume); send {name} again to stop at once")
+                      f"in flight run again on resume); send {name} again to stop at once"
+                      if main else f"{name} received: stopping this run's trials")
+        if not main:
+            raise LoopStopped("stop requested")
         if callable(signal.getsignal(signal.SIGUSR1)):
             signal.raise_signal(signal.SIGUSR1)

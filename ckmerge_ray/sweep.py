@@ -2,10 +2,10 @@
 merges of every pair (i, j) for a heatmap of the whole trajectory.
 
 Each checkpoint is read from disk and put into the object store once, although it belongs to
-two pairs: pair k reuses checkpoint k+1's shards as pair k+1's earlier checkpoint. Pairs run one
-after another, each with the whole cluster's trial concurrency; without the heatmap at most two
-checkpoints are in the store at a time. Every check a pair's `tune_merge` would make runs before
-anything is stored. Example::
+two pairs: pair k reuses checkpoint k+1's shards as pair k+1's earlier checkpoint. Up to
+``max_concurrent_pairs`` pairs are tuned at once, sharing the cluster's trial slots (see
+`ckmerge_ray.pairs`); without the heatmap at most that many + 1 checkpoints are in the store at a
+time. Every check a pair's `tune_merge` would make runs before anything is stored. Example::
 
     from ckmerge_ray import sweep_trajectory
     result = sweep_trajectory("ckpts/", {"cpu": 1}, objective="loss:heldout.jsonl",
@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,13 +28,14 @@ import pyarrow as pa
 from ckmerge_ray.checkpoints import CheckpointInfo
 from ckmerge_ray.cluster import check_object_store, ray_session, trial_slots
 from ckmerge_ray.config import CheckpointConfig, Resources, RunConfig, SearchConfig, split_options
-from ckmerge_ray.errors import CheckpointError, ConfigError, RunError
+from ckmerge_ray.errors import CheckpointError, ConfigError, RunError, RunInterrupted
 from ckmerge_ray.evaluator import start_evaluators
 from ckmerge_ray.inputs import (
     Log, WindowStore, code_dir_of, load_window, prepare_objective, printer,
 )
 from ckmerge_ray.model import dtypes_of
 from ckmerge_ray.objectives import Objective
+from ckmerge_ray.pairs import PairPool, pair_concurrency, window_bytes
 from ckmerge_ray.plots import draw_plots
 from ckmerge_ray.results import (
     renamed_name,
@@ -73,6 +75,7 @@ class _Sweep:
     objective: Objective
     tuned: Dict[str, Any]  # tune_merge's arguments for every pair (but the run directory)
     out: Path = Path()
+    pairs_at_once: int = 1
 
 
 def discover_checkpoints(source: str | os.PathLike | Sequence[str | os.PathLike],
@@ -180,7 +183,9 @@ def sweep_trajectory(
         include_final: also the model saved at the top of a Trainer output directory, as
             the last point (see `discover_checkpoints`).
         tune_options: further `tune_merge` keywords for every pair (e.g. ``acquisitions``).
-        **options: any field of the settings values by name (``alpha``, ``num_trials``, ...).
+        **options: any field of the settings values by name (``alpha``, ``num_trials``, ...);
+            ``max_concurrent_pairs`` pairs are tuned at once (default: what the trial slots and
+            the object store fit, see `pairs.pair_concurrency`).
 
     Returns:
         A `SweepResult`; gains are over each pair's later checkpoint (positive = better).
@@ -189,7 +194,8 @@ def sweep_trajectory(
 
     Raises:
         CkmergeError for bad input, before anything is stored (also when it would only show in
-        a pair's run); RunError when every pair failed.
+        a pair's run); RunError when every pair failed; RunInterrupted on SIGINT/SIGTERM (each
+        pair's run can be resumed from its directory).
     """
     settings = split_options(options, {"num_trials": 8, "output_dir": "ckmerge_runs/sweep"},
                              search=search, run=run, checkpoint=checkpoint)
@@ -200,7 +206,8 @@ def sweep_trajectory(
     started = time.perf_counter()
     with ray_session(ctx.log):
         sizes = [i.nbytes for i in ctx.infos]
-        need = sum(sizes) if heatmap else max(a + b for a, b in zip(sizes, sizes[1:]))
+        ctx.pairs_at_once = set_pair_concurrency(ctx, sizes)
+        need = sum(sizes) if heatmap else window_bytes(sizes, ctx.pairs_at_once)
         check_object_store(need, ctx.resources, False, ctx.log)
         window = WindowStore(ctx.infos, ctx.checkpoint, ctx.log)
         rows, plots = tune_pairs(ctx, window, keep=heatmap)
@@ -245,24 +252,61 @@ def check_sweep(checkpoints, objective, objective_options, resources, tune_optio
                   objective, tuned, out)
 
 
+def set_pair_concurrency(ctx: _Sweep, sizes: List[int]) -> int:
+    """Pairs at once (`pair_concurrency`); each pair's trials at once go into ``ctx.tuned``."""
+    import dataclasses
+
+    run = ctx.tuned["run"]
+    p, q = pair_concurrency(ctx.run.max_concurrent_pairs, run.max_concurrent, ctx.resources,
+                            ctx.search.num_trials, len(sizes) - 1, sizes)
+    ctx.tuned["run"] = dataclasses.replace(run, max_concurrent=q)
+    ctx.log(f"{p} pair(s) at once, {q} trial(s) at a time each")
+    return p
+
+
 def tune_pairs(ctx: _Sweep, window: WindowStore, keep: bool) -> Tuple[List[Dict], List[str]]:
-    """Tune every adjacent pair in turn on the window's stored checkpoints; sweep.parquet is
-    rewritten after each. Returns the rows and the pairs' plots (relative to the sweep).
-    Without `keep`, checkpoint k is released once pair k is done."""
-    rows, plots = [], []
-    for k in range(len(ctx.infos) - 1):
-        ctx.log(f"pair {k + 1}/{len(ctx.infos) - 1}: {ctx.infos[k].name} -> "
-                f"{ctx.infos[k + 1].name}")
-        row, pair_plots, _ = tune_pair(k, (ctx.infos[k], ctx.infos[k + 1]),
-                                       (ctx.steps[k], ctx.steps[k + 1]),
-                                       (window.get(k), window.get(k + 1)), ctx.out, ctx.tuned,
-                                       ctx.resources, ctx.log)
-        rows.append(row)
-        plots += pair_plots
-        write_table_atomic(ctx.out / SWEEP_TABLE, rows)
-        if not keep:
-            window.release(k)  # pair k+1 needs only checkpoint k+1 again: let Ray free k
-    return rows, plots
+    """Tune every adjacent pair on the window's stored checkpoints, ``ctx.pairs_at_once`` at a
+    time; sweep.parquet is rewritten as each finishes. Returns the rows (in pair order) and the
+    pairs' plots (relative to the sweep). Without `keep`, the sweep drops checkpoint k once pair
+    k is submitted: the pairs in flight hold what they use, and Ray frees it after them.
+    Raises `RunInterrupted` after SIGINT/SIGTERM, once the pairs in flight have stopped."""
+    rows: Dict[int, Dict] = {}
+    plots: Dict[int, List[str]] = {}
+    n = len(ctx.infos) - 1
+
+    def record(done) -> None:
+        for k, future in done:
+            try:
+                rows[k], plots[k], _ = future.result()
+            except RunInterrupted:
+                if not pool.stop_requested:  # one pair at a time: it had the signal itself
+                    raise
+                continue  # stopped by the signal the pool passed on: no row
+            write_table_atomic(ctx.out / SWEEP_TABLE, [rows[j] for j in sorted(rows)])
+
+    with PairPool(ctx.pairs_at_once, ctx.log) as pool:
+        for k in range(n):
+            record(pool.wait_for_room())
+            if pool.stop_requested:
+                break
+            ctx.log(f"pair {k + 1}/{n}: {ctx.infos[k].name} -> {ctx.infos[k + 1].name}")
+            pool.submit(k, tune_pair, k, (ctx.infos[k], ctx.infos[k + 1]),
+                        (ctx.steps[k], ctx.steps[k + 1]), (window.get(k), window.get(k + 1)),
+                        ctx.out, ctx.tuned, ctx.resources, ctx.log)
+            if not keep:
+                window.release(k)  # pair k+1 needs only checkpoint k+1 again
+        record(pool.drain())
+        if pool.stop_requested:
+            raise sweep_interrupted(ctx, pool.signum, len(rows), n)
+    return [rows[k] for k in sorted(rows)], [p for k in sorted(plots) for p in plots[k]]
+
+
+def sweep_interrupted(ctx: _Sweep, signum: Optional[int], done: int, n: int) -> RunInterrupted:
+    name = signal.Signals(signum or signal.SIGINT).name
+    return RunInterrupted(
+        f"interrupted by {name}: {done} of {n} pairs finished and in "
+        f"{ctx.out / SWEEP_TABLE}; the pairs in flight stopped and can be resumed one by one "
+        f"(ckmerge-ray tune --resume {ctx.out / PAIRS_DIR}/<pair>)", signum or signal.SIGINT)
 
 
 def pair_run_dir(k: int, earlier: CheckpointInfo, later: CheckpointInfo) -> Path:
@@ -289,7 +333,8 @@ def tune_pair(k: int, infos: Tuple[CheckpointInfo, CheckpointInfo], steps: Tuple
     t0 = time.perf_counter()
     row = {"pair": k, "earlier": str(earlier.source), "later": str(later.source),
            "earlier_step": steps[0], "later_step": steps[1],
-           "run_dir": str(run_dir), "store_digest": pair_digest(*stored)}
+           "run_dir": str(run_dir), "store_digest": pair_digest(*stored),
+           "started_at": time.time()}
     run = dataclasses.replace(tuned["run"], output_dir=str(out / run_dir), resume=resume)
     result, plots = None, []
     try:
@@ -302,6 +347,7 @@ def tune_pair(k: int, infos: Tuple[CheckpointInfo, CheckpointInfo], steps: Tuple
         row.update(pair_row(result))
         plots = [(run_dir / p).as_posix() for p in result.summary.get("plots", [])]
     row["wall_s"] = time.perf_counter() - t0
+    row["finished_at"] = time.time()
     return row, plots, result
 
 
@@ -335,6 +381,8 @@ def sweep_summary(ctx: _Sweep, rows: List[Dict], window: WindowStore, heatmap: b
         "alpha": ctx.search.alpha, "num_trials": ctx.search.num_trials, "seed": ctx.search.seed,
         "heatmap": {"enabled": heatmap, "lambda": heatmap_lambda},
         "pairs_ok": sum(r["status"] == "ok" for r in rows),
+        "pairs_at_once": ctx.pairs_at_once,
+        "trials_at_once_per_pair": ctx.tuned["run"].max_concurrent,
         "object_store": {"puts_per_checkpoint": window.puts, "object_ids": window.object_ids},
         "seconds": seconds,
     }

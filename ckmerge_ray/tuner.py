@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -38,7 +40,7 @@ from ckmerge_ray.inputs import (
     Log, WindowStore, code_dir_of, load_window, prepare_objective, printer,
 )
 from ckmerge_ray.model import dtypes_of
-from ckmerge_ray.interrupts import RunGuard, StopForwarder
+from ckmerge_ray.interrupts import LoopStopped, RunGuard, StopForwarder
 from ckmerge_ray.objectives import Objective
 from ckmerge_ray.plots import draw_plots
 from ckmerge_ray.results import (
@@ -264,10 +266,9 @@ def build_tuner(ctx: _Run, run_id: str, searcher, previous: Optional[Dict],
     """A new Tune experiment (run.json written first), or the restored one when resuming.
     Returns the tuner and the experiment's path."""
     search, run, mode = ctx.search, ctx.run, ctx.objective.mode
-    trainable = ctx.trainable = tune.with_resources(
-        tune.with_parameters(merge_trainable, holder=f"ckmerge-plan-{run_id}"),
-        ctx.resources.to_dict(),
-    )
+    experiment_id = previous["experiment"].rstrip("/").rsplit("/", 1)[-1] if previous else None
+    trainable = ctx.trainable = register_run_trainable(
+        f"ckmerge-plan-{run_id}", experiment_id or f"ckmerge-{run_id}", ctx.resources)
     ctx.log(f"tuning λ in [{search.alpha}, 1]: {search.num_samples} trials, {ctx.q} at a time, "
             f"{ctx.resources.to_dict()}/trial")
     if previous:
@@ -298,6 +299,31 @@ def build_tuner(ctx: _Run, run_id: str, searcher, previous: Optional[Dict],
         ),
     )
     return tuner, experiment
+
+
+# Ray Tune's registry of trainables is a process-wide dict that registering iterates over:
+# runs in several threads (`sweep` and `watch` with pairs at once) register one at a time.
+_REGISTRY_LOCK = threading.Lock()
+
+
+def register_run_trainable(holder: str, experiment_id: str, resources: Resources) -> str:
+    """Register `merge_trainable`, bound to the run's plan holder, under a name of its own (the
+    experiment's, so that `Tuner.restore` finds the name it saved); returns the name, which the
+    Tuner takes in place of the function.
+
+    Tune registers a trainable under its name for the whole cluster, and
+    `tune.with_parameters` keys its parameters by the function's ``str``: runs of one driver
+    tuning pairs concurrently would each take whichever run registered last, and merge another
+    pair's checkpoints."""
+    name = experiment_id.replace("ckmerge-", "merge-", 1)
+
+    def trainable(config: Dict) -> None:
+        merge_trainable(config, holder)
+
+    trainable.__name__ = trainable.__qualname__ = name
+    with _REGISTRY_LOCK:
+        tune.register_trainable(name, tune.with_resources(trainable, resources.to_dict()))
+    return name
 
 
 def _join(storage: str, name: str) -> str:
@@ -331,6 +357,10 @@ def fit(ctx: _Run, guard: RunGuard, tuner: tune.Tuner, experiment: str) -> Tuple
                 grid = tuner.fit()
             except OSError as e:  # Tune's own files (storage_path) on a full disk
                 raise output_error(e, f"Ray Tune's experiment {experiment}", ctx.out) from e
+            except LoopStopped:  # a stop request in a run outside the main thread
+                if guard.error is not None:
+                    raise guard.error from None
+                raise KeyboardInterrupt(signal.Signals(guard.signum).name) from None
         lost = [r.error for r in grid if r.error is not None and lost_worker(r.error)]
         if not lost or guard.stop_requested or again == LOST_TRIAL_ROUNDS:
             return grid, restored

@@ -12,11 +12,13 @@ names `sweep.discover_checkpoints` knows). A checkpoint is read only once it is 
   written last, and every ``.distcp`` it names), and nothing in the folder changed (sizes and
   modification times, or ETags) between two polls.
 
-Pairs are tuned one after another with `tune_merge` in ``pairs/`` as `sweep_trajectory` does
-(each checkpoint put into the object store once; the earlier checkpoint of the next pair stays
-there). After each pair: a row of ``sweep.parquet``, the plots, ``latest/`` (the newest pair's
-best merged model) and ``best_overall/`` (the best merged model so far by the objective),
-each replaced atomically. Example::
+Pairs are tuned with `tune_merge` in ``pairs/`` as `sweep_trajectory` does (each checkpoint put
+into the object store once; the earlier checkpoint of the next pair stays there), up to
+``max_concurrent_pairs`` at once (`ckmerge_ray.pairs`; default: the trial slots over
+``max_concurrent``, so one pair at a time unless ``max_concurrent`` leaves room), and the watch
+goes on polling while they run. As each pair finishes: a row of ``sweep.parquet``, the plots,
+``latest/`` (the newest pair's best merged model) and ``best_overall/`` (the best merged model so
+far by the objective), each replaced atomically. Example::
 
     from ckmerge_ray import watch_trajectory
     watch_trajectory("runs/pretrain", {"cpu": 1}, objective="loss:heldout.jsonl",
@@ -41,10 +43,11 @@ import pyarrow as pa
 from ckmerge_ray.checkpoints import (
     CheckpointInfo, load_checkpoint_info, plan_shards, tokenizer_files,
 )
-from ckmerge_ray.cluster import ray_session
+from ckmerge_ray.cluster import ray_session, trial_slots
 from ckmerge_ray.config import CheckpointConfig, Resources, RunConfig, SearchConfig, split_options
 from ckmerge_ray.errors import CheckpointError, ConfigError, RunError, RunInterrupted
 from ckmerge_ray.inputs import Log, load_window, prepare_objective, printer
+from ckmerge_ray.pairs import PairPool
 from ckmerge_ray.plots import draw_plots
 from ckmerge_ray.results import (
     PAIRS_DIR, RUN_FILE, SUMMARY_FILE, SWEEP_GAIN_PLOT, SWEEP_TABLE, read_rows, recover_published,
@@ -162,6 +165,7 @@ def watch_trajectory(
                objective_options, marker, rows)
     with ray_session(log), _signals():
         try:
+            w.pairs_at_once = watch_concurrency(run, w.resources, search.num_trials)
             w.follow(until, max_pairs, poll_seconds, idle_timeout)
         except KeyboardInterrupt as e:
             raise RunInterrupted(f"watch stopped by {e or 'SIGINT'}; {len(w.rows)} pair(s) in "
@@ -171,6 +175,15 @@ def watch_trajectory(
     log_pairs(w.rows, log)
     return WatchResult(write_table_atomic(out / SWEEP_TABLE, w.rows), w.mode, out,
                        _if_dir(out / LATEST_DIR), _if_dir(out / BEST_OVERALL_DIR), w.summary())
+
+
+def watch_concurrency(run: RunConfig, resources: Resources, num_trials: int) -> int:
+    """Pairs at once: `max_concurrent_pairs`, else the cluster's trial slots over the trials a
+    pair runs at once (``max_concurrent``; by default every slot, so one pair at a time)."""
+    if run.max_concurrent_pairs is not None:
+        return run.max_concurrent_pairs
+    slots = trial_slots(resources, None, 1 << 30)
+    return max(1, slots // (run.max_concurrent or slots))
 
 
 def _check_settings(objective, marker, until, max_pairs, poll_seconds, idle_timeout) -> None:
@@ -255,7 +268,12 @@ class _Watch:
         self.objective_repr: Optional[str] = None
         self.seen: Dict[str, _Checkpoint] = {}
         self.prev: Optional[_Checkpoint] = None
-        self.frontier = max((r["later_step"] for r in rows), default=None)
+        # Pairs run together may finish out of order: a killed watch resumes after the last
+        # pair of the table's gap-free start, and passes over the pairs recorded after it.
+        done = {r["pair"] for r in rows}
+        self.next_pair = next(k for k in range(len(rows) + 1) if k not in done)
+        self.resumed_from = next((r for r in rows if r["pair"] == self.next_pair - 1), None)
+        self.frontier = self.resumed_from["later_step"] if self.resumed_from else None
         self.reference: Dict = {}  # non-float tensors, equal along the run (store.put_checkpoint)
         self.puts: Dict[str, int] = {}
         previous = _read_json(out / SUMMARY_FILE)
@@ -263,7 +281,11 @@ class _Watch:
         # name -> step, when first found whole and when declared complete (wall times)
         self.completed: Dict[str, Dict] = previous.get("checkpoints", {}) if rows else {}
         self.pair_plots: List[str] = _pair_plots(out, rows)
-        self.resuming = bool(rows)  # the first pair's earlier end comes from the table
+        self.resuming = self.resumed_from is not None  # the next pair's earlier end: the table's
+        self.pairs_at_once = 1
+        self.pool: Optional[PairPool] = None
+        self.inflight: Dict[int, Dict] = {}  # pair -> its checkpoints and times, while it runs
+        self.interrupted: Optional[BaseException] = None  # a pair's RunInterrupted
         self.required: List[str] = []  # tokenizer files of the last checkpoint read
         if rows:
             self.mode = previous.get("mode")
@@ -275,33 +297,54 @@ class _Watch:
 
     def follow(self, until: Optional[int], max_pairs: Optional[int], poll_seconds: float,
                idle_timeout: Optional[float]) -> None:
-        """Poll, tune each pair as it becomes complete, until a stop condition holds."""
+        """Poll, tune each pair as it becomes complete (up to `pairs_at_once` at a time, polling
+        on while they run), until a stop condition holds; then wait for the pairs in flight."""
         last_progress = time.monotonic()
         self.log(f"watching {self.root} every {poll_seconds:g}s for checkpoints"
                  + (f" with {self.marker}" if self.marker else " (complete: files all there "
-                    "and unchanged between two polls)"))
-        while not self._finished(until, max_pairs):
-            for c in self.ready():
-                last_progress = time.monotonic()
-                if self.prev is None:
-                    self.start_from(c)
-                else:
-                    self.tune_next(c)
-                if self._finished(until, max_pairs):
-                    return
-            if idle_timeout is not None and time.monotonic() - last_progress > idle_timeout:
-                self.log(f"no checkpoint became complete for {idle_timeout:g}s: stopping")
-                return
-            time.sleep(poll_seconds)
+                    "and unchanged between two polls)")
+                 + (f", {self.pairs_at_once} pair(s) at once" if self.pairs_at_once > 1 else ""))
+        with PairPool(self.pairs_at_once, self.log) as self.pool:
+            reason = None
+            while reason is None:
+                self.collect(self.pool.finished(timeout=0))
+                reason = self._finished(until, max_pairs)
+                for c in self.ready() if reason is None else ():
+                    last_progress = time.monotonic()
+                    if self.prev is None:
+                        self.start_from(c)
+                    else:
+                        self.tune_next(c)
+                    reason = self._finished(until, max_pairs)
+                    if reason is not None:
+                        break
+                if reason is None and idle_timeout is not None and not self.inflight and (
+                        time.monotonic() - last_progress > idle_timeout):
+                    reason = f"no checkpoint became complete for {idle_timeout:g}s"
+                if reason is None:
+                    if self.inflight:  # wake up early when a pair finishes
+                        self.collect(self.pool.finished(timeout=poll_seconds))
+                    else:
+                        time.sleep(poll_seconds)
+            if not self.pool.stop_requested and self.interrupted is None:
+                self.log(f"{reason}: stopping" + (f" once {len(self.inflight)} pair(s) in flight "
+                                                  "finish" if self.inflight else ""))
+            self.collect(self.pool.drain())
+            if self.interrupted is not None:
+                raise self.interrupted
+            if self.pool.stop_requested:
+                raise KeyboardInterrupt(signal.Signals(self.pool.signum or signal.SIGINT).name)
 
-    def _finished(self, until, max_pairs) -> bool:
-        if max_pairs is not None and len(self.rows) >= max_pairs:
-            self.log(f"{len(self.rows)} pair(s) done (max_pairs={max_pairs}): stopping")
-            return True
+    def _finished(self, until, max_pairs) -> Optional[str]:
+        """Why no further pair may start, or None."""
+        if self.pool.stop_requested or self.interrupted is not None:
+            return "interrupted"
+        started = len(self.rows) + len(self.inflight)
+        if max_pairs is not None and started >= max_pairs:
+            return f"{started} pair(s) started (max_pairs={max_pairs})"
         if until is not None and self.frontier is not None and self.frontier >= until:
-            self.log(f"reached step {self.frontier} (until={until}): stopping")
-            return True
-        return False
+            return f"reached step {self.frontier} (until={until})"
+        return None
 
     def ready(self) -> List[_Checkpoint]:
         """Checkpoints newly complete, in step order. One still being written holds up later
@@ -379,7 +422,7 @@ class _Watch:
     def _resume_earlier(self) -> Optional[_Checkpoint]:
         """The earlier end of the first pair after a resume: the table's last later checkpoint
         (or, if it cannot be read now, that pair's earlier one)."""
-        last = self.rows[-1]
+        last = self.resumed_from
         for key in ("later", "earlier"):
             try:
                 loc = locate(last[key], what="checkpoint directory")
@@ -391,39 +434,77 @@ class _Watch:
         return None
 
     def tune_next(self, c: _Checkpoint) -> None:
-        """Tune the pair (previous good checkpoint, c); record, publish, move on."""
-        prev, k = self.prev, len(self.rows)
+        """Store the pair (previous good checkpoint, c) and start tuning it; `finish` records
+        it. The next pair starts from c, unless c turns out unusable before it does."""
+        self.collect(self.pool.wait_for_room())  # the store holds the pairs in flight only
+        prev, k = self.prev, self.next_pair
+        self.next_pair += 1
+        if any(r["pair"] == k and r["later_step"] == c.step for r in self.rows):
+            self.log(f"pair {k + 1}: {prev.location.name} -> {c.location.name} is in the table "
+                     "already (it finished before the watch was stopped)")
+            prev.stored, self.prev, self.frontier = None, c, c.step  # pairs in flight hold theirs
+            return
         self.log(f"pair {k + 1}: {prev.location.name} -> {c.location.name}")
         t_detect = time.time()
+        self.frontier = c.step
         try:
             infos, stored, store_s = self.store_pair(prev, c)
         except CheckpointError as e:
-            row = self._failed_row(k, prev, c, e)
-            result = None
-        else:
-            row, plots, result = tune_pair(k, tuple(infos), (prev.step, c.step), stored, self.out,
-                                           self.tuned, self.resources, self.log,
-                                           resume=(self.out / pair_run_dir(k, *infos)
-                                                   / RUN_FILE).exists(),
-                                           failures=(RunError, CheckpointError))
-            if result is not None:
-                try:  # a checkpoint that changed while its pair ran: the pair fails
-                    for info in infos:
-                        info.check_unchanged("while its pair was tuned")
-                except CheckpointError as e:
-                    row.update(status="error", error=f"CheckpointError: {e}")
-                    self.log(f"pair {prev.location.name} -> {c.location.name} FAILED: {e}")
-                    result = None
-                else:
-                    self.pair_plots += plots
+            self.record(self._failed_row(k, prev, c, e), None, c, t_detect, 0.0)
+            if not _intact(prev):  # neither is usable: start again from the next checkpoint
+                prev.stored, self.prev = None, None
+            c.stored = None  # else the next pair starts from prev again
+            return
+        self.inflight[k] = {"prev": prev, "c": c, "infos": infos, "t_detect": t_detect,
+                            "store_s": store_s}
+        self.prev = c
+        self.pool.submit(k, tune_pair, k, tuple(infos), (prev.step, c.step), stored, self.out,
+                         self.tuned, self.resources, self.log,
+                         resume=(self.out / pair_run_dir(k, *infos) / RUN_FILE).exists(),
+                         failures=(RunError, CheckpointError))
+        self.collect(self.pool.finished(timeout=0))  # done already when pairs run one by one
+
+    def collect(self, done) -> None:
+        """Record the pairs that finished (a pair's `RunInterrupted` is kept, for `follow`)."""
+        for k, future in done:
+            try:
+                self.finish(k, *future.result())
+            except RunInterrupted as e:  # raised by follow once the pairs in flight are done
+                self.inflight.pop(k, None)
+                self.interrupted = self.interrupted or e
+
+    def finish(self, k: int, row: Dict, plots: List[str], result) -> None:
+        """Pair k is done: check its checkpoints, publish, record; drop shards no pair needs."""
+        f = self.inflight.pop(k)
+        prev, c = f["prev"], f["c"]
+        if result is not None:
+            try:  # a checkpoint that changed while its pair ran: the pair fails
+                for info in f["infos"]:
+                    info.check_unchanged("while its pair was tuned")
+            except CheckpointError as e:
+                row.update(status="error", error=f"CheckpointError: {e}")
+                self.log(f"pair {prev.location.name} -> {c.location.name} FAILED: {e}")
+                result = None
+            else:
+                self.pair_plots += plots
+        self.record(row, result, c, f["t_detect"], f["store_s"])
+        if self.prev is c and not _intact(c):  # no pair started from c yet: fall back
+            c.stored = None
+            self.prev = prev if _intact(prev) else None
+        if self.prev is not prev:
+            prev.stored = None  # Ray frees its shards once no pair holds them
+
+    def record(self, row: Dict, result, c: _Checkpoint, t_detect: float, store_s: float) -> None:
+        """A pair's row in sweep.parquet (in pair order), its latency, the published models."""
         t_tuned = time.time()
         publish_s = self.publish(row, result) if result is not None else 0.0
         self.rows.append(row)
+        self.rows.sort(key=lambda r: r["pair"])
         write_table_atomic(self.out / SWEEP_TABLE, self.rows)
         if result is not None:
             seconds = result.summary.get("seconds", {})
             self.latency.append({
-                "pair": k, "later": c.location.name, "first_whole_at": c.first_whole,
+                "pair": row["pair"], "later": c.location.name, "first_whole_at": c.first_whole,
                 "complete_at": c.complete_at, "pair_started_at": t_detect,
                 "detect_s": (c.complete_at or t_detect) - (c.first_whole or t_detect),
                 "store_s": store_s, "tune_s": seconds.get("tune"),
@@ -432,13 +513,6 @@ class _Watch:
                 "complete_to_published_s": time.time() - (c.first_whole or t_detect),
                 "tuned_s": t_tuned - t_detect})
         self.write_summary()
-        self.frontier = c.step
-        if c.stored is not None and _intact(c):  # the next pair starts from c
-            prev.stored, self.prev = None, c  # Ray frees prev's shards
-        elif not _intact(prev):  # neither is usable: start again from the next checkpoint
-            prev.stored, c.stored, self.prev = None, None, None
-        else:  # c is unusable: the next pair starts from prev again
-            c.stored = None
 
     def store_pair(self, prev: _Checkpoint, c: _Checkpoint):
         """Both checkpoints validated together and in the object store (prev usually is
@@ -468,7 +542,8 @@ class _Watch:
                 "run_dir": str(Path(PAIRS_DIR) / f"{k:02d}-{prev.location.name}-"
                                f"{c.location.name}"),
                 "store_digest": None, "status": "error",
-                "error": f"{type(e).__name__}: {e}", "wall_s": 0.0}
+                "error": f"{type(e).__name__}: {e}", "wall_s": 0.0,
+                "started_at": time.time(), "finished_at": time.time()}
 
     # --- output --------------------------------------------------------------------------------
 
@@ -479,9 +554,11 @@ class _Watch:
         if best is None or not best.is_dir():
             self.log(f"pair {row['pair']} has no best/ to publish")
             return 0.0
-        publish_dir(best, self.out / LATEST_DIR)
-        self.log(f"latest/ <- pair {row['pair']} (λ={row['best_lambda']:.4f}, score "
-                 f"{row['best_score']:.6g})")
+        newest = max((r["pair"] for r in self.rows if r["status"] == "ok"), default=-1)
+        if row["pair"] > newest:  # pairs in flight together may finish out of order
+            publish_dir(best, self.out / LATEST_DIR)
+            self.log(f"latest/ <- pair {row['pair']} (λ={row['best_lambda']:.4f}, score "
+                     f"{row['best_score']:.6g})")
         leader = self.best_row()
         if leader is None or _better(row["best_score"], leader["best_score"], self.mode):
             publish_dir(best, self.out / BEST_OVERALL_DIR)

@@ -155,7 +155,8 @@ def test_killed_watch_resumes_without_redoing_a_pair_or_an_evaluation(ray_sessio
     heldout = trajectory[0].parent / "heldout.jsonl"
     args = [str(trajectory[0].parent), "--objective", f"loss:{heldout}", "--seq-len", "64",
             "--max-tokens", str(OBJ["max_tokens"]), "--trials", "2", "--max-concurrent", "1",
-            "--poll-seconds", "0.2", "--max-pairs", "2", "--output", str(out), "--quiet"]
+            "--poll-seconds", "0.2", "--max-pairs", "2", "--output", str(out), "--quiet",
+            "--max-concurrent-pairs", "1"]  # the second pair starts once the first is recorded
     address = ray_session.get_runtime_context().gcs_address  # join this cluster: one Ray
     driver = subprocess.Popen([CLI, "watch", *args, "--address", address],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -177,7 +178,8 @@ def test_killed_watch_resumes_without_redoing_a_pair_or_an_evaluation(ray_sessio
     first_summary = (first / "summary.json").stat().st_mtime_ns
     result = watch_trajectory(trajectory[0].parent, {"cpu": 1}, f"loss:{heldout}",
                               objective_options={"text_field": "text", **OBJ},  # as the CLI
-                              num_trials=2, max_concurrent=1, output_dir=out, resume=True,
+                              num_trials=2, max_concurrent=1, max_concurrent_pairs=1,
+                              output_dir=out, resume=True,
                               poll_seconds=0.2, max_pairs=2, idle_timeout=60, progress=False)
     rows = result.table.to_pylist()
     assert [(r["later_step"], r["status"]) for r in rows] == [(80, "ok"), (120, "ok")]

@@ -1,0 +1,209 @@
+"""Adjacent pairs tuned at once (`ckmerge_ray.pairs`), on a simulated two-node cluster
+(`ray.cluster_utils.Cluster`): a sweep runs its pairs two at a time with the right checkpoints
+each, every checkpoint is put into the object store once and crosses to the worker node at most
+once; a watch tunes pairs concurrently while it polls and publishes the newest pair. The speed
+of concurrency is measured in benchmarks/pair_concurrency.py, not here."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from safetensors.torch import load_file, save_file
+
+from ckmerge_ray.tuner import resume_run
+from ckmerge_ray.pairs import window_bytes
+from tests.test_cluster import _run_script
+
+
+def extend_trajectory(trajectory, out: Path, n: int) -> list[Path]:
+    """`n` checkpoints in `out`: copies of `trajectory` (three), then extrapolations along its
+    last step, Θ(t) + s·(Θ(t) - Θ(t-1)) for s = 0.5, 1, ... (not trained: enough to tune)."""
+    shutil.copy(trajectory[-1].parent / "heldout.jsonl", out / "heldout.jsonl")
+    paths = [Path(shutil.copytree(p, out / p.name)) for p in trajectory]
+    a, b = (load_file(p / "model.safetensors") for p in trajectory[-2:])
+    for i in range(len(paths), n):
+        dst = Path(shutil.copytree(trajectory[-1], out / f"checkpoint-{40 * (i + 1)}"))
+        s = 0.5 * (i - 2)
+        save_file({k: (b[k] + s * (b[k] - a[k])).contiguous() for k in b},
+                  dst / "model.safetensors", metadata={"format": "pt"})
+        paths.append(dst)
+    return paths
+
+
+CLI = str(Path(sys.executable).with_name("ckmerge-ray"))
+
+
+def test_window_bytes_is_the_largest_run_of_p_plus_one_checkpoints():
+    assert window_bytes([1, 5, 2, 7], 1) == 9
+    assert window_bytes([1, 5, 2, 7], 2) == 14
+    assert window_bytes([1, 5, 2, 7], 9) == 15
+    assert window_bytes([], 2) == 0
+
+
+PAIRS = r'''
+import json, sys, time
+import ray
+from ray._private import internal_api
+from ray.cluster_utils import Cluster
+
+from ckmerge_ray import sweep_trajectory, watch_trajectory
+from ckmerge_ray.checkpoints import load_checkpoint_info
+
+root, out = sys.argv[1:3]
+MiB = 2**20
+OBJ = {"seq_len": 64, "max_tokens": 1024}
+# One trial slot per node: the sweep's default then runs 2 pairs of 1 trial at a time.
+cluster = Cluster(initialize_head=True, head_node_args=dict(
+    num_cpus=1, object_store_memory=150 * MiB, include_dashboard=False))
+cluster.add_node(num_cpus=1, object_store_memory=150 * MiB)
+cluster.wait_for_nodes()
+report = {}
+try:
+    ray.init(address=cluster.address, logging_level="WARNING")
+    head = ray.get_runtime_context().get_node_id()
+    nodes = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
+    worker = next(n for n in nodes if n != head)
+
+    def created(node_id):
+        n = nodes[node_id]
+        return internal_api.node_stats(n["NodeManagerAddress"], n["NodeManagerPort"],
+                                       include_memory_info=False).store_stats.cumulative_created_bytes
+
+    before = created(worker)
+    sweep = sweep_trajectory(root, {"cpu": 1}, objective=f"loss:{root}/heldout.jsonl",
+                             objective_options=OBJ, num_trials=2, output_dir=out + "/sweep")
+    report["sweep_worker_created"] = created(worker) - before
+    report["sweep_rows"] = sweep.table.to_pylist()
+    report["sweep_summary"] = sweep.summary
+    report["bytes"] = {p: load_checkpoint_info(f"{root}/{p}").nbytes
+                       for p in sweep.summary["object_store"]["puts_per_checkpoint"]}
+
+    watch = watch_trajectory(root, {"cpu": 1}, f"loss:{root}/heldout.jsonl",
+                             objective_options=OBJ, num_trials=2, max_concurrent=1,
+                             output_dir=out + "/watch", poll_seconds=0.2, max_pairs=2,
+                             idle_timeout=30)
+    report["watch_rows"] = watch.table.to_pylist()
+    report["watch_summary"] = watch.summary
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+print("REPORT " + json.dumps(report, default=str))
+'''
+
+
+def _overlap(rows) -> bool:
+    """Whether some two pairs ran at the same time (their start-to-finish intervals meet)."""
+    return any(a["started_at"] < b["finished_at"] and b["started_at"] < a["finished_at"]
+               for i, a in enumerate(rows) for b in rows[i + 1:])
+
+
+@pytest.mark.timeout(300, func_only=True)
+def test_sweep_and_watch_tune_pairs_concurrently_on_two_nodes(trajectory, tmp_path):
+    root = tmp_path / "run"
+    root.mkdir()
+    ckpts = extend_trajectory(trajectory, root, 4)
+    stdout, _ = _run_script(tmp_path, "pairs.py", PAIRS, [root, tmp_path / "out"], 280,
+                            "concurrent pairs")
+    report = json.loads(next(ln for ln in stdout.splitlines() if ln.startswith("REPORT "))[7:])
+
+    # The sweep: 3 pairs, 2 at a time (the default on 2 slots), 1 trial at a time each.
+    rows, summary = report["sweep_rows"], report["sweep_summary"]
+    assert summary["pairs_at_once"] == 2 and summary["trials_at_once_per_pair"] == 1
+    assert [(r["earlier_step"], r["later_step"], r["status"]) for r in rows] == \
+        [(40, 80, "ok"), (80, 120, "ok"), (120, 160, "ok")]
+    assert _overlap(rows), [(r["started_at"], r["finished_at"]) for r in rows]
+    # Each pair merged its own checkpoints (runs of one driver register their trainables
+    # apart): the checkpoint two pairs share scored the same in both.
+    for a, b in zip(rows, rows[1:]):
+        assert a["later_score"] == pytest.approx(b["earlier_score"], abs=1e-6)
+    assert len({r["later_score"] for r in rows}) == 3
+    # Put into the store once each, and pulled by the worker node at most once each: its
+    # store created at most every checkpoint's bytes, plus Tune's and the plans' small objects.
+    names = [p.name for p in ckpts]
+    assert summary["object_store"]["puts_per_checkpoint"] == {n: 1 for n in names}
+    total = sum(report["bytes"].values())
+    assert 0 < report["sweep_worker_created"] < total + min(report["bytes"].values()), \
+        (report["sweep_worker_created"], report["bytes"])
+
+    # The watch: 2 pairs at once (2 slots over max_concurrent=1), rows in pair order, the
+    # newest pair published as latest/ whichever finished first.
+    rows, summary = report["watch_rows"], report["watch_summary"]
+    assert [(r["earlier_step"], r["later_step"], r["status"]) for r in rows] == \
+        [(40, 80, "ok"), (80, 120, "ok")]
+    assert _overlap(rows), [(r["started_at"], r["finished_at"]) for r in rows]
+    assert summary["latest"]["pair"] == 1
+    assert (tmp_path / "out" / "watch" / "latest" / "config.json").exists()
+    assert all(summary["object_store"]["puts_per_checkpoint"][n] == 1 for n in names[:3])
+
+
+def _journal(run: Path) -> dict:
+    return {p.name: p.stat().st_mtime_ns for p in (run / "evaluations").glob("lam=*.json")}
+
+
+def test_ctrl_c_stops_every_pair_in_flight_and_each_resumes(ray_session, trajectory, tmp_path):
+    """SIGINT to `ckmerge-ray sweep` while two pairs run at once: exit 130, no row for a pair
+    that did not finish; each pair's run then resumes alone and redoes no journaled evaluation."""
+    out = tmp_path / "sweep"
+    heldout = trajectory[0].parent / "heldout.jsonl"
+    address = ray_session.get_runtime_context().gcs_address  # join this cluster: one Ray
+    driver = subprocess.Popen(
+        [CLI, "sweep", str(trajectory[0].parent), "--objective", f"loss:{heldout}",
+         "--seq-len", "64", "--max-tokens", "1024", "--trials", "4", "--max-concurrent", "1",
+         "--max-concurrent-pairs", "2", "--output", str(out), "--address", address],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    runs = [out / "pairs" / f"{k:02d}-{a.name}-{b.name}"
+            for k, (a, b) in enumerate(zip(trajectory, trajectory[1:]))]
+    try:
+        deadline = time.monotonic() + 240
+        while not all(_journal(r) for r in runs) and time.monotonic() < deadline:
+            assert driver.poll() is None, driver.stdout.read()
+            time.sleep(0.1)
+        assert all(_journal(r) for r in runs), "the two pairs never both journaled"
+        driver.send_signal(signal.SIGINT)
+        log, _ = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 130, log
+    assert "interrupted by SIGINT" in log and "pairs in flight stopped" in log, log
+    before = {r: _journal(r) for r in runs}
+    done = pq.read_table(out / "sweep.parquet").num_rows if (out / "sweep.parquet").exists() else 0
+    assert done < 2  # a pair interrupted mid-run has no row
+    for run in runs:
+        if (run / "summary.json").exists():
+            continue  # this pair finished before the signal reached it
+        result = resume_run(run, progress=False, export_best=False)
+        assert result.table.num_rows == 5  # λ = 0, the 4 trials
+        now = _journal(run)
+        assert all(now[name] == mtime for name, mtime in before[run].items())  # not redone
+        assert len(now) == 5
+
+
+def test_a_watch_resumes_after_the_gap_free_start_of_its_table(tmp_path):
+    """Pairs run together finish out of order: a watch killed with pair 0 in flight and pair 1
+    recorded resumes with pair 0 and passes over pair 1; with pairs 0 and 2 recorded, from
+    pair 0's later checkpoint, numbering on at 1."""
+    from ckmerge_ray.config import CheckpointConfig, Resources, SearchConfig
+    from ckmerge_ray.storage import locate
+    from ckmerge_ray.watch import _Watch
+
+    def row(k, a, b):
+        return {"pair": k, "earlier_step": a, "later_step": b, "status": "error",
+                "run_dir": f"pairs/{k:02d}"}
+
+    def watch(rows):
+        return _Watch(locate(str(tmp_path)), tmp_path, lambda m: None, Resources.of(None),
+                      CheckpointConfig(), SearchConfig(), {}, "loss:x", None, None, rows)
+
+    w = watch([row(1, 80, 120)])
+    assert (w.next_pair, w.frontier, w.resuming) == (0, None, False)
+    w = watch([row(0, 40, 80), row(2, 120, 160)])
+    assert (w.next_pair, w.frontier, w.resuming) == (1, 80, True)
