@@ -21,15 +21,12 @@ from ray.tune.search.bayesopt import BayesOptSearch
 from ray.tune.utils.util import flatten_dict, unflatten_dict
 
 from ckmerge_ray.search.acquisition import Box, finite_real, kriging_believer, result_value
+from ckmerge_ray.search.record import ACQUISITIONS, SEARCH_KEY
 
 logger = logging.getLogger(__name__)
 
-ACQUISITIONS = ("ei", "pi", "ucb")
 _BYO_KIND = {"ei": "ei", "pi": "poi", "ucb": "ucb"}
 
-# The one config key the searcher writes besides the user's parameters: its per-trial
-# bookkeeping, {"acquisition", "batch", "p_<name>"...}. Read it with `search.search_record`.
-SEARCH_KEY = "_ckmerge_search"
 
 # BayesOptSearch arguments GPHedgeSearch does not take, and what to use instead.
 _REFUSED = {

@@ -7,25 +7,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ckmerge_ray.search.hedge import SEARCH_KEY, GPHedgeSearch, finite_real
-
-LAMBDA = "lam"  # the name of λ in every config and table
-
-
-def search_record(config: Dict) -> Dict:
-    """What the searcher recorded about a trial in its config: the acquisition that proposed it
-    (``"initial"``, ``"explore"``, ``"ei"``, ...; ``""`` when the config holds no record), the
-    batch index (None then), and the hedge probabilities ``p_<name>``.
-
-    The record lives under the one key ``SEARCH_KEY`` ("_ckmerge_search"), so it never collides
-    with a user's parameters (a ``batch`` in ``param_space`` stays the user's). Consumers (the
-    trial table, the journal) read it only through this function.
-    """
-    record = config.get(SEARCH_KEY) if isinstance(config, dict) else None
-    record = record if isinstance(record, dict) else {}
-    info = {"acquisition": record.get("acquisition", "") or "", "batch": record.get("batch")}
-    info.update({k: v for k, v in record.items() if k.startswith("p_")})
-    return info
+from ckmerge_ray.search.hedge import GPHedgeSearch, finite_real
+from ckmerge_ray.search.record import LAMBDA, search_record  # noqa: F401 (re-exported)
 
 
 def initial_points(alpha: float, extra: Sequence[float] = ()) -> List[Dict[str, float]]:
