@@ -16,7 +16,7 @@ Pairs are tuned with `tune_merge` in ``pairs/`` as `sweep_trajectory` does (each
 into the object store once; the earlier checkpoint of the next pair stays there), up to
 ``max_concurrent_pairs`` at once (`ckmerge_ray.pairs`; default: the trial slots over
 ``max_concurrent``, so one pair at a time unless ``max_concurrent`` leaves room), and the watch
-goes on polling while they run. As each pair finishes: a row of ``sweep.parquet``, the plots,
+goes on polling while they run (one at a time, while the pair runs). As each pair finishes: a row of ``sweep.parquet``, the plots,
 ``latest/`` (the newest pair's best merged model) and ``best_overall/`` (the best merged model so
 far by the objective), each replaced atomically. Example::
 
@@ -330,10 +330,10 @@ class _Watch:
                 self.log(f"{reason}: stopping" + (f" once {len(self.inflight)} pair(s) in flight "
                                                   "finish" if self.inflight else ""))
             self.collect(self.pool.drain())
-            if self.interrupted is not None:
-                raise self.interrupted
-            if self.pool.stop_requested:
+            if self.pool.stop_requested:  # the watch's signal: watch_trajectory says so
                 raise KeyboardInterrupt(signal.Signals(self.pool.signum or signal.SIGINT).name)
+            if self.interrupted is not None:  # a pair run alone had the signal itself
+                raise self.interrupted
 
     def _finished(self, until, max_pairs) -> Optional[str]:
         """Why no further pair may start, or None."""

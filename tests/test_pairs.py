@@ -207,3 +207,41 @@ def test_a_watch_resumes_after_the_gap_free_start_of_its_table(tmp_path):
     assert (w.next_pair, w.frontier, w.resuming) == (0, None, False)
     w = watch([row(0, 40, 80), row(2, 120, 160)])
     assert (w.next_pair, w.frontier, w.resuming) == (1, 80, True)
+
+
+def test_sigterm_stops_a_watch_with_pairs_in_flight_and_resume_redoes_nothing(
+        ray_session, trajectory, tmp_path):
+    """SIGTERM to `ckmerge-ray watch` with two pairs running at once: exit 143; `--resume`
+    then finishes both pairs, reusing every journaled evaluation."""
+    out = tmp_path / "watch"
+    heldout = trajectory[0].parent / "heldout.jsonl"
+    address = ray_session.get_runtime_context().gcs_address
+    args = [CLI, "watch", str(trajectory[0].parent), "--objective", f"loss:{heldout}",
+            "--seq-len", "64", "--max-tokens", "1024", "--trials", "4", "--max-concurrent", "1",
+            "--max-concurrent-pairs", "2", "--poll-seconds", "0.2", "--max-pairs", "2",
+            "--idle-timeout", "60", "--output", str(out), "--address", address]
+    driver = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    runs = [out / "pairs" / f"{k:02d}-{a.name}-{b.name}"
+            for k, (a, b) in enumerate(zip(trajectory, trajectory[1:]))]
+    try:
+        deadline = time.monotonic() + 240
+        while not all(_journal(r) for r in runs) and time.monotonic() < deadline:
+            assert driver.poll() is None, driver.stdout.read()
+            time.sleep(0.1)
+        assert all(_journal(r) for r in runs), "the two pairs never both journaled"
+        driver.send_signal(signal.SIGTERM)
+        log, _ = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 143, log
+    assert "watch stopped by SIGTERM" in log, log
+    before = {r: _journal(r) for r in runs}
+    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    rows = pq.read_table(out / "sweep.parquet").to_pylist()
+    assert [(r["later_step"], r["status"]) for r in rows] == [(80, "ok"), (120, "ok")]
+    for run in runs:
+        now = _journal(run)
+        assert all(now[name] == mtime for name, mtime in before[run].items())  # not redone
+        assert len(now) == 5 == len(pq.read_table(run / "trials.parquet"))
