@@ -383,7 +383,7 @@ def main(argv=None) -> int:
         "tune_merge total (in parentheses its Tune fit: the search), publish (latest/ and "
         "best_overall/ replaced), other = first whole → published − those (waiting for a free "
         "pair slot, results, plots); the last column is measured here from the writer's last byte "
-        "of the pair's later checkpoint. With P = 1 the watch tunes each pair in its own thread "
+        "of the pair's later checkpoint. With P = 1 the watch tunes each pair in its main thread "
         "and does not poll meanwhile, so a checkpoint written while a pair is tuned is first seen "
         "whole only after that pair: the watch's own figures (from first whole) leave out that "
         "wait, which only the last column shows; with P > 1 it polls on while pairs run.\n\n"
