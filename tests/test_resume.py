@@ -309,8 +309,10 @@ def test_a_second_run_in_a_busy_directory_is_refused_and_a_dead_runs_lock_taken_
 
     out = tmp_path / "run"
     heldout = trajectory[-1].parent / "heldout.jsonl"
+    # 40 trials: the first run must still hold its lock when it is killed after the two
+    # refusals (with 2 it could finish meanwhile: its lock goes before its process ends).
     args = ["tune", str(trajectory[-2]), str(trajectory[-1]), "--objective", f"loss:{heldout}",
-            "--seq-len", "64", "--max-tokens", "1024", "--trials", "2", "--max-concurrent", "1",
+            "--seq-len", "64", "--max-tokens", "1024", "--trials", "40", "--max-concurrent", "1",
             "--no-export", "--output", str(out)]
     env = {**os.environ, "RAY_ADDRESS": _session_address(ray_session)}
     first = subprocess.Popen([CLI, *args], env=env, stdout=subprocess.PIPE,
@@ -333,12 +335,15 @@ def test_a_second_run_in_a_busy_directory_is_refused_and_a_dead_runs_lock_taken_
             assert (f"is in use by another run: pid {first.pid} on host {holder['host']}, since "
                     f"{holder['started']}") in second.stderr
             assert "[ckmerge]" not in second.stdout  # refused before any work
+        assert (out / "run.lock").exists() and not (out / "summary.json").exists(), \
+            "the first run finished before it could be killed"
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the driver (Ray ends its job's workers)
         first.wait()
     assert json.loads((out / "run.lock").read_text()) == holder  # left behind by the dead run
 
-    assert cli([*args, "--overwrite"]) == 0
+    quick = [("2" if a == "40" else a) for a in args]  # the take-over need not run 40 trials
+    assert cli([*quick, "--overwrite"]) == 0
     log = capsys.readouterr().out
     assert f"taking over the lock of {out}: its run (pid {first.pid} on {holder['host']}" in log
     assert not (out / "run.lock").exists() and (out / "summary.json").exists()
