@@ -148,17 +148,10 @@ def _journal(run: Path) -> dict:
     return {p.name: p.stat().st_mtime_ns for p in (run / "evaluations").glob("lam=*.json")}
 
 
-def test_ctrl_c_stops_every_pair_in_flight_and_each_resumes(ray_session, trajectory, tmp_path):
-    """SIGINT to `ckmerge-ray sweep` while two pairs run at once: exit 130, no row for a pair
-    that did not finish; each pair's run then resumes alone and redoes no journaled evaluation."""
-    out = tmp_path / "sweep"
-    heldout = trajectory[0].parent / "heldout.jsonl"
-    address = ray_session.get_runtime_context().gcs_address  # join this cluster: one Ray
-    driver = subprocess.Popen(
-        [CLI, "sweep", str(trajectory[0].parent), "--objective", f"loss:{heldout}",
-         "--seq-len", "64", "--max-tokens", "1024", "--trials", "4", "--max-concurrent", "1",
-         "--max-concurrent-pairs", "2", "--output", str(out), "--address", address],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _signal_with_two_pairs_in_flight(args, out: Path, trajectory, sig) -> tuple:
+    """Start the CLI `args`; once both adjacent pairs of `trajectory` have journaled an
+    evaluation, send `sig`. Returns (exit code, log, the two pairs' run directories)."""
+    driver = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     runs = [out / "pairs" / f"{k:02d}-{a.name}-{b.name}"
             for k, (a, b) in enumerate(zip(trajectory, trajectory[1:]))]
     try:
@@ -167,12 +160,26 @@ def test_ctrl_c_stops_every_pair_in_flight_and_each_resumes(ray_session, traject
             assert driver.poll() is None, driver.stdout.read()
             time.sleep(0.1)
         assert all(_journal(r) for r in runs), "the two pairs never both journaled"
-        driver.send_signal(signal.SIGINT)
+        driver.send_signal(sig)
         log, _ = driver.communicate(timeout=120)
     finally:
         if driver.poll() is None:
             driver.kill()
-    assert driver.returncode == 130, log
+    return driver.returncode, log, runs
+
+
+def test_ctrl_c_stops_every_pair_in_flight_and_each_resumes(ray_session, trajectory, tmp_path):
+    """SIGINT to `ckmerge-ray sweep` while two pairs run at once: exit 130, no row for a pair
+    that did not finish; each pair's run then resumes alone and redoes no journaled evaluation."""
+    out = tmp_path / "sweep"
+    heldout = trajectory[0].parent / "heldout.jsonl"
+    address = ray_session.get_runtime_context().gcs_address  # join this cluster: one Ray
+    code, log, runs = _signal_with_two_pairs_in_flight(
+        [CLI, "sweep", str(trajectory[0].parent), "--objective", f"loss:{heldout}",
+         "--seq-len", "64", "--max-tokens", "1024", "--trials", "4", "--max-concurrent", "1",
+         "--max-concurrent-pairs", "2", "--output", str(out), "--address", address],
+        out, trajectory, signal.SIGINT)
+    assert code == 130, log
     assert "interrupted by SIGINT" in log and "pairs in flight stopped" in log, log
     before = {r: _journal(r) for r in runs}
     done = pq.read_table(out / "sweep.parquet").num_rows if (out / "sweep.parquet").exists() else 0
@@ -220,21 +227,8 @@ def test_sigterm_stops_a_watch_with_pairs_in_flight_and_resume_redoes_nothing(
             "--seq-len", "64", "--max-tokens", "1024", "--trials", "4", "--max-concurrent", "1",
             "--max-concurrent-pairs", "2", "--poll-seconds", "0.2", "--max-pairs", "2",
             "--idle-timeout", "60", "--output", str(out), "--address", address]
-    driver = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    runs = [out / "pairs" / f"{k:02d}-{a.name}-{b.name}"
-            for k, (a, b) in enumerate(zip(trajectory, trajectory[1:]))]
-    try:
-        deadline = time.monotonic() + 240
-        while not all(_journal(r) for r in runs) and time.monotonic() < deadline:
-            assert driver.poll() is None, driver.stdout.read()
-            time.sleep(0.1)
-        assert all(_journal(r) for r in runs), "the two pairs never both journaled"
-        driver.send_signal(signal.SIGTERM)
-        log, _ = driver.communicate(timeout=120)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-    assert driver.returncode == 143, log
+    code, log, runs = _signal_with_two_pairs_in_flight(args, out, trajectory, signal.SIGTERM)
+    assert code == 143, log
     assert "watch stopped by SIGTERM" in log, log
     before = {r: _journal(r) for r in runs}
     resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=240)
