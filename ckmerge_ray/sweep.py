@@ -42,7 +42,7 @@ from ckmerge_ray.results import (
     HEATMAP_TABLE, PAIRS_DIR, SUMMARY_FILE, SWEEP_TABLE, write_json_atomic, write_table_atomic,
 )
 from ckmerge_ray.rundir import check_claimable, claim_output_dir
-from ckmerge_ray.storage import discover_children, is_uri, locate
+from ckmerge_ray.storage import check_destination, discover_children, is_uri, locate
 from ckmerge_ray.store import StoredCheckpoint, pair_digest
 
 # HF Trainer's checkpoint-<step>, torchtitan's step-<N>, and step<N> / step_<N> / iter_<N> /
@@ -176,7 +176,10 @@ def sweep_trajectory(
             checkpoint directories, oldest first.
         resources, objective, search, run, checkpoint, objective_options: as in `tune_merge`,
             for every pair (``search.num_trials`` defaults to 8 here, ``run.output_dir`` to
-            ``ckmerge_runs/sweep``).
+            ``ckmerge_runs/sweep``). A sweep's pairs write no ``best/`` unless
+            ``run.export_to`` (a path or URI prefix) is given: then each pair writes its
+            ``best/`` in its run directory and publishes it to
+            ``<export_to>/<pair run directory name>/best`` (see `pair_export_to`).
         heatmap: also score heatmap_lambda·Θ(j) + (1-heatmap_lambda)·Θ(i) for every pair
             i < j, and every checkpoint alone (n(n+1)/2 evaluations; all checkpoints are then
             held in the object store together).
@@ -237,8 +240,13 @@ def check_sweep(checkpoints, objective, objective_options, resources, tune_optio
         raise ConfigError(f"a sweep needs at least two checkpoints, got {len(found)}")
     out = Path(run.output_dir).resolve()
     check_claimable(out, SWEEP_TABLE, run.overwrite)
+    if run.export_to is not None:
+        check_destination(run.export_to)
+    # export_to here is the sweep's prefix; `tune_pair` gives each pair its own destination
     tuned = split_options(dict(tune_options or {}), search=search,
-                          run=RunConfig(progress=run.progress, export_best=False,
+                          run=RunConfig(progress=run.progress,
+                                        export_best=run.export_to is not None,
+                                        export_to=run.export_to,
                                         max_concurrent=run.max_concurrent),
                           checkpoint=checkpoint)
     infos = load_window([p for _, p in found], checkpoint, log)
@@ -314,16 +322,25 @@ def pair_run_dir(k: int, earlier: CheckpointInfo, later: CheckpointInfo) -> Path
     return Path(PAIRS_DIR) / f"{k:02d}-{earlier.name}-{later.name}"
 
 
+def pair_export_to(export_to: Optional[str], run_dir: Path) -> Optional[str]:
+    """Where the pair whose run is `run_dir` publishes its best/, given a sweep's (or watch's)
+    ``export_to`` prefix (a path or URI): ``<export_to>/<run_dir's name>/best``; None without."""
+    if export_to is None:
+        return None
+    return f"{export_to.rstrip('/')}/{run_dir.name}/best"
+
+
 def tune_pair(k: int, infos: Tuple[CheckpointInfo, CheckpointInfo], steps: Tuple[int, int],
               stored: Tuple[StoredCheckpoint, StoredCheckpoint], out: Path, tuned: Dict[str, Any],
               resources: Resources, log: Log, resume: bool = False,
               failures: Tuple[type, ...] = (RunError,)) -> Tuple[Dict, List[str], Any]:
     """Tune pair k (earlier, later) from its stored shards in ``out/pairs/<k>-<names>``: the
     row of sweep.parquet, the pair run's plots (relative to `out`) and its `TuneMergeResult`
-    (None when it failed). `tuned`: tune_merge's keywords but the run directory; `resume`
-    continues the pair's own run (no finished evaluation is redone). An error of a kind in
-    `failures` is recorded in the row (status "error") instead of raised: the other pairs may
-    still succeed."""
+    (None when it failed). `tuned`: tune_merge's keywords but the run directory; its run's
+    ``export_to``, if set, is the sweep's prefix (the pair publishes to `pair_export_to`);
+    `resume` continues the pair's own run (no finished evaluation is redone). An error of a
+    kind in `failures` is recorded in the row (status "error") instead of raised: the other
+    pairs may still succeed."""
     import dataclasses
 
     from ckmerge_ray.tuner import tune_merge
@@ -335,7 +352,8 @@ def tune_pair(k: int, infos: Tuple[CheckpointInfo, CheckpointInfo], steps: Tuple
            "earlier_step": steps[0], "later_step": steps[1],
            "run_dir": str(run_dir), "store_digest": pair_digest(*stored),
            "started_at": time.time()}
-    run = dataclasses.replace(tuned["run"], output_dir=str(out / run_dir), resume=resume)
+    run = dataclasses.replace(tuned["run"], output_dir=str(out / run_dir), resume=resume,
+                              export_to=pair_export_to(tuned["run"].export_to, run_dir))
     result, plots = None, []
     try:
         result = tune_merge((earlier.source, later.source), resources, stored=stored,

@@ -54,7 +54,9 @@ from ckmerge_ray.results import (
     write_json_atomic, write_table_atomic,
 )
 from ckmerge_ray.rundir import check_not_a_file, jsonable, remove_outputs
-from ckmerge_ray.storage import Location, checkpoint_id, discover_children, locate, publish_dir
+from ckmerge_ray.storage import (
+    Location, check_destination, checkpoint_id, discover_children, locate, publish_dir,
+)
 from ckmerge_ray.store import StoredCheckpoint, put_checkpoint
 from ckmerge_ray.sweep import CHECKPOINT_NAME, log_pairs, pair_run_dir, tune_pair
 
@@ -120,9 +122,11 @@ def watch_trajectory(
             followed.
         resources, objective, search, run, checkpoint, objective_options, tune_options: as in
             `sweep_trajectory` (``num_trials`` defaults to 8, ``output_dir`` to
-            ``ckmerge_runs/watch``). ``resume=True`` continues a watch in ``output_dir``: no
-            pair in its table is tuned again, and the pair that was running resumes its own
-            run (no finished evaluation is redone). The objective must be a string (a spec or
+            ``ckmerge_runs/watch``); with ``export_to`` (a path or URI prefix) each pair's
+            ``best/`` is also published to ``<export_to>/<pair run directory name>/best``.
+            ``resume=True`` continues a watch in ``output_dir``: no pair in its table is tuned
+            again, and the pair that was running resumes its own run (no finished evaluation
+            is redone). The objective must be a string (a spec or
             an objective YAML) so that every pair scores the same way.
         marker: a file name; a checkpoint is complete once it exists in its folder (default:
             complete when its files are all there and unchanged between two polls).
@@ -151,6 +155,8 @@ def watch_trajectory(
         root = locate(source, what="run directory")
     except CheckpointError as e:
         raise ConfigError(str(e)) from e
+    if run.export_to is not None:
+        check_destination(run.export_to)
     out = Path(run.output_dir).resolve()
     record = {"source": checkpoint_id(source), "objective": objective,
               "objective_options": jsonable(dict(objective_options or {})),
@@ -158,6 +164,7 @@ def watch_trajectory(
     rows = claim_watch_dir(out, record, run.overwrite, run.resume)
     tuned = split_options(dict(tune_options or {}), search=search,
                           run=RunConfig(progress=run.progress, export_best=True,
+                                        export_to=run.export_to,  # a prefix: see tune_pair
                                         max_concurrent=run.max_concurrent),
                           checkpoint=checkpoint)
     tuned.update(objective=objective, objective_options=objective_options)

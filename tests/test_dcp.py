@@ -5,6 +5,7 @@ pair gives the same scores, best λ and bit-identical best/ as the same weights 
 safetensors is tested end to end in tests/test_remote.py (both read from an S3 server; the
 local reader is the same code through a local Location), and here tensor for tensor."""
 
+import re
 import shutil
 
 import pytest
@@ -50,10 +51,12 @@ def save_fsdp_layout(hf_ckpt, dest):
     return dest
 
 
-def to_titan(hf: dict, config: dict) -> dict:
+def to_titan(hf: dict, config: dict, rotary: bool = True) -> dict:
     """Hugging Face Llama tensors in torchtitan's names and rotary layout (the inverse of the
-    worked name map), independently of ckmerge_ray."""
+    worked name map), independently of ckmerge_ray; with `rotary` False, in its names only."""
     def unpermute(w, heads):  # half-split -> interleaved rotary rows (torchtitan's _reverse_permute)
+        if not rotary:
+            return w
         rows = w.shape[0]
         return w.view(heads, 2, rows // heads // 2, -1).transpose(1, 2).reshape(w.shape)
 
@@ -79,13 +82,14 @@ def to_titan(hf: dict, config: dict) -> dict:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def save_titan_layout(hf_ckpt, dest):
+def save_titan_layout(hf_ckpt, dest, rotary: bool = True):
     """torchtitan's step-N/: model weights at the top level in its own names, freqs_cis, and
-    optimizer, lr_scheduler, dataloader and train_state entries beside them."""
+    optimizer, lr_scheduler, dataloader and train_state entries beside them (`rotary`: as
+    `to_titan`)."""
     import json
 
     config = json.loads((hf_ckpt / "config.json").read_text())
-    model = to_titan(hf_tensors(hf_ckpt), config)
+    model = to_titan(hf_tensors(hf_ckpt), config, rotary)
     state = {**{f"_orig_mod.{k}": v for k, v in model.items()},
              "freqs_cis": torch.randn(64, 4), "optimizer": optimizer_state(model),
              "lr_scheduler": {"last_epoch": 120}, "train_state": {"step": 120}}
@@ -113,28 +117,60 @@ def test_trainer_fsdp_layout_reads_weights_only(dcp_pair, trajectory):
     assert all(torch.equal(read[n], hf[n]) for n in hf)
 
 
+def assert_hf_loss(info, hf_ckpt):
+    """The model built from `info`'s read (mapped) tensors has exactly the held-out loss of the
+    same weights loaded by `from_pretrained` from the HF directory `hf_ckpt`."""
+    from transformers import AutoModelForCausalLM
+
+    from ckmerge_ray.model import build_model, dtypes_of, tensor_map
+
+    model = build_model(info.config, dtypes_of(info))
+    tensors = info.read_tensors(list(info.specs))
+    own = tensor_map(model)
+    with torch.no_grad():
+        for name, t in tensors.items():
+            own[name].copy_(t)
+    reference = AutoModelForCausalLM.from_pretrained(hf_ckpt)
+    objective = HeldoutLoss(hf_ckpt.parent / "heldout.jsonl", **SEQ)
+    objective.prepare(hf_ckpt)
+    mapped = objective.evaluate(model.eval(), torch.device("cpu"))["score"]
+    assert mapped == objective.evaluate(reference.eval(), torch.device("cpu"))["score"]
+
+
 def test_torchtitan_names_with_the_worked_name_map_give_the_hf_loss(trajectory, tmp_path):
     titan = [save_titan_layout(c, tmp_path / f"step-{i}") for i, c in
              enumerate(trajectory[-2:])]
     cfg = CheckpointConfig(name_map=TITAN_MAP, model_config=str(trajectory[-1] / "config.json"))
     infos = load_window(titan, cfg)
-    from ckmerge_ray.model import build_model, dtypes_of, tensor_map
-
-    model = build_model(infos[1].config, dtypes_of(infos[1]))
-    tensors = infos[1].read_tensors(list(infos[1].specs))
-    own = tensor_map(model)
-    with torch.no_grad():
-        for name, t in tensors.items():
-            own[name].copy_(t)
-    from transformers import AutoModelForCausalLM
-
-    reference = AutoModelForCausalLM.from_pretrained(trajectory[-1])
-    objective = HeldoutLoss(trajectory[-1].parent / "heldout.jsonl", **SEQ)
-    objective.prepare(trajectory[-1])
-    mapped = objective.evaluate(model.eval(), torch.device("cpu"))["score"]
-    assert mapped == objective.evaluate(reference.eval(), torch.device("cpu"))["score"]
+    assert_hf_loss(infos[1], trajectory[-1])
     assert set(infos[1].renaming.skipped) == {"optimizer"}  # its tensors
     assert set(infos[1].non_tensors) == {"optimizer", "lr_scheduler", "train_state"}  # the rest
+
+
+def test_a_python_callable_as_name_map(trajectory, tmp_path):
+    """The name map as a Python callable (API only): the worked map's renaming and skip, written
+    as a function; a callable renames only, so these checkpoints keep Hugging Face's rotary
+    layout under torchtitan's names (its permutation needs the YAML map's `rotary` rule)."""
+    import yaml
+
+    worked = yaml.safe_load(open(TITAN_MAP))
+    rules = [(re.compile(r["match"]), r["to"]) for r in worked["rules"]]
+
+    def titan_to_hf(name):
+        if any(re.search(p, name) for p in worked["skip"]):
+            return None  # freqs_cis: not a weight
+        return next((rx.sub(to, name) for rx, to in rules if rx.search(name)), name)
+
+    titan = [save_titan_layout(c, tmp_path / f"step-{i}", rotary=False) for i, c in
+             enumerate(trajectory[-2:])]
+    infos = load_window(titan, CheckpointConfig(name_map=titan_to_hf,
+                                                model_config=str(trajectory[-1] / "config.json")))
+    assert infos[1].renaming.name_map == "titan_to_hf"
+    hf = hf_tensors(trajectory[-1])
+    assert set(infos[1].specs) == set(hf)
+    read = infos[1].read_tensors(sorted(hf))
+    assert all(torch.equal(read[n], hf[n]) for n in hf)
+    assert_hf_loss(infos[1], trajectory[-1])
 
 
 # --- bad input: each refused with its own message, before any trial ---------------------------

@@ -96,9 +96,18 @@ def test_tune_reads_s3_once_and_publishes_best_there(s3, uploaded, hf_run):
 def test_sweep_discovers_dcp_checkpoints_under_a_uri(ray_session, s3, uploaded, tmp_path):
     read_counter(reset=True)
     result = sweep_trajectory("s3://ckpts/dcp", {"cpu": 1}, "loss:s3://ckpts/data/heldout.jsonl",
-                              output_dir=tmp_path / "sweep", **ARGS)
+                              output_dir=tmp_path / "sweep", export_to="s3://ckpts/sweep", **ARGS)
     rows = result.table.to_pylist()
     assert [(r["earlier_step"], r["later_step"], r["status"]) for r in rows] == [(80, 120, "ok")]
+    # each pair's best/ is published under export_to, named by its run directory, file for file
+    local = result.output_dir / rows[0]["run_dir"] / "best"
+    remote = locate(f"s3://ckpts/sweep/{Path(rows[0]['run_dir']).name}/best")
+    names = sorted(c.name for c in remote.listdir())
+    assert names == sorted(p.name for p in local.iterdir())
+    for name in names:
+        assert (remote / name).read_bytes() == (local / name).read_bytes()
+    # nothing of the checkpoints was staged locally (as for tune)
+    assert local_bytes(s3.staged) < (uploaded[0] / "model.safetensors").stat().st_size / 4
     counts = read_counter()
     for c in uploaded:  # the model's items of the .distcp, each once; the optimizer's never
         weights = locate(f"s3://ckpts/dcp/{c.name}/pytorch_model_fsdp_0")
@@ -135,6 +144,13 @@ def test_bad_uris_are_refused_before_any_trial(s3, uploaded, tmp_path, pair, exp
         tune_merge(pair, {"cpu": 1}, "loss:s3://ckpts/data/heldout.jsonl",
                    output_dir=tmp_path / "run", export_to=export_to, **ARGS)
     assert not (tmp_path / "run" / "trials.parquet").exists()
+
+
+def test_sweep_refuses_a_missing_export_bucket_before_any_pair(s3, uploaded, tmp_path):
+    with pytest.raises(CheckpointError, match="bucket 'nobucket' does not exist"):
+        sweep_trajectory("s3://ckpts/dcp", {"cpu": 1}, "loss:s3://ckpts/data/heldout.jsonl",
+                         output_dir=tmp_path / "sweep", export_to="s3://nobucket/sweep", **ARGS)
+    assert not (tmp_path / "sweep").exists()
 
 
 def test_missing_credentials_name_where_they_were_looked_for(s3, uploaded, tmp_path,

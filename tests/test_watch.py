@@ -91,7 +91,7 @@ def test_watch_tunes_each_pair_once_as_checkpoints_land(ray_session, trajectory,
         result = watch_trajectory(
             watched, {"cpu": 1}, f"loss:{trajectory[0].parent / 'heldout.jsonl'}",
             objective_options=OBJ, num_trials=2, max_concurrent=2, output_dir=out,
-            poll_seconds=0.3, max_pairs=2, idle_timeout=120)
+            poll_seconds=0.3, max_pairs=2, idle_timeout=120, export_to=tmp_path / "exported")
     finally:
         writer.wait(timeout=60)  # it has finished: the watch saw its last checkpoint whole
         if writer.poll() is None:
@@ -108,6 +108,12 @@ def test_watch_tunes_each_pair_once_as_checkpoints_land(ray_session, trajectory,
         trials = pq.read_table(run / "trials.parquet").to_pylist()
         assert len(trials) == 3 and not any(t.get("from_journal") for t in trials)
         assert len(_journal(run)) == 3 == r["evaluations"]
+        # and its best/ published under export_to, named by its run directory
+        exported = tmp_path / "exported" / run.name / "best"
+        assert sorted(p.name for p in exported.iterdir()) == \
+            sorted(p.name for p in (run / "best").iterdir())
+        assert all((exported / p.name).read_bytes() == p.read_bytes()
+                   for p in (run / "best").iterdir())
     assert result.summary["object_store"]["puts_per_checkpoint"] == \
         {p.name: 1 for p in trajectory}
     # never read while being written: declared complete only after the writer's last byte,
