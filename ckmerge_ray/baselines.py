@@ -30,7 +30,7 @@ def uniform_weights(n: int) -> List[float]:
 def sma_weights(n: int, last: Optional[int] = None) -> List[float]:
     """Simple moving average of the last `last` checkpoints (LAWA; PMA's SMA), zero before them.
     Extra cost: none (one evaluation)."""
-    last = _window(n, last)
+    last = window_length(n, last)
     return [0.0] * (n - last) + [1.0 / last] * last
 
 
@@ -40,7 +40,7 @@ def ema_weights(n: int, alpha: float = 0.5, last: Optional[int] = None) -> List[
     (1-α)^(last-1). Extra cost: none (one evaluation)."""
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"EMA alpha must be in (0, 1], got {alpha}")
-    last = _window(n, last)
+    last = window_length(n, last)
     w = [(1 - alpha) ** (last - 1)] + [alpha * (1 - alpha) ** (last - 1 - i) for i in range(1, last)]
     return [0.0] * (n - last) + w
 
@@ -48,9 +48,14 @@ def ema_weights(n: int, alpha: float = 0.5, last: Optional[int] = None) -> List[
 def wma_weights(n: int, last: Optional[int] = None) -> List[float]:
     """Weighted moving average over the last `last` checkpoints, weights 1, 2, ..., last
     normalized (PMA's WMA). Extra cost: none (one evaluation)."""
-    last = _window(n, last)
+    last = window_length(n, last)
     total = last * (last + 1) / 2
     return [0.0] * (n - last) + [(i + 1) / total for i in range(last)]
+
+
+def one_hot_weights(i: int, n: int) -> List[float]:
+    """Checkpoint i (0-based, oldest first) alone, as weights over n checkpoints."""
+    return [1.0 if j == i else 0.0 for j in range(n)]
 
 
 def _check_count(n: int) -> None:
@@ -58,7 +63,8 @@ def _check_count(n: int) -> None:
         raise ValueError(f"need at least one checkpoint, got {n}")
 
 
-def _window(n: int, last: Optional[int]) -> int:
+def window_length(n: int, last: Optional[int]) -> int:
+    """`last` (default n) checked to lie in [1, n]: the newest checkpoints an average spans."""
     _check_count(n)
     last = n if last is None else last
     if not 1 <= last <= n:

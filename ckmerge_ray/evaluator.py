@@ -210,5 +210,4 @@ def pair_weights(n: int, lam: float) -> List[float]:
     return [0.0] * (n - 2) + [1.0 - lam, lam]
 
 
-def one_hot(i: int, n: int) -> List[float]:
-    return [1.0 if j == i else 0.0 for j in range(n)]
+one_hot = baselines.one_hot_weights

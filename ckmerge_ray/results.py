@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ckmerge_ray.errors import OutputError
-from ckmerge_ray.merge import merge_state_dicts
+from ckmerge_ray.merge import weighted_state_dict
 from ckmerge_ray.search import LAMBDA
 from ckmerge_ray.storage import swap_in
 from ckmerge_ray.store import StoredCheckpoint, shard_tensors
@@ -45,6 +45,7 @@ HEATMAP_TABLE = "heatmap.parquet"
 SWEEP_GAIN_PLOT = "sweep_gain.png"
 SWEEP_HEATMAP_PLOT = "sweep_heatmap.png"
 PAIRS_DIR = "pairs"  # each pair's own tune run
+WINDOWS_DIR = "windows"  # each window's own tune_window run (a sweep with window > 2)
 
 
 def renamed_name(module: str, renamed: Dict[str, str], name: str):
@@ -127,25 +128,46 @@ def export_merged(
     progress: Optional[Callable[[str], None]] = None,
     revert: Optional[Callable[[Dict], Dict]] = None,
 ) -> Path:
-    """Write the merge at λ as a Hugging Face model directory (sharded safetensors + index).
+    """Write the merge at λ as a Hugging Face model directory (see `export_weighted`)."""
+    return export_weighted([earlier, later], [1.0 - lam, lam], config_json, extra_files, dest,
+                           progress, revert)
 
-    Shards come from the object store one pair at a time, so memory stays bounded by a shard.
-    `revert` maps each shard's model-named tensors back to the checkpoint's own names and
-    layout (`CheckpointInfo.revert_names`), so the directory loads with `from_pretrained`.
-    The directory is built under a temporary name beside `dest` and published with
-    `publish_dir`, so `dest` is replaced only after the new one is complete; what a killed
-    export left behind is first put right by `recover_published`.
+
+def export_weighted(
+    checkpoints: Sequence[StoredCheckpoint],
+    weights: Sequence[float],
+    config_json: bytes,
+    extra_files: List[Path],
+    dest: Path,
+    progress: Optional[Callable[[str], None]] = None,
+    revert: Optional[Callable[[Dict], Dict]] = None,
+) -> Path:
+    """Write Σ wᵢ·Θᵢ (`merge.weighted_state_dict`: two nonzero weights by the pair's lerp, more
+    in fp64, one rounding) as a Hugging Face model directory (sharded safetensors + index).
+    Weights that are not k finite numbers ≥ 0 summing to 1 raise ConfigError first.
+
+    Shards come from the object store one shard index at a time, so memory stays bounded by a
+    shard of each checkpoint with a nonzero weight. `revert` maps each shard's model-named
+    tensors back to the checkpoint's own names and layout (`CheckpointInfo.revert_names`), so
+    the directory loads with `from_pretrained`. The directory is built under a temporary name
+    beside `dest` and published with `publish_dir`, so `dest` is replaced only after the new
+    one is complete; what a killed export left behind is first put right by
+    `recover_published`.
     """
+    from ckmerge_ray.families import check_weights
+
+    weights = check_weights(weights, len(checkpoints))  # ConfigError: before anything is written
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     recover_published(dest)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-tmp-"))
+    used = [(c, float(w)) for c, w in zip(checkpoints, weights) if w != 0.0]
     try:
-        n = len(later.refs)
+        n = len(checkpoints[-1].refs)
         weight_map, total = {}, 0
-        for i, (e_ref, l_ref) in enumerate(zip(earlier.refs, later.refs)):
-            e, l = (shard_tensors(s) for s in ray.get([e_ref, l_ref]))
-            merged = merge_state_dicts(e, l, lam)
+        for i, refs in enumerate(zip(*(c.refs for c, _ in used))):
+            shards = [shard_tensors(s) for s in ray.get(list(refs))]
+            merged = weighted_state_dict(shards, [w for _, w in used])
             if revert is not None:  # back to the file's names and layout (save_pretrained's)
                 merged = revert(merged)
             fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
@@ -154,7 +176,7 @@ def export_merged(
             for name, t in merged.items():
                 weight_map[name] = fname
                 total += t.numel() * t.element_size()
-            del e, l, merged
+            del shards, merged
             if progress:
                 progress(f"exported shard {i + 1}/{n} of the merged model")
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
