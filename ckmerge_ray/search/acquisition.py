@@ -11,7 +11,7 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -40,6 +40,10 @@ class Box:
     bounds: np.ndarray
     min_spacing: float
     n_candidates: int
+    # Optional map of points (n, d) to what they mean (n, m), e.g. a window's merge weights:
+    # distances are then measured there (max norm, unscaled), so two parameter points that
+    # mean the same thing (an edge of the cube that maps to one corner of the simplex) are one.
+    embed: Optional[Callable[[np.ndarray], np.ndarray]] = None
 
     def maximize(self, kind: str, kappa: float, xi: float, gp, y_max: float, taken,
                  rng) -> np.ndarray:
@@ -69,9 +73,10 @@ class Box:
         return best
 
     def candidates(self, rng) -> np.ndarray:
-        """`n_candidates` uniform points (n, d), plus a 1001-point grid in one dimension."""
+        """`n_candidates`·d uniform points (n, d) (the cover thins with d: scale it), plus a
+        1001-point grid in one dimension."""
         lo, hi = self.bounds[:, 0], self.bounds[:, 1]
-        cands = lo + (hi - lo) * rng.random((self.n_candidates, len(lo)))
+        cands = lo + (hi - lo) * rng.random((self.n_candidates * len(lo), len(lo)))
         if len(lo) == 1:
             cands = np.vstack([cands, np.linspace(lo, hi, 1001)])
         return cands
@@ -91,8 +96,12 @@ class Box:
         return cands[int(np.argmax(self._distance(cands, taken)))]
 
     def _distance(self, cands: np.ndarray, taken) -> np.ndarray:
-        scale = self.bounds[:, 1] - self.bounds[:, 0]
-        d = np.abs(cands[:, None, :] - np.asarray(taken)[None, :, :]) / scale  # (n, t, dim)
+        taken = np.asarray(taken, dtype=float).reshape(-1, cands.shape[1])
+        if self.embed is not None:
+            cands, taken, scale = self.embed(cands), self.embed(taken), 1.0
+        else:
+            scale = self.bounds[:, 1] - self.bounds[:, 0]
+        d = np.abs(cands[:, None, :] - taken[None, :, :]) / scale  # (n, t, dim)
         return d.max(axis=2).min(axis=1)
 
 

@@ -149,15 +149,24 @@ class GPHedgeSearch(BayesOptSearch):
         min_spacing: smallest allowed distance between two suggested points, as a fraction of
             the range (default 0.01).
         min_length_scale: lower bound of the GP kernel's length scale, as a fraction of the
-            smallest range (default None: bayes_opt's Matern kernel, bounds 1e-5 to 1e5). With
+            range (default None: bayes_opt's Matern kernel, bounds 1e-5 to 1e5). In more than
+            one dimension the kernel gets a length scale per dimension (ARD), each bounded by
+            this fraction of its own range: a window's weights and its length vary on
+            different scales. With
             a handful of points a free length scale often collapses, the GP mean reverts to the
             prior between observations, and the acquisitions cling to the best observed point;
             a bound encodes "the landscape is smooth at this scale". ``merge_searcher`` sets
             0.2 in λ units, whatever the range (see there).
         seed: seeds the GP fits, the candidate sets and the hedge draws; same seed and same
             results give the same sequence, also across save/restore.
-        n_candidates: random candidates per acquisition maximization (default 2000), refined
-            with L-BFGS-B.
+        n_candidates: random candidates per acquisition maximization and dimension (default
+            2000: 2000·d points in d dimensions), the best three refined with L-BFGS-B.
+        embed: None (default), or a picklable callable ``embed(points, names)`` mapping points
+            (n, d), whose columns are the parameters `names` (the searcher's order, which is
+            bayes_opt's sorted one), to what they mean (n, m): ``min_spacing`` is then measured
+            there (max norm, unscaled), so parameters that mean one thing count as one point.
+            `tune_window` passes the window's merge weights (``families.WeightsOf``): an edge
+            of the simplex's cube is one checkpoint alone, proposed once.
         analysis: a finished run's ``ExperimentAnalysis`` whose results seed the GP (as in
             BayesOptSearch). verbose: bayesian-optimization's verbosity (default 0).
 
@@ -195,6 +204,7 @@ class GPHedgeSearch(BayesOptSearch):
         min_length_scale: Optional[float] = None,
         seed: int = 0,
         n_candidates: int = 2000,
+        embed=None,
         analysis=None,
         verbose: int = 0,
         **bayesopt_only,
@@ -230,6 +240,7 @@ class GPHedgeSearch(BayesOptSearch):
         self.min_length_scale = min_length_scale
         self.seed = int(seed)
         self.n_candidates = int(n_candidates)
+        self.embed = embed
         initial_gains = dict(initial_gains or {})
         unknown = [a for a in initial_gains if a not in ACQUISITIONS]
         if unknown:
@@ -275,10 +286,15 @@ class GPHedgeSearch(BayesOptSearch):
         if self.min_length_scale is not None:
             from sklearn.gaussian_process.kernels import Matern
 
-            low = self.min_length_scale * float((self._bounds[:, 1] - self._bounds[:, 0]).min())
-            self.optimizer.set_gp_params(
-                kernel=Matern(nu=2.5, length_scale=max(1.0, low), length_scale_bounds=(low, 1e5))
-            )
+            ranges = self._bounds[:, 1] - self._bounds[:, 0]
+            if len(ranges) == 1:
+                low = self.min_length_scale * float(ranges[0])
+                kernel = Matern(nu=2.5, length_scale=max(1.0, low), length_scale_bounds=(low, 1e5))
+            else:  # one length scale per dimension, each floored at its own range's fraction
+                lows = self.min_length_scale * ranges
+                kernel = Matern(nu=2.5, length_scale=np.maximum(1.0, lows),
+                                length_scale_bounds=[(float(lo), 1e5) for lo in lows])
+            self.optimizer.set_gp_params(kernel=kernel)
         self._points_to_evaluate = self._checked_points(self._points_to_evaluate or [])
         if self._analysis is not None:
             self.register_analysis(self._analysis)
@@ -480,7 +496,9 @@ class GPHedgeSearch(BayesOptSearch):
         return nominees[chosen], chosen
 
     def _box(self) -> Box:
-        return Box(self._bounds, self.min_spacing, self.n_candidates)
+        embed = self.embed
+        return Box(self._bounds, self.min_spacing, self.n_candidates,
+                   None if embed is None else (lambda X: embed(X, self._keys)))
 
     # --- GP helpers ----------------------------------------------------------------------------
 
