@@ -3,7 +3,8 @@
 Data flow, one module each: checkpoints (read, validate) -> store (shards in the object store)
 -> model and merge (the resident model, lerp into it) -> objectives (score it) -> search
 (choose λ) -> trial (the Tune trainable) -> tuner (the run's steps) -> results (tables, best
-model) -> cli. Settings are values (config); the cluster (cluster), the output directory
+model) -> cli. A window of k checkpoints takes the same path with its own families (weightings
+the search moves through), window_trial, window_run and window_plots, behind window.tune_window. Settings are values (config); the cluster (cluster), the output directory
 (rundir) and a run's checked inputs (inputs) have modules of their own. Beside them: baselines
 and evaluator (other merges of the same shards), compare (baselines vs the tuned merge), sweep
 (every adjacent pair of a run), watch (the same while the run trains; integrations holds
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "tune_merge": "tuner", "TuneMergeResult": "results",
+    "tune_window": "window", "WindowResult": "window", "Family": "families",
     "SearchConfig": "config", "RunConfig": "config", "CheckpointConfig": "config",
     "BaselineConfig": "config", "Resources": "config",
     "compare_merges": "compare", "CompareResult": "compare",

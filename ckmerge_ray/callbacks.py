@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 from ray import tune
 
@@ -20,17 +20,21 @@ from ckmerge_ray.errors import OutputError
 from ckmerge_ray.interrupts import request_stop
 from ckmerge_ray.results import JOURNAL_DIR, output_error, read_rows, write_table_atomic
 from ckmerge_ray.search import LAMBDA, search_record
-from ckmerge_ray.trial import FULL, journal_file, write_journal
+from ckmerge_ray.trial import (
+    FULL, journal_file, read_weights_journal, write_journal, write_weights_journal,
+)
 
 
 class TrialTableWriter(tune.Callback):
     """Appends a row per finished or failed trial and rewrites trials.parquet atomically."""
 
-    def __init__(self, path: Path, total: int, mode: str, progress: bool):
+    def __init__(self, path: Path, total: int, mode: str, progress: bool,
+                 params: Sequence[str] = (LAMBDA,)):
         self.path = Path(path)
         self.total = total
         self.mode = mode
         self.progress = progress
+        self.params = tuple(params)  # the searched parameters: a column each
         self.rows: List[Dict] = []
         self._reconciled = True  # setup() starts each fit (and restore) by reconciling
 
@@ -67,7 +71,7 @@ class TrialTableWriter(tune.Callback):
         r = trial.last_result or {}
         if r.get("journal_error"):
             request_stop(OutputError(
-                f"cannot record the evaluation at λ={r.get(LAMBDA)} in the run's journal "
+                f"cannot record the evaluation at {self._point(r)} in the run's journal "
                 f"{self.path.parent / JOURNAL_DIR} ({r['journal_error']}); everything the run "
                 "wrote before is intact: free space, then resume it (ckmerge-ray tune --resume "
                 f"{self.path.parent})"), self._log)
@@ -80,7 +84,7 @@ class TrialTableWriter(tune.Callback):
         ok = r.get("error") is None and isinstance(score, (int, float)) and math.isfinite(score)
         row = {
             "trial_id": trial.trial_id,
-            LAMBDA: float(trial.config.get(LAMBDA, r.get(LAMBDA, math.nan))),
+            **{p: float(trial.config.get(p, r.get(p, math.nan))) for p in self.params},
             **search_record(trial.config),
             "status": "ok" if ok else "error",
             "score": score if ok else None,
@@ -96,7 +100,7 @@ class TrialTableWriter(tune.Callback):
     def on_trial_error(self, iteration: int, trials, trial, **info):
         self._add({
             "trial_id": trial.trial_id,
-            LAMBDA: float(trial.config.get(LAMBDA, math.nan)),
+            **{p: float(trial.config.get(p, math.nan)) for p in self.params},
             **search_record(trial.config),
             "status": "error",
             "score": None,
@@ -118,7 +122,7 @@ class TrialTableWriter(tune.Callback):
             if row.get("from_journal"):
                 what += " (from the run's journal, not recomputed)"
             print(
-                f"[ckmerge] trial {len(self.rows)}/{self.total} λ={row[LAMBDA]:.4f} "
+                f"[ckmerge] trial {len(self.rows)}/{self.total} {self._point(row)} "
                 f"[{row['acquisition']}] {what}",
                 flush=True,
             )
@@ -135,15 +139,29 @@ class TrialTableWriter(tune.Callback):
     def _journal(self, trial) -> None:
         """Journal a finished trial's result from Tune's record of it, unless it is there."""
         result = {k: v for k, v in trial.last_result.items() if k not in TUNE_BOOKKEEPING}
-        lam, stage = float(trial.config[LAMBDA]), result.get("fidelity", FULL)
         journal = str(self.path.parent / JOURNAL_DIR)
-        if journal_file(journal, lam, stage).exists():
-            return
         try:
+            if LAMBDA not in trial.config:  # a window run: journaled by its merge weights
+                if read_weights_journal(journal, result["weights"]) is None:
+                    write_weights_journal(journal, result["weights"], result)
+                return
+            lam, stage = float(trial.config[LAMBDA]), result.get("fidelity", FULL)
+            if journal_file(journal, lam, stage).exists():
+                return
             write_journal(journal, lam, result, stage)
         except OSError as e:
             request_stop(output_error(e, f"the run's journal {journal}", self.path.parent),
                          self._log)
+
+    def _point(self, row: Dict) -> str:
+        """How a progress line names a trial's point: λ, or a window's merge weights."""
+        if self.params == (LAMBDA,):
+            return f"λ={row.get(LAMBDA, math.nan):.4f}"
+        weights = [row[k] for k in sorted((k for k in row if k[:1] == "w" and k[1:].isdigit()),
+                                          key=lambda k: int(k[1:]))]
+        if weights and all(isinstance(w, float) for w in weights):
+            return "w=(" + ", ".join(f"{w:.3f}" for w in weights) + ")"
+        return ", ".join(f"{p}={row.get(p, math.nan):.4f}" for p in self.params)
 
     def _log(self, message: str) -> None:
         if self.progress:

@@ -6,6 +6,8 @@
         --cpus-per-trial 1 --gpus-per-trial 0 --output runs/x
     ckmerge-ray watch runs/pretrain --objective loss:heldout.jsonl \\
         --marker trainer_state.json --output runs/watch      # while the run trains
+    ckmerge-ray tune-window ckpts/checkpoint-{700,800,900,1000} --family simplex \\
+        --objective loss:heldout.jsonl --trials 12          # weights of k checkpoints
 
 Exit codes: 0 on success; 2 on bad input, a failed run, a sweep whose every pair failed or a
 comparison whose every method failed (one line on stderr); 130 on SIGINT (Ctrl-C) and 143 on
@@ -31,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_tune_parser(sub)
+    _add_window_parser(sub)
     _add_compare_parser(sub)
     _add_sweep_parser(sub)
     _add_watch_parser(sub)
@@ -86,6 +89,28 @@ def _add_tune_parser(sub) -> None:
                    help="run even if the two checkpoints exceed a node's object store (slow)")
 
 
+def _add_window_parser(sub) -> None:
+    w = sub.add_parser("tune-window", help="tune the merge weights of k checkpoints",
+                       description="Tune the merge weights w1..wk of CHECKPOINTS (oldest first; "
+                       "folders or URIs) by GP-Hedge over a family of weightings; writes "
+                       "trials.parquet (a column per weight), summary.json, window.png, best/.")
+    w.add_argument("checkpoints", nargs="*", help="k >= 2 checkpoints of one run, oldest first")
+    _add_objective_arguments(w, required=False)  # not with --resume
+    w.add_argument("--family", default="simplex",
+                   help="simplex (every weighting; k <= 4), ema or decay (one shape parameter; "
+                   "add +length to also search the window length, e.g. decay+length), or pair "
+                   "(k = 2: the same run as `tune`); default simplex")
+    w.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue the window run in RUN_DIR with its own arguments")
+    _add_shared_arguments(w, "ckmerge_runs/window", 10,
+                          "distinct weightings to evaluate, the family's initial design "
+                          "included (default 10)", "trials at once (default: what the cluster "
+                          "fits)")
+    w.add_argument("--no-export", action="store_true", help="do not write the best model")
+    w.add_argument("--export-to", default=None, metavar="PATH_OR_URI",
+                   help="also publish best/ there, atomically")
+
+
 def _add_compare_parser(sub) -> None:
     c = sub.add_parser("compare", help="the tuned merge against merging baselines",
                        description="Score baselines (soups, moving averages, Fisher, RegMean, "
@@ -94,7 +119,10 @@ def _add_compare_parser(sub) -> None:
     c.add_argument("checkpoints", nargs="+", help="two or more checkpoint directories, oldest first")
     c.add_argument("--methods", default=None,
                    help="comma list from uniform, greedy, sma, ema, wma, fisher, regmean, grid, "
-                   "random, tuned (default all)")
+                   "random, tuned, tuned-window (default all)")
+    c.add_argument("--window-family", default=None,
+                   help="tuned-window's family (simplex, ema, decay, +length; default simplex up "
+                   "to 4 checkpoints, decay+length beyond)")
     c.add_argument("--last-n", type=int, default=None,
                    help="SMA/EMA/WMA window: the last N checkpoints (default all)")
     c.add_argument("--ema-alpha", type=float, default=0.5, help="EMA weight of the newest (default 0.5)")
@@ -121,6 +149,12 @@ def _add_sweep_parser(sub) -> None:
     w.add_argument("--include-final", action="store_true",
                    help="also the model Trainer's save_model wrote at the top of DIR, as the "
                    "last point (default: reported, not swept)")
+    w.add_argument("--window", type=int, default=2, metavar="K",
+                   help="checkpoints per tuned unit: 2 (default) tunes adjacent pairs; K > 2 "
+                   "slides a window of K checkpoints and tunes its weights (tune-window)")
+    w.add_argument("--family", default="simplex",
+                   help="with --window K > 2: the weights' family (simplex, ema, decay, "
+                   "+length; default simplex)")
     _add_pairs_argument(w, "as many as the trial slots and the object store fit; each pair "
                         "then runs the slots / pairs trials at a time unless --max-concurrent")
     _add_run_arguments(w, default_output="ckmerge_runs/sweep")
@@ -229,6 +263,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.command == "tune":
             return _tune(args)
+        if args.command == "tune-window":
+            return _tune_window(args)
         if args.command == "demo":
             return _demo(args)
         if args.command == "compare":
@@ -291,6 +327,35 @@ def _tune(args) -> int:
     return 0
 
 
+def _tune_window(args) -> int:
+    from ckmerge_ray.config import RunConfig, SearchConfig
+    from ckmerge_ray.window import resume_window, tune_window
+
+    _join_cluster(args)
+    if args.resume:
+        if args.checkpoints or args.objective:
+            raise ConfigError("--resume RUN_DIR takes the run's own arguments; give no checkpoints "
+                              "or --objective with it")
+        result = resume_window(args.resume, export_best=not args.no_export,
+                               progress=not args.quiet)
+    else:
+        if len(args.checkpoints) < 2 or not args.objective:
+            raise ConfigError("tune-window needs CHECKPOINT CHECKPOINT [...] --objective SPEC "
+                              "(or --resume RUN_DIR)")
+        run = RunConfig(output_dir=args.output, overwrite=args.overwrite, progress=not args.quiet,
+                        max_concurrent=args.max_concurrent, export_best=not args.no_export,
+                        export_to=args.export_to)
+        result = tune_window(args.checkpoints, _resources(args), args.objective,
+                             family=args.family, search=SearchConfig(
+                                 alpha=args.alpha, num_trials=args.trials, seed=args.seed),
+                             run=run, checkpoint=_checkpoint_config(args),
+                             objective_options=_objective_options(args))
+    if args.quiet:
+        print(result.format(), flush=True)
+    print(f"[ckmerge] results: {result.output_dir} (trials.parquet, summary.json)", flush=True)
+    return 0
+
+
 def _report(result, quiet: bool) -> None:
     """The end of the output, also what `ray job logs` shows of a job: the final table and the
     best model's path (tune_merge printed them already unless --quiet), and where the run is."""
@@ -341,6 +406,7 @@ def _compare(args) -> int:
     baselines = BaselineConfig(
         last_n=args.last_n, ema_alpha=args.ema_alpha, stats_tokens=args.stats_tokens,
         calibration=args.calibration, regmean_alpha=args.regmean_alpha,
+        window_family=args.window_family,
         **({"methods": args.methods} if args.methods else {}),
     )
     result = compare_merges(args.checkpoints, _resources(args), args.objective,
@@ -358,9 +424,12 @@ def _sweep(args) -> int:
     checkpoints = args.checkpoints[0] if len(args.checkpoints) == 1 else args.checkpoints
     result = sweep_trajectory(checkpoints, _resources(args), args.objective, heatmap=args.heatmap,
                               heatmap_lambda=args.heatmap_lambda,
-                              include_final=args.include_final, **_settings(args))
+                              include_final=args.include_final, window=args.window,
+                              family=args.family, **_settings(args))
     for r in result.table.to_pylist():
-        what = (f"best λ={r['best_lambda']:.4f} gain {r['gain']:+.5f}" if r["status"] == "ok"
+        best = (f"best λ={r['best_lambda']:.4f}" if r.get("best_lambda") is not None
+                else f"best weights {r.get('best_weights')}")
+        what = (f"{best} gain {r['gain']:+.5f}" if r["status"] == "ok"
                 else f"FAILED: {r['error']}")
         print(f"[ckmerge] step {r['earlier_step']} -> {r['later_step']}: {what}", flush=True)
     print(f"[ckmerge] results: {result.output_dir} (sweep.parquet, summary.json)", flush=True)

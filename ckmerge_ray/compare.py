@@ -10,7 +10,8 @@ cost?". Example::
     print(result.markdown())
 
 The λ methods (grid, random, tuned) search the last pair of the window; the averages use the
-whole window (or its last `last_n` checkpoints).
+whole window (or its last `last_n` checkpoints); tuned-window searches the weights of the whole
+window (`tune_window`) with the tuned pair's evaluation budget.
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ _LABELS = {
     "uniform": "uniform soup", "greedy": "greedy soup", "sma": "SMA", "ema": "EMA", "wma": "WMA",
     "fisher": "Fisher-weighted", "regmean": "RegMean", "grid": "grid search λ",
     "random": "random search λ", "tuned": "tuned λ (GP-Hedge)",
+    "tuned-window": "tuned window weights (GP-Hedge)",
 }
+WINDOW_DIR = "tuned_window"  # the tuned-window method's own tune_window run
 
 
 @dataclass
@@ -139,7 +142,7 @@ def compare_merges(
     ctx = check_compare(checkpoints, objective, objective_options, resources, tune_options,
                         **settings)
     ctx.out = claim_output_dir(ctx.out, COMPARE_TABLE, ctx.run.overwrite,
-                               extra=(COMPARE_MD, TUNED_DIR))
+                               extra=(COMPARE_MD, TUNED_DIR, WINDOW_DIR))
     started = time.perf_counter()
     with ray_session(ctx.log):
         q = trial_slots(ctx.resources, ctx.run.max_concurrent, ctx.search.num_trials)
@@ -149,6 +152,8 @@ def compare_merges(
         table = Table(ctx.out, ctx.objective.mode, [])
         score_baselines(ctx, stored, q, table)
         tuned = run_tuned(ctx, stored, table) if "tuned" in ctx.baselines.methods else None
+        if "tuned-window" in ctx.baselines.methods:
+            run_tuned_window(ctx, stored, table)
         summary = compare_summary(ctx, table, tuned, window, q, time.perf_counter() - started)
         result = CompareResult(table.write(), ctx.objective.mode, table.later_score, ctx.out,
                                summary)
@@ -210,7 +215,7 @@ def score_baselines(ctx: _Compare, stored: List[StoredCheckpoint], q: int, table
         singles = score_singles(ctx, score, table, [n - 1] + (
             list(range(n - 1)) if "greedy" in methods else []))
         recipes = method_recipes(ctx, score, actors, singles)
-        for method in [m for m in methods if m != "tuned"]:
+        for method in [m for m in methods if m not in ("tuned", "tuned-window")]:
             t0 = time.perf_counter()
             try:
                 r = recipes[method]()
@@ -288,6 +293,32 @@ def run_tuned(ctx: _Compare, stored: List[StoredCheckpoint], table: "Table") -> 
               time.perf_counter() - t0, pair_weights(n, lam),
               "Ray Tune start-up and a model build per trial worker", lam=lam)
     return result.summary
+
+
+def run_tuned_window(ctx: _Compare, stored: List[StoredCheckpoint], table: "Table") -> None:
+    """`tune_window` on the whole window, on the shards already stored, with the tuned pair's
+    evaluation budget (``num_trials``, + 1 when the pair also scores λ = 0). A failed run, or a
+    budget below the family's initial design, is a failed method."""
+    import dataclasses
+
+    from ckmerge_ray.window import tune_window
+
+    t0, n = time.perf_counter(), len(ctx.infos)
+    family = ctx.baselines.window_family or ("simplex" if n <= 4 else "decay+length")
+    search = ctx.tuned["search"]
+    budget = search.num_trials + (1 if search.alpha > 0 else 0)
+    options = {**ctx.tuned, "search": dataclasses.replace(search, num_trials=budget),
+               "run": dataclasses.replace(ctx.tuned["run"], output_dir=str(ctx.out / WINDOW_DIR))}
+    try:
+        result = tune_window([i.source for i in ctx.infos], ctx.resources, family=family,
+                             stored=stored, **options)
+    except (RunError, ConfigError) as e:
+        table.add_error("tuned-window", _LABELS["tuned-window"], time.perf_counter() - t0, e)
+        ctx.log(f"tuned-window: FAILED: {e}")
+        return
+    table.add("tuned-window", f"{_LABELS['tuned-window']}, {result.family.label}",
+              result.best_score, result.table.num_rows, time.perf_counter() - t0,
+              result.best_weights, "Ray Tune start-up and a model build per trial worker")
 
 
 def compare_summary(ctx: _Compare, table: "Table", tuned: Optional[Dict], window: WindowStore,

@@ -23,7 +23,8 @@ from ckmerge_ray.errors import ConfigError
 from ckmerge_ray.search.record import ACQUISITIONS
 
 # The merge methods `compare_merges` knows, in the order it runs them.
-METHODS = ("uniform", "greedy", "sma", "ema", "wma", "fisher", "regmean", "grid", "random", "tuned")
+METHODS = ("uniform", "greedy", "sma", "ema", "wma", "fisher", "regmean", "grid", "random", "tuned",
+           "tuned-window")
 
 
 def _is_number(x) -> bool:
@@ -252,6 +253,9 @@ class BaselineConfig(_Settings):
     calibration: Optional[str] = None  # text file for those statistics (needed with lm-eval)
     regmean_alpha: float = 0.9  # RegMean's scaling of the Grams' off-diagonals, in [0, 1]
     fisher_floor: float = 1e-6  # smallest Fisher value
+    # tuned-window's family (families.FAMILIES, "+length" allowed); None: simplex up to 4
+    # checkpoints, decay+length beyond (a GP needs a few trials per dimension)
+    window_family: Optional[str] = None
 
     def __post_init__(self):
         methods = self.methods

@@ -28,13 +28,14 @@ Log = Callable[[str], None]
 
 
 def pair_concurrency(pairs_at_once: Optional[int], per_pair: Optional[int], resources: Resources,
-                     num_trials: int, num_pairs: int, sizes: Sequence[int]) -> Tuple[int, int]:
+                     num_trials: int, num_pairs: int, sizes: Sequence[int],
+                     span: int = 2) -> Tuple[int, int]:
     """(pairs at once p, trials at once per pair q) on the connected cluster.
 
     Given `pairs_at_once` and `per_pair` (`max_concurrent`), those. Without `pairs_at_once`:
     as many pairs as the trial slots hold `per_pair` trials each, and as the object store of the
-    smallest node that runs trials holds p + 1 checkpoints of `sizes` (bytes, oldest first)
-    within `STORE_BUDGET`; at most `num_pairs`, at least 1. Without `per_pair`: the slots shared
+    smallest node that runs trials holds p + span - 1 checkpoints of `sizes` (bytes, oldest
+    first; `span` 2 for pairs, k for a sweep's windows of k) within `STORE_BUDGET`; at most `num_pairs`, at least 1. Without `per_pair`: the slots shared
     evenly among the p pairs (so 4 slots and 4 pairs give 4 pairs of one trial at a time, which
     is also GP-Hedge's most sample-efficient batch size; see BENCHMARKS.md).
     """
@@ -42,7 +43,7 @@ def pair_concurrency(pairs_at_once: Optional[int], per_pair: Optional[int], reso
     if pairs_at_once is None:
         fit = max(1, slots // (per_pair or 1))
         store = int(smallest_store(resources)[0]["Resources"].get("object_store_memory", 0))
-        while fit > 1 and window_bytes(sizes, fit) > STORE_BUDGET * store:
+        while fit > 1 and window_bytes(sizes, fit, span) > STORE_BUDGET * store:
             fit -= 1
         pairs_at_once = max(1, min(fit, num_pairs))
     if per_pair is None:
@@ -50,10 +51,11 @@ def pair_concurrency(pairs_at_once: Optional[int], per_pair: Optional[int], reso
     return pairs_at_once, per_pair
 
 
-def window_bytes(sizes: Sequence[int], pairs_at_once: int) -> int:
+def window_bytes(sizes: Sequence[int], pairs_at_once: int, span: int = 2) -> int:
     """Bytes of the most checkpoints in the object store at once when `pairs_at_once` adjacent
-    pairs run together: the largest run of p + 1 consecutive checkpoints."""
-    n = min(len(sizes), pairs_at_once + 1)
+    pairs (windows of `span` checkpoints) run together: the largest run of p + span - 1
+    consecutive checkpoints."""
+    n = min(len(sizes), pairs_at_once + span - 1)
     return max(sum(sizes[i:i + n]) for i in range(len(sizes) - n + 1)) if sizes else 0
 
 

@@ -345,6 +345,13 @@ def plot_run(run_dir: PathLike) -> List[Path]:
             "pass the output directory of a tune, sweep or compare run"
         )
     summary = read_summary(run_dir)
+    if summary.get("kind") == "window":  # a tune_window run: its own pictures
+        from ckmerge_ray.window_plots import WINDOW_PLOT, plot_window
+
+        paths = [plot_window(read_rows(run_dir / TRIALS_FILE), summary, run_dir / WINDOW_PLOT)]
+        summary["plots"] = [WINDOW_PLOT]
+        write_json_atomic(run_dir / SUMMARY_FILE, summary)
+        return paths
     if (run_dir / SWEEP_TABLE).exists():
         rows = read_rows(run_dir / SWEEP_TABLE)
         paths = plot_sweep(rows, read_rows(run_dir / HEATMAP_TABLE), summary, run_dir)

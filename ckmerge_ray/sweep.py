@@ -39,7 +39,8 @@ from ckmerge_ray.pairs import PairPool, pair_concurrency, window_bytes
 from ckmerge_ray.plots import draw_plots
 from ckmerge_ray.results import (
     renamed_name,
-    HEATMAP_TABLE, PAIRS_DIR, SUMMARY_FILE, SWEEP_TABLE, write_json_atomic, write_table_atomic,
+    HEATMAP_TABLE, PAIRS_DIR, SUMMARY_FILE, SWEEP_TABLE, WINDOWS_DIR, write_json_atomic,
+    write_table_atomic,
 )
 from ckmerge_ray.rundir import check_claimable, claim_output_dir
 from ckmerge_ray.storage import check_destination, discover_children, is_uri, locate
@@ -76,6 +77,8 @@ class _Sweep:
     tuned: Dict[str, Any]  # tune_merge's arguments for every pair (but the run directory)
     out: Path = Path()
     pairs_at_once: int = 1
+    span: int = 2  # checkpoints per tuned unit: 2 (pairs, tune_merge) or a window's k
+    family: Any = None  # the windows' families.Family when span > 2
 
 
 def discover_checkpoints(source: str | os.PathLike | Sequence[str | os.PathLike],
@@ -165,6 +168,8 @@ def sweep_trajectory(
     heatmap: bool = False,
     heatmap_lambda: float = 0.5,
     include_final: bool = False,
+    window: int = 2,
+    family: str = "simplex",
     objective_options: Optional[Mapping[str, Any]] = None,
     tune_options: Optional[Mapping[str, Any]] = None,
     **options,
@@ -185,6 +190,11 @@ def sweep_trajectory(
             held in the object store together).
         include_final: also the model saved at the top of a Trainer output directory, as
             the last point (see `discover_checkpoints`).
+        window: checkpoints per tuned unit (default 2: adjacent pairs, `tune_merge`); k > 2
+            slides a window of k along the trajectory and tunes each with `tune_window`
+            (`family`, default ``"simplex"``), each run under ``windows/``; its row has
+            ``best_weights`` and the gain over the window's newest checkpoint where the
+            family's design scored it alone (``simplex``, ``ema``), else NaN.
         tune_options: further `tune_merge` keywords for every pair (e.g. ``acquisitions``).
         **options: any field of the settings values by name (``alpha``, ``num_trials``, ...);
             ``max_concurrent_pairs`` pairs are tuned at once (default: what the trial slots and
@@ -204,13 +214,14 @@ def sweep_trajectory(
                              search=search, run=run, checkpoint=checkpoint)
     ctx = check_sweep(checkpoints, objective, objective_options, resources, tune_options,
                       heatmap_lambda, include_final=include_final, **settings)
+    set_window(ctx, window, family)
     ctx.out = claim_output_dir(ctx.out, SWEEP_TABLE, ctx.run.overwrite,
-                               extra=(HEATMAP_TABLE, PAIRS_DIR))
+                               extra=(HEATMAP_TABLE, PAIRS_DIR, WINDOWS_DIR))
     started = time.perf_counter()
     with ray_session(ctx.log):
         sizes = [i.nbytes for i in ctx.infos]
         ctx.pairs_at_once = set_pair_concurrency(ctx, sizes)
-        need = sum(sizes) if heatmap else window_bytes(sizes, ctx.pairs_at_once)
+        need = sum(sizes) if heatmap else window_bytes(sizes, ctx.pairs_at_once, ctx.span)
         check_object_store(need, ctx.resources, False, ctx.log)
         window = WindowStore(ctx.infos, ctx.checkpoint, ctx.log)
         rows, plots = tune_pairs(ctx, window, keep=heatmap)
@@ -260,13 +271,31 @@ def check_sweep(checkpoints, objective, objective_options, resources, tune_optio
                   objective, tuned, out)
 
 
+def set_window(ctx: _Sweep, window: int, family: str) -> None:
+    """Windows of `window` checkpoints (> 2: `tune_window` with `family`), checked up front."""
+    from ckmerge_ray.families import family_of
+
+    if not isinstance(window, int) or not 2 <= window <= len(ctx.infos):
+        raise ConfigError(f"window must be an integer in [2, {len(ctx.infos)}] (the checkpoints "
+                          f"found), got {window!r}")
+    ctx.span = window
+    if window > 2:
+        ctx.family = family_of(family, window)
+        if ctx.search.num_trials < len(ctx.family.initial_points()):
+            raise ConfigError(f"num_trials={ctx.search.num_trials} is smaller than the "
+                              f"{len(ctx.family.initial_points())} initial points of family "
+                              f"{ctx.family.label!r}; raise it")
+        ctx.log(f"windows of {window} checkpoints ({ctx.family.label}): "
+                f"{len(ctx.infos) - window + 1} window(s)")
+
+
 def set_pair_concurrency(ctx: _Sweep, sizes: List[int]) -> int:
     """Pairs at once (`pair_concurrency`); each pair's trials at once go into ``ctx.tuned``."""
     import dataclasses
 
     run = ctx.tuned["run"]
     p, q = pair_concurrency(ctx.run.max_concurrent_pairs, run.max_concurrent, ctx.resources,
-                            ctx.search.num_trials, len(sizes) - 1, sizes)
+                            ctx.search.num_trials, len(sizes) - ctx.span + 1, sizes, ctx.span)
     ctx.tuned["run"] = dataclasses.replace(run, max_concurrent=q)
     ctx.log(f"{p} pair(s) at once, {q} trial(s) at a time each")
     return p
@@ -280,7 +309,7 @@ def tune_pairs(ctx: _Sweep, window: WindowStore, keep: bool) -> Tuple[List[Dict]
     Raises `RunInterrupted` after SIGINT/SIGTERM, once the pairs in flight have stopped."""
     rows: Dict[int, Dict] = {}
     plots: Dict[int, List[str]] = {}
-    n = len(ctx.infos) - 1
+    n, w = len(ctx.infos) - ctx.span + 1, ctx.span
 
     def record(done) -> None:
         for k, future in done:
@@ -297,12 +326,19 @@ def tune_pairs(ctx: _Sweep, window: WindowStore, keep: bool) -> Tuple[List[Dict]
             record(pool.wait_for_room())
             if pool.stop_requested:
                 break
-            ctx.log(f"pair {k + 1}/{n}: {ctx.infos[k].name} -> {ctx.infos[k + 1].name}")
-            pool.submit(k, tune_pair, k, (ctx.infos[k], ctx.infos[k + 1]),
-                        (ctx.steps[k], ctx.steps[k + 1]), (window.get(k), window.get(k + 1)),
-                        ctx.out, ctx.tuned, ctx.resources, ctx.log)
+            ctx.log(f"{'pair' if w == 2 else 'window'} {k + 1}/{n}: {ctx.infos[k].name} -> "
+                    f"{ctx.infos[k + w - 1].name}")
+            if w == 2:
+                pool.submit(k, tune_pair, k, (ctx.infos[k], ctx.infos[k + 1]),
+                            (ctx.steps[k], ctx.steps[k + 1]), (window.get(k), window.get(k + 1)),
+                            ctx.out, ctx.tuned, ctx.resources, ctx.log)
+            else:
+                pool.submit(k, tune_window_at, k, ctx.infos[k:k + w],
+                            (ctx.steps[k], ctx.steps[k + w - 1]),
+                            [window.get(j) for j in range(k, k + w)], ctx.out,
+                            {**ctx.tuned, "family": ctx.family}, ctx.resources, ctx.log)
             if not keep:
-                window.release(k)  # pair k+1 needs only checkpoint k+1 again
+                window.release(k)  # later pairs or windows need only checkpoints after k
         record(pool.drain())
         if pool.stop_requested:
             raise sweep_interrupted(ctx, pool.signum, len(rows), n)
@@ -369,13 +405,51 @@ def tune_pair(k: int, infos: Tuple[CheckpointInfo, CheckpointInfo], steps: Tuple
     return row, plots, result
 
 
+def tune_window_at(k: int, infos: Sequence[CheckpointInfo], steps: Tuple[int, int],
+                   stored: Sequence[StoredCheckpoint], out: Path, tuned: Dict[str, Any],
+                   resources: Resources, log: Log) -> Tuple[Dict, List[str], Any]:
+    """`tune_pair` for window k of a sweep (`tune_window` over `infos`, ``windows/<k>-<first>-
+    <last>``): its row of sweep.parquet, its plots (relative to `out`) and its result."""
+    import dataclasses
+    import json
+
+    from ckmerge_ray.window import tune_window
+
+    run_dir = Path(WINDOWS_DIR) / f"{k:02d}-{infos[0].name}-{infos[-1].name}"
+    t0 = time.perf_counter()
+    row = {"pair": k, "earlier": str(infos[0].source), "later": str(infos[-1].source),
+           "earlier_step": steps[0], "later_step": steps[1], "window": len(infos),
+           "family": tuned["family"].label, "run_dir": str(run_dir), "started_at": time.time()}
+    run = dataclasses.replace(tuned["run"], output_dir=str(out / run_dir),
+                              export_to=pair_export_to(tuned["run"].export_to, run_dir))
+    result, plots = None, []
+    try:
+        result = tune_window([i.source for i in infos], resources, stored=stored,
+                             **{**tuned, "run": run})
+    except RunError as e:
+        row.update(status="error", error=f"{type(e).__name__}: {e}")
+        log(f"window {infos[0].name} -> {infos[-1].name} FAILED: {row['error']}")
+    else:
+        later = result.single_scores.get(infos[-1].name, math.nan)
+        sign = 1.0 if result.mode == "min" else -1.0
+        row.update(status="ok", error=None, later_score=later, best_score=result.best_score,
+                   best_weights=json.dumps([round(x, 6) for x in result.best_weights]),
+                   gain=sign * (later - result.best_score), evaluations=result.table.num_rows)
+        plots = [(run_dir / p).as_posix() for p in result.summary.get("plots", [])]
+    row["wall_s"] = time.perf_counter() - t0
+    row["finished_at"] = time.time()
+    return row, plots, result
+
+
 def log_pairs(rows: Sequence[Dict], log: Log) -> None:
     """One line per successful pair: best λ and gain over the later checkpoint."""
     for r in rows:
         if r["status"] == "ok":
+            best = (f"best λ={r['best_lambda']:.4f}" if "best_lambda" in r
+                    else f"best weights {r['best_weights']}")
             log(f"{r['earlier'].rstrip('/').rsplit('/', 1)[-1]} -> "
-                f"{r['later'].rstrip('/').rsplit('/', 1)[-1]}: best λ="
-                f"{r['best_lambda']:.4f}, gain over the later checkpoint {r['gain']:+.5f}")
+                f"{r['later'].rstrip('/').rsplit('/', 1)[-1]}: {best}, gain over the later "
+                f"checkpoint {r['gain']:+.5f}")
 
 
 def pair_row(result) -> Dict:
@@ -398,6 +472,7 @@ def sweep_summary(ctx: _Sweep, rows: List[Dict], window: WindowStore, heatmap: b
         "mode": ctx.objective.mode,
         "alpha": ctx.search.alpha, "num_trials": ctx.search.num_trials, "seed": ctx.search.seed,
         "heatmap": {"enabled": heatmap, "lambda": heatmap_lambda},
+        "window": ctx.span, "family": ctx.family.label if ctx.family else "pair",
         "pairs_ok": sum(r["status"] == "ok" for r in rows),
         "pairs_at_once": ctx.pairs_at_once,
         "trials_at_once_per_pair": ctx.tuned["run"].max_concurrent,

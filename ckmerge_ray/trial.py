@@ -7,6 +7,7 @@ weights in place. Trials receive object references, never file paths.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -228,6 +229,13 @@ class PlanHolder:
         """Journal a finished evaluation (atomically)."""
         write_journal(self._journal_dir, lam, result, stage)
 
+    def lookup_weights(self, weights: List[float]) -> Optional[Dict]:
+        """A window run's journaled result for these merge weights, or None."""
+        return read_weights_journal(self._journal_dir, weights)
+
+    def record_weights(self, weights: List[float], result: Dict) -> None:
+        write_weights_journal(self._journal_dir, weights, result)
+
 
 # The fidelities a trial reports (the `fidelity` column): the cheap stage of multi-fidelity
 # screening, and the full evaluation.
@@ -342,3 +350,35 @@ def read_journal(journal_dir: Optional[str], lam: float, stage: str = FULL) -> O
     result = json.loads(path.read_text())
     result["score"] = float(result["score"])  # NaN of a failed evaluation round-trips as NaN
     return result
+
+
+# A window run (`tune_window`) journals by the merge weights: two points of its search space that
+# give the same weights (a searched window length rounds) are one evaluation.
+
+
+def weights_journal_file(journal_dir: str, weights: List[float]) -> Path:
+    """One file per evaluated weight vector, named by a digest of the exact floats (a name
+    with k floats would outgrow a file name for long windows); the weights are inside."""
+    digest = hashlib.sha1(json.dumps([float(w) for w in weights]).encode()).hexdigest()[:16]
+    return Path(journal_dir) / f"w={digest}.json"
+
+
+def read_weights_journal(journal_dir: Optional[str], weights: List[float]) -> Optional[Dict]:
+    """The journaled result whose weights are within `LAM_MATCH` of `weights` (each), or None."""
+    if not journal_dir:
+        return None
+    exact = weights_journal_file(journal_dir, weights)
+    for path in [exact] if exact.exists() else sorted(Path(journal_dir).glob("w=*.json")):
+        result = json.loads(path.read_text())
+        theirs = result.get("weights") or []
+        if len(theirs) == len(weights) and max(abs(a - b) for a, b in zip(theirs, weights)) \
+                <= LAM_MATCH:
+            result["score"] = float(result["score"])
+            return result
+    return None
+
+
+def write_weights_journal(journal_dir: Optional[str], weights: List[float], result: Dict) -> None:
+    if journal_dir:
+        write_json_atomic(weights_journal_file(journal_dir, weights),
+                          {**result, "weights": [float(w) for w in weights]})

@@ -167,11 +167,7 @@ def run_locked(ctx: _Run, guard: RunGuard, record: Dict, objective, stored) -> T
             gpu_shard_cache=ctx.run.gpu_shard_cache,
             code_dir=code_dir_of(ctx.later, ctx.checkpoint),
         )
-        # On the driver's node, whose disk holds the journal: a lost worker node cannot take
-        # the holder (and the run's plan and journal) with it.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        holder = PlanHolder.options(name=f"ckmerge-plan-{plan.run_id}", scheduling_strategy=here
-                                    ).remote([ray.put(plan)], str(ctx.out / JOURNAL_DIR))
+        holder = start_plan_holder(plan, ctx.out)
         searcher = ctx.search.searcher(ctx.objective.mode, batch_size=ctx.q)
         record.update(_run_extras(objective, ctx))
         tuner, experiment = build_tuner(ctx, plan.run_id, searcher, previous, record)
@@ -301,13 +297,24 @@ def build_tuner(ctx: _Run, run_id: str, searcher, previous: Optional[Dict],
     return tuner, experiment
 
 
+def start_plan_holder(plan, out: Path):
+    """The run's `PlanHolder` (named after the plan's run id), on the driver's node, whose disk
+    holds the journal: a lost worker node cannot take the holder (and the run's plan and
+    journal) with it."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return PlanHolder.options(name=f"ckmerge-plan-{plan.run_id}", scheduling_strategy=here
+                              ).remote([ray.put(plan)], str(out / JOURNAL_DIR))
+
+
 # Ray Tune's registry of trainables is a process-wide dict that registering iterates over:
 # runs in several threads (`sweep` and `watch` with pairs at once) register one at a time.
 _REGISTRY_LOCK = threading.Lock()
 
 
-def register_run_trainable(holder: str, experiment_id: str, resources: Resources) -> str:
-    """Register `merge_trainable`, bound to the run's plan holder, under a name of its own (the
+def register_run_trainable(holder: str, experiment_id: str, resources: Resources,
+                           function=merge_trainable) -> str:
+    """Register `function` (default `merge_trainable`; a window run's is
+    `window_trial.window_trainable`), bound to the run's plan holder, under a name of its own (the
     experiment's, so that `Tuner.restore` finds the name it saved); returns the name, which the
     Tuner takes in place of the function.
 
@@ -318,7 +325,7 @@ def register_run_trainable(holder: str, experiment_id: str, resources: Resources
     name = experiment_id.replace("ckmerge-", "merge-", 1)
 
     def trainable(config: Dict) -> None:
-        merge_trainable(config, holder)
+        function(config, holder)
 
     trainable.__name__ = trainable.__qualname__ = name
     with _REGISTRY_LOCK:

@@ -61,7 +61,7 @@ def test_table_lists_every_method_with_gain_over_the_later_checkpoint(comparison
     result, trajectory, _ = comparison
     rows = {r["key"]: r for r in result.table.to_pylist()}
     assert {"endpoint", "uniform", "greedy", "sma", "ema", "wma", "fisher", "regmean", "grid",
-            "random", "tuned"} <= set(rows)
+            "random", "tuned", "tuned-window"} <= set(rows)
     assert all(r["status"] == "ok" for r in rows.values()), [r["error"] for r in rows.values()]
     later = rows["endpoint"]["score"]
     for r in rows.values():
@@ -81,6 +81,15 @@ def test_table_lists_every_method_with_gain_over_the_later_checkpoint(comparison
         "earlier": ids[trajectory[1].name], "later": ids[trajectory[2].name]}
     assert tuned["object_store"]["puts_per_checkpoint"] == 0
     assert tuned["endpoint_scores"]["1.0"] == pytest.approx(later, abs=1e-6)
+    # tuned-window: the whole window's weights (simplex, k = 3) on the pair's budget, from the
+    # same stored objects; its design holds Θ(t) alone, which it scored as compare did
+    window = rows["tuned-window"]
+    assert window["evaluations"] == rows["tuned"]["evaluations"] == 4
+    assert sum(json.loads(window["weights"])) == pytest.approx(1.0, abs=1e-5)
+    assert window["score"] <= later
+    w = json.loads((result.output_dir / "tuned_window" / "summary.json").read_text())
+    assert w["family"]["name"] == "simplex" and w["object_store"] is None  # nothing stored again
+    assert w["single_scores"][trajectory[2].name] == pytest.approx(later, abs=1e-6)
 
 
 def test_checkpoint_averages_equal_independent_merges(comparison):
