@@ -96,6 +96,49 @@ def test_bad_families_weights_and_budgets_are_refused(trajectory, tmp_path):
                     output_dir=tmp_path)  # refused before the objective or Ray is touched
 
 
+# --- GP-Hedge over a window's weights (no Ray: the searcher driven as Tune drives it) -------------
+
+def _drive(searcher, f, n, concurrent):
+    """Up to `concurrent` pending, oldest finishes first; returns the configs in finish order."""
+    done, pending, i = [], [], 0
+    while len(done) < n:
+        while len(pending) < concurrent and len(done) + len(pending) < n:
+            cfg = searcher.suggest(f"t{i}")
+            if cfg is None:
+                assert pending, "None with nothing running would stall the run"
+                break
+            pending.append((f"t{i}", cfg))
+            i += 1
+        tid, cfg = pending.pop(0)
+        searcher.on_trial_complete(tid, f(cfg))
+        done.append(cfg)
+    return done
+
+
+@pytest.mark.parametrize("noise_aware", [False, True])
+def test_window_searcher_finds_an_interior_optimum_in_batches_without_repeating_a_merge(
+        noise_aware):
+    from ckmerge_ray.config import SearchConfig
+    from ckmerge_ray.families import WeightsOf
+    from ckmerge_ray.search import search_record
+    from ckmerge_ray.window_run import window_searcher
+
+    fam, target = Family("simplex", 3), np.array([0.45, 0.15, 0.40])
+    searcher = window_searcher(fam, SearchConfig(seed=3, noise_aware=noise_aware), "min", 2)
+    score = lambda cfg: {"score": float(((np.array(fam.weights(cfg)) - target) ** 2).sum()),  # noqa: E731
+                         "score_stderr": 1e-3}
+    configs = _drive(searcher, score, 14, concurrent=2)
+    weights = WeightsOf(fam)([[c[n] for n in ("u1", "u2")] for c in configs], ("u1", "u2"))
+    gaps = np.abs(weights[:, None] - weights[None]).max(axis=2)[np.triu_indices(14, 1)]
+    assert gaps.min() >= 0.01  # pending-aware, spacing in weights: never one merge twice
+    best = weights[np.argmin([score(c)["score"] for c in configs])]
+    assert np.abs(best - target).max() < 0.1, best  # the design's best is 0.2 away
+    assert {search_record(c)["acquisition"] for c in configs[4:]} <= {"ei", "pi", "ucb"}
+    kernel = searcher._fit_gp(*searcher._observations()).kernel_
+    assert np.shape(kernel.length_scale) == (2,)  # one length scale per dimension
+    assert all(low == pytest.approx(0.2) for low, _ in kernel.length_scale_bounds)
+
+
 # --- merges against the fp64 formula -------------------------------------------------------------
 
 @pytest.mark.parametrize("which", ["trajectory", "trajectory_bf16"])
