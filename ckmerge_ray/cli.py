@@ -161,9 +161,13 @@ def _add_sweep_parser(sub) -> None:
 
 
 def _add_pairs_argument(p: argparse.ArgumentParser, default: str) -> None:
+    """The options sweep and watch share for their pairs: how many at once, where they publish."""
     p.add_argument("--max-concurrent-pairs", type=int, default=None, metavar="N",
                    help=f"adjacent pairs tuned at once, sharing the cluster's trial slots "
                    f"(default: {default})")
+    p.add_argument("--export-to", default=None, metavar="PATH_OR_URI",
+                   help="publish each pair's (or window's) best/ to PATH_OR_URI/<its run "
+                   "directory>/best, atomically (default: pairs write no best/)")
 
 
 def _add_watch_parser(sub) -> None:
@@ -393,7 +397,8 @@ def _settings(args) -> dict:
         search=SearchConfig(alpha=args.alpha, num_trials=args.trials, seed=args.seed),
         run=RunConfig(output_dir=args.output, overwrite=args.overwrite, progress=not args.quiet,
                       max_concurrent=args.max_concurrent,
-                      max_concurrent_pairs=getattr(args, "max_concurrent_pairs", None)),
+                      max_concurrent_pairs=getattr(args, "max_concurrent_pairs", None),
+                      export_to=getattr(args, "export_to", None)),
         checkpoint=_checkpoint_config(args),
         objective_options=_objective_options(args),
     )

@@ -331,7 +331,8 @@ def test_sweep_slides_a_window_of_three_along_four_checkpoints(ray_session, traj
     out = tmp_path / "sweep"
     code = cli(["sweep", *map(str, trajectory4), "--window", "3", "--family", "ema",
                 "--objective", f"loss:{trajectory4[-1].parent / 'heldout.jsonl'}", "--seq-len",
-                "64", "--max-tokens", "2048", "--trials", "3", "--output", str(out), "--quiet"])
+                "64", "--max-tokens", "2048", "--trials", "3", "--output", str(out), "--quiet",
+                "--export-to", str(tmp_path / "exported")])
     assert code == 0
     rows = pq.read_table(out / "sweep.parquet").to_pylist()
     assert [(r["earlier_step"], r["later_step"], r["window"]) for r in rows] == [
@@ -349,3 +350,6 @@ def test_sweep_slides_a_window_of_three_along_four_checkpoints(ray_session, traj
         # the EMA design scores the newest alone (rate 1): the gain is over it
         assert r["later_score"] == run["single_scores"][Path(r["later"]).name]
         assert r["gain"] == pytest.approx(r["later_score"] - r["best_score"]) and r["gain"] >= 0
+        # --export-to: each window's best/ published under the prefix, named by its run dir
+        published = read_safetensors(tmp_path / "exported" / Path(r["run_dir"]).name / "best")
+        assert published.keys() == read_safetensors(out / r["run_dir"] / "best").keys()
