@@ -302,9 +302,7 @@ def _tune(args) -> int:
 
     _join_cluster(args)
     if args.resume:
-        if args.earlier or args.objective:
-            raise ConfigError("--resume RUN_DIR takes the run's own arguments; give no checkpoints "
-                              "or --objective with it")
+        _resume_alone(args.earlier or args.objective)
         _report(resume_run(args.resume, export_best=not args.no_export, progress=not args.quiet),
                 args.quiet)
         return 0
@@ -337,9 +335,7 @@ def _tune_window(args) -> int:
 
     _join_cluster(args)
     if args.resume:
-        if args.checkpoints or args.objective:
-            raise ConfigError("--resume RUN_DIR takes the run's own arguments; give no checkpoints "
-                              "or --objective with it")
+        _resume_alone(args.checkpoints or args.objective)
         result = resume_window(args.resume, export_best=not args.no_export,
                                progress=not args.quiet)
     else:
@@ -358,6 +354,12 @@ def _tune_window(args) -> int:
         print(result.format(), flush=True)
     print(f"[ckmerge] results: {result.output_dir} (trials.parquet, summary.json)", flush=True)
     return 0
+
+
+def _resume_alone(inputs_given) -> None:
+    if inputs_given:
+        raise ConfigError("--resume RUN_DIR takes the run's own arguments; give no checkpoints "
+                          "or --objective with it")
 
 
 def _report(result, quiet: bool) -> None:

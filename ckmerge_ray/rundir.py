@@ -19,7 +19,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 from ckmerge_ray.errors import ConfigError, OutputError, RunError
 from ckmerge_ray.results import (
@@ -69,6 +69,21 @@ def claim_tune_dir(out: Path, overwrite: bool, resume: bool, record: Dict,
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / JOURNAL_DIR, ignore_errors=True)  # another run's evaluations
     return None
+
+
+def reclaim_tune_dir(out: Path, overwrite: bool, resume: bool, record: Dict,
+                     log: Callable[[str], None]) -> Tuple[Optional[Dict], bool]:
+    """`claim_tune_dir` in the locked directory, saying what a resume finds: returns the stored
+    run.json (None for a new run) and whether that run had finished (its summary is there: the
+    caller reports it). A run that was interrupted has the interruption moved to its history."""
+    previous = claim_tune_dir(out, overwrite, resume, record)
+    if previous and (out / SUMMARY_FILE).exists():
+        log(f"{out} holds a finished run; reporting it")
+        return previous, True
+    if previous and (note := take_interruption(out)):
+        log(f"resuming a run interrupted by {note['signal']} at {note['at']} "
+            f"({note['trials_recorded']} of {note['trials_requested']} trials recorded)")
+    return previous, False
 
 
 def read_run_file(out: Path) -> Dict:

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import pyarrow as pa
 import ray
 from ray import tune
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -50,7 +49,7 @@ from ckmerge_ray.results import (
 )
 from ckmerge_ray.rundir import (
     RUN_DEFINING, check_unlocked, claim_tune_dir, jsonable, lock_run_dir, read_run_file,
-    take_interruption,
+    reclaim_tune_dir,
 )
 from ckmerge_ray.search import LAMBDA
 from ckmerge_ray.search.fidelity import ScreeningScheduler
@@ -144,13 +143,10 @@ def tune_merge(
 
 def run_locked(ctx: _Run, guard: RunGuard, record: Dict, objective, stored) -> TuneMergeResult:
     """Steps 2 to 6, in the claimed and locked output directory."""
-    previous = claim_tune_dir(ctx.out, ctx.run.overwrite, ctx.run.resume, record)
-    if previous and (ctx.out / SUMMARY_FILE).exists():
-        ctx.log(f"{ctx.out} holds a finished run; reporting it")
+    previous, finished = reclaim_tune_dir(ctx.out, ctx.run.overwrite, ctx.run.resume, record,
+                                          ctx.log)
+    if finished:
         return load_result(ctx.out, ctx.log)
-    if previous and (note := take_interruption(ctx.out)):
-        ctx.log(f"resuming a run interrupted by {note['signal']} at {note['at']} "
-                f"({note['trials_recorded']} of {note['trials_requested']} trials recorded)")
     ctx.resumed = bool(previous)
 
     t_ray = time.perf_counter()

@@ -30,7 +30,7 @@ from ckmerge_ray.results import (
     read_rows, rows_to_table, write_json_atomic,
 )
 from ckmerge_ray.rundir import (
-    check_unlocked, claim_tune_dir, jsonable, lock_run_dir, take_interruption,
+    check_unlocked, claim_tune_dir, jsonable, lock_run_dir, reclaim_tune_dir,
 )
 from ckmerge_ray.storage import check_destination, checkpoint_id, publish_dir
 from ckmerge_ray.tuner import evaluation_totals, fit, register_run_trainable, start_plan_holder
@@ -95,12 +95,10 @@ def run_record(paths, family: Family, objective, objective_options, search: Sear
 
 
 def run_locked(ctx: _WindowRun, guard: RunGuard, record: Dict, objective, stored) -> WindowResult:
-    previous = claim_tune_dir(ctx.out, ctx.run.overwrite, ctx.run.resume, record)
-    if previous and (ctx.out / SUMMARY_FILE).exists():
-        ctx.log(f"{ctx.out} holds a finished run; reporting it")
+    previous, finished = reclaim_tune_dir(ctx.out, ctx.run.overwrite, ctx.run.resume, record,
+                                          ctx.log)
+    if finished:
         return load_window_result(ctx.out, ctx.log)
-    if previous and (note := take_interruption(ctx.out)):
-        ctx.log(f"resuming a run interrupted by {note['signal']} at {note['at']}")
     ctx.resumed = bool(previous)
     started_ray = connect(ctx.log)
     guard.take_signals()
