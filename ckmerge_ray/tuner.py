@@ -515,6 +515,9 @@ def resume_run(output_dir: str | os.PathLike, **overrides) -> TuneMergeResult:
     (``progress``, ``export_best``, ...)."""
     out = Path(output_dir)
     stored = read_run_file(out)
+    if "window" in stored:
+        raise ConfigError(f"{out} holds a window's run, not a pair's: resume it with "
+                          f"ckmerge-ray tune-window --resume {out}")
     if not stored.get("objective_is_spec"):
         raise ConfigError(
             f"the run in {out} was given a Python objective ({stored['objective']}); resume it "

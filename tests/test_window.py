@@ -236,6 +236,15 @@ def test_k3_best_model_reloads_and_reproduces_its_score(simplex_run, trajectory)
     assert cli(["plot", str(simplex_run)]) == 0 and (simplex_run / "window.png").exists()
 
 
+def test_k3_cli_resume_of_the_finished_run_reports_it(simplex_run, capsys):
+    capsys.readouterr()
+    assert cli(["tune-window", "--resume", str(simplex_run)]) == 0
+    out = capsys.readouterr().out
+    assert "holds a finished run" in out and "best weights" in out
+    assert cli(["tune", "--resume", str(simplex_run)]) == 2  # a window's run, not a pair's
+    assert "resume it with ckmerge-ray tune-window --resume" in capsys.readouterr().err
+
+
 # --- k = 4, a killed driver ----------------------------------------------------------------------
 
 WINDOW_DRIVER = r'''
