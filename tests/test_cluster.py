@@ -447,6 +447,13 @@ try:
                                                      "from_journal", "error")}
                               for r in result.table.to_pylist()]
             report["summary_store"] = result.summary["object_store"]
+            # The searcher's final state, as Tune saved it: what its GP observed, what failed.
+            from ckmerge_ray.search import GPHedgeSearch
+            final = GPHedgeSearch()
+            run_file = json.loads(Path(out, "run", "run.json").read_text())
+            final.restore_from_dir(run_file["experiment"])
+            report["observed"] = [float(x[0]) for x in final.optimizer.space.params]
+            report["failed"] = final._failed
         except BaseException as e:
             report["tune_error"] = repr(e)
         finally:
@@ -543,6 +550,12 @@ def test_a_lost_worker_node_and_a_joining_one_mid_run(trajectory, tmp_path):
     assert len([r for r in rows if r["node_id"] == doomed]) == len(finished_there), rows
     assert any(r["node_id"] == joined for r in rows), f"no trial ran on the new node: {rows}"
     assert report["holder_nodes"] and set(report["holder_nodes"]) == {head}, report
+    # The searcher observed every evaluation, also one whose trial Tune re-ran under a new id
+    # after the loss (Tuner.restore(restart_errored=True)), and holds none as failed.
+    rerun = "running them again" in stdout
+    assert sorted(round(x, 9) for x in report["observed"]) == \
+        sorted(round(r["lam"], 9) for r in rows), (rerun, report["observed"], rows)
+    assert report["failed"] == [], (rerun, report["failed"])
 
     # Shards: copies on the driver's node and the new one, none on the lost one; the new node
     # pulled each shard exactly once (a second pull of any shard would add its size again).

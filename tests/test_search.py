@@ -254,3 +254,135 @@ def test_initial_gains_start_the_hedge_and_are_checked():
         merge_searcher(0.5, "min", 1, initial_gains={"lcb": 1.0})
     with pytest.raises(ValueError, match="initial_gains must be finite"):
         merge_searcher(0.5, "min", 1, initial_gains={"pi": float("-inf")})
+
+
+@pytest.mark.parametrize("first_attempt", ["errored", "pending"])
+def test_a_trial_rerun_under_a_new_id_is_observed(first_attempt, tmp_path):
+    """Tuner.restore(..., restart_errored=True) runs an errored trial again as a new Trial with a
+    new id (ray/tune/execution/tune_controller.py: _requeue_restored_trials → Trial.reset(),
+    trial_id=None), never handed out by the searcher; Tune passes its result flattened, config
+    included (stop_trial: flatten_dict(trial.last_result)), through the ConcurrencyLimiter that
+    max_concurrent_trials wraps around the searcher. "errored": the searcher was told of the
+    error; "pending": its state was saved while the first attempt still ran."""
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.utils.util import flatten_dict
+
+    from ckmerge_ray.search import SEARCH_KEY
+
+    def searcher():
+        s = GPHedgeSearch(space={"x": (0.0, 1.0)}, metric="score", mode="min", batch_size=2,
+                          seed=0, points_to_evaluate=[{"x": 0.0}, {"x": 1.0}], n_candidates=200)
+        return s, ConcurrencyLimiter(s, max_concurrent=2)  # what max_concurrent_trials=2 builds
+
+    s, limiter = searcher()
+    a, b = limiter.suggest("a"), limiter.suggest("b")
+    assert limiter.suggest("c") is None  # the limit still holds
+    limiter.on_trial_complete("a", {"score": bowl(0.0)})
+    if first_attempt == "errored":
+        limiter.on_trial_complete("b", None, error=True)  # its worker node was lost
+        assert s._failed == [[1.0]]
+    s.save(str(tmp_path / "s.pkl"))  # Tuner.restore: a fresh searcher from the saved state
+    s, limiter = searcher()
+    s.restore(str(tmp_path / "s.pkl"))
+    rerun = flatten_dict({"score": bowl(1.0), "trial_id": "b2", "config": b})
+    assert "config/x" in rerun and f"config/{SEARCH_KEY}/batch" in rerun
+    limiter.on_trial_complete("b2", rerun)
+    X, y = s._observations()
+    assert sorted(X[:, 0].tolist()) == [0.0, 1.0] and s._failed == []
+    assert sorted((-y).tolist()) == sorted([bowl(0.0), bowl(1.0)])
+    assert s._live_trial_mapping == {} and s._outstanding[0] == []  # batch 0 closed
+    limiter.on_trial_complete("b2", rerun)  # told twice: still one observation
+    limiter.on_trial_complete("other", {"score": 1.0, "config": {"y": 0.5}})  # not this space
+    assert len(s.optimizer.space) == 2
+    nxt = [limiter.suggest(t) for t in ("d", "e", "f")]
+    assert nxt[2] is None and {search_record(c)["acquisition"] for c in nxt[:2]} <= \
+        {"ei", "pi", "ucb"}  # the GP chose from both results, two at a time
+
+
+# --- every constructor argument, whichever way the space is given (issue 16) -------------------
+
+SPACE_2D = {"x": (0.0, 1.0), "y": (0.0, 2.0)}
+DOMAINS_2D = {"x": ("uniform", 0.0, 1.0), "y": ("uniform", 0.0, 2.0)}
+
+
+def bowl_2d(config):
+    return (config["x"] - 0.3) ** 2 + (config["y"] - 1.2) ** 2 / 4 + 1.0
+
+
+def sum_of_coordinates(points, names):
+    """An `embed` for the argument test: points with the same x + y/2 mean one thing."""
+    points = np.asarray(points, dtype=float)
+    return points[:, [names.index("x")]] + points[:, [names.index("y")]] / 2
+
+
+BASE_2D = dict(metric="score", mode="min", seed=0, n_candidates=100)
+PTE = [{"x": 0.9, "y": 0.1}, {"x": 0.1, "y": 1.9}, {"x": 0.5, "y": 1.0}]
+GP = {"points_to_evaluate": PTE}  # for an argument of the GP's choice: three results first
+
+# (argument, value, arguments it is tried with (also in its default run), what the searcher
+# holds once it has the space). Each value changes the suggestions up to the first GP choice
+# (after two explored points, or after the three of PTE) against the argument's default:
+# checked, so a dropped argument cannot pass.
+ARGUMENTS = [
+    ("points_to_evaluate", PTE, {}, lambda s: s._points_to_evaluate == PTE),
+    ("batch_size", 3, {}, lambda s: s.batch_size == 3),
+    ("acquisitions", ("ucb", "ei"), {}, lambda s: s.acquisitions == ("ucb", "ei")),
+    ("eta", 4.0, {"initial_gains": {"pi": -1.0}}, lambda s: s.eta == 4.0),
+    ("initial_gains", {"pi": -1.0}, {}, lambda s: s.gains == {"ei": 0.0, "pi": -1.0, "ucb": 0.0}),
+    ("xi", 0.5, {"acquisitions": ("ei",), **GP}, lambda s: s.xi == 0.5),
+    ("kappa", 5.0, {"acquisitions": ("ucb",), **GP}, lambda s: s.kappa == 5.0),
+    ("gp_noise", 0.1, {"acquisitions": ("ucb",), **GP},
+     lambda s: s.gp_noise == 0.1 and s.optimizer._gp.alpha == 0.1),
+    ("noise_key", "se", {"acquisitions": ("ei",), **GP}, lambda s: s.noise_key == "se"),
+    ("min_spacing", 0.45, {"acquisitions": ("ucb",), **GP}, lambda s: s._box().min_spacing == 0.45),
+    ("min_length_scale", 0.5, {"acquisitions": ("ucb",), **GP},
+     lambda s: s.optimizer._gp.kernel.length_scale_bounds == [(0.5, 1e5), (1.0, 1e5)]),
+    ("seed", 7, {"acquisitions": ("ucb",)},
+     lambda s: s.seed == 7 and s.optimizer._gp.random_state == 7),
+    ("n_candidates", 30, {"acquisitions": ("ucb",)}, lambda s: s._box().n_candidates == 30),
+    ("embed", sum_of_coordinates, {"acquisitions": ("ucb",)},
+     lambda s: s.embed is sum_of_coordinates),
+]
+
+
+def drive_2d(searcher, n, start=0):
+    """Sequential trials on the 2-D bowl; results carry a stderr `se` (read with noise_key)."""
+    seen = []
+    for i in range(start, start + n):
+        cfg = searcher.suggest(f"t{i}")
+        seen.append(cfg)
+        searcher.on_trial_complete(f"t{i}", {"score": bowl_2d(cfg), "se": 0.05})
+    return seen
+
+
+@pytest.mark.parametrize("name,value,support,holds", ARGUMENTS, ids=[a[0] for a in ARGUMENTS])
+def test_every_argument_works_with_every_way_of_giving_the_space(name, value, support, holds,
+                                                                 tmp_path):
+    """Issue 16: each argument that changes behaviour takes effect whether the space comes
+    (1) to the constructor, (2) from Tune's param_space (set_search_properties), or (3) from a
+    saved state restored into a blank searcher mid-run (as Tuner.restore does): the searcher
+    holds the setting, and all three make the same suggestions, which differ from those made
+    with the argument at its default."""
+    from ray import tune
+
+    kwargs = {**BASE_2D, **support, name: value}
+    n = len(kwargs.get("points_to_evaluate", [])) + 1 if "points_to_evaluate" in kwargs else 3
+    k = 2  # (3) is saved after the first k trials; compared: n suggestions, to the GP's first
+    domains = {p: getattr(tune, kind)(lo, hi) for p, (kind, lo, hi) in DOMAINS_2D.items()}
+    given = GPHedgeSearch(space=SPACE_2D, **kwargs)
+    tuned, saved = GPHedgeSearch(**kwargs), GPHedgeSearch(**kwargs)
+    for s in (tuned, saved):
+        assert s.set_search_properties(None, None, dict(domains))
+    for s in (given, tuned, saved):
+        assert holds(s), (name, "before any trial")
+    first = drive_2d(saved, k)
+    saved.save_to_dir(str(tmp_path), session_str="s")
+    restored = GPHedgeSearch()  # blank, as Tune's restore builds it
+    restored.restore_from_dir(str(tmp_path))
+    assert name == "points_to_evaluate" or holds(restored), (name, "after restore")
+    runs = {"constructor": drive_2d(given, n), "param_space": drive_2d(tuned, n),
+            "restored": first + drive_2d(restored, n - k, start=k)}
+    assert runs["param_space"] == runs["constructor"], name
+    assert runs["restored"] == runs["constructor"], name
+    default = drive_2d(GPHedgeSearch(space=SPACE_2D, **BASE_2D, **support), n)
+    assert runs["constructor"] != default, f"{name}={value!r} changed nothing"

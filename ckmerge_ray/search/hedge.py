@@ -83,6 +83,13 @@ class GPHedgeSearch(BayesOptSearch):
     ``noise_key``. A failed trial (error, missing, non-finite or non-numeric metric) is recorded:
     its point is never suggested again, and nothing waits for it.
 
+    **Trials re-run under a new id.** A finished result for a trial it did not suggest under
+    that id, whose ``config`` gives every parameter of the space, is an observation of that point
+    (no longer a failed one): ``Tuner.restore(..., restart_errored=True)`` re-runs an errored
+    trial, say one of a lost worker node, under a new id. So that Tune's ``max_concurrent_trials``
+    limiter passes such results on (it drops those of trials it did not hand out), the searcher
+    keeps that limit itself (``set_max_concurrency``).
+
     **BayesOptSearch's arguments.**
 
     ===========================  ==================================================================
@@ -257,6 +264,7 @@ class GPHedgeSearch(BayesOptSearch):
         self._trial_info: Dict[str, Dict] = {}
         self._failed: List[List[float]] = []
         self.suggest_seconds = 0.0  # time spent choosing points, for the run's time budget
+        self.max_concurrent = 0  # Tune's max_concurrent_trials (set_max_concurrency); 0: none
         if points_to_evaluate is not None and not isinstance(points_to_evaluate, (list, tuple)):
             raise TypeError(f"points_to_evaluate must be a list of dicts, got "
                             f"{type(points_to_evaluate).__name__}")
@@ -340,6 +348,8 @@ class GPHedgeSearch(BayesOptSearch):
             # for them (Tune asks again when a trial ends) rather than spend trials exploring
             # blind. Idle slots cost nothing; a trial costs an evaluation.
             return None
+        if self.max_concurrent and len(self._live_trial_mapping) >= self.max_concurrent:
+            return None  # the limit Tune's ConcurrencyLimiter left to us (set_max_concurrency)
         if self._slot >= self.batch_size:
             self._open_batch()
         if self._points_to_evaluate:
@@ -357,17 +367,47 @@ class GPHedgeSearch(BayesOptSearch):
         # The bookkeeping rides in one namespaced key, never beside the user's parameters.
         return {**unflatten_dict(dict(params)), SEARCH_KEY: dict(info)}
 
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        """Tune's ``max_concurrent_trials`` (through ``ConcurrencyLimiter``): kept here, so that
+        the limiter passes on the results of trials it did not hand out (see the class doc)."""
+        self.max_concurrent = int(max_concurrent)
+        return True
+
     def on_trial_complete(
         self, trial_id: str, result: Optional[Dict] = None, error: bool = False
     ) -> None:
         params = self._live_trial_mapping.pop(trial_id, None)
         if params is None:
-            return  # unknown or already processed: idempotent
+            self._complete_unknown(result, error)
+            return
         self.record_result(params, result, error)
         batch = self._trial_info.get(trial_id, {}).get("batch")
         if batch is not None and trial_id in self._outstanding.get(batch, []):
             self._outstanding[batch].remove(trial_id)
             self._credit_if_complete(batch)
+
+    def _complete_unknown(self, result: Optional[Dict], error: bool) -> None:
+        """A trial this searcher did not suggest under this id: Tune re-ran an errored one
+        (``restart_errored``) under a new id. Its result's ``config`` (nested, or flattened to
+        ``config/<name>`` as Tune passes it) names the point; a repeat is a no-op (bayes_opt
+        refuses a known point, and a failed point is listed once)."""
+        if error or result is None or not self.optimizer:
+            return
+        try:
+            flat = flatten_dict(dict(result))
+        except (TypeError, ValueError):
+            return
+        values = {k: finite_real(flat.get(f"config/{k}")) for k in self._keys}
+        if any(v is None for v in values.values()):
+            return  # not a trial of this space: nothing to learn from
+        x = self._to_array(values)
+        for tid, p in list(self._live_trial_mapping.items()):
+            if np.allclose(self._to_array(p), x, rtol=1e-12, atol=1e-12):
+                # Our own trial at that point, still pending under its old id (the searcher's
+                # state was saved before its error): the same trial, so it completes that one.
+                self.on_trial_complete(tid, result, error)
+                return
+        self.record_result(values, result)
 
     def record_result(self, params: Dict, result: Optional[Dict], error: bool = False) -> None:
         """Record a finished evaluation: a GP observation, or a failed point never suggested again.
@@ -376,10 +416,11 @@ class GPHedgeSearch(BayesOptSearch):
         """
         finite = finite_real(result_value(result, self._metric)) is not None
         screened = result_value(result, "fidelity") == "screen"
-        if error or not finite:
-            self._failed.append(self._to_array(params).tolist())
-        elif screened and not self._finite_stderr(result):
-            self._failed.append(self._to_array(params).tolist())  # excluded, but no GP input
+        if error or not finite or (screened and not self._finite_stderr(result)):
+            # (screened without a stderr: excluded, but no GP input)
+            x = self._to_array(params).tolist()
+            if x not in self._failed:
+                self._failed.append(x)
         else:
             self._register_result(params, result)
 
@@ -400,6 +441,10 @@ class GPHedgeSearch(BayesOptSearch):
                 logger.info("GPHedgeSearch: not registering a repeated point: %s", e)
                 return
         self._obs_stderr.append(self._finite_stderr(result) or math.nan)
+        if self._failed:  # observed now (a re-run of a trial that errored): no longer failed
+            x = self._to_array(params)
+            self._failed = [f for f in self._failed
+                            if not np.allclose(f, x, rtol=1e-12, atol=1e-12)]
 
     def _finite_stderr(self, result: Optional[Dict]) -> Optional[float]:
         value = finite_real(result_value(result, self.noise_key)) if self.noise_key else None
