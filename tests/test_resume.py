@@ -24,13 +24,16 @@ from ray import tune
 from ckmerge_ray import GPHedgeSearch
 from ckmerge_ray.search import search_record
 
+# Read here, in the driver: the trials run in workers of a Ray that may not share its
+# environment; the objective takes these values with it.
 LOG = Path(os.environ["LAM_LOG"])
+HANG_AT = int(os.environ.get("HANG_AT", "0"))
 
 def objective(config):
     lam = config["lam"]
     with open(LOG, "a") as f:
         f.write(f"{lam!r}\n")
-    if len(LOG.read_text().split()) == int(os.environ.get("HANG_AT", "0")):
+    if len(LOG.read_text().split()) == HANG_AT:
         Path(str(LOG) + ".hang").touch()
         time.sleep(600)  # the test kills the driver while this trial runs
     tune.report({"score": (lam - 0.71) ** 2 + 3.0})
@@ -60,17 +63,19 @@ def run_driver(tmp_path, mode, env, **popen):
                             start_new_session=True, **popen)
 
 
-def test_tuner_restore_after_driver_kill_continues_the_same_sequence(tmp_path):
+def test_tuner_restore_after_driver_kill_continues_the_same_sequence(ray_session, tmp_path):
     log = tmp_path / "lams.log"
     env = {**os.environ, "LAM_LOG": str(log), "HANG_AT": "6", "TUNE_GLOBAL_CHECKPOINT_S": "0",
-           "RAY_ADDRESS": "local"}
+           "RAY_ADDRESS": _session_address(ray_session)}
     first = run_driver(tmp_path, "fit", env)
     deadline = time.time() + 240
     while not Path(str(log) + ".hang").exists():
         assert first.poll() is None, first.stdout.read()
         assert time.time() < deadline, "the driver never reached the sixth trial"
         time.sleep(0.5)
-    os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+    # The driver dies as a lost head-node process would; Ray ends its job's actors, the
+    # hanging trial among them.
+    os.killpg(first.pid, signal.SIGKILL)
     first.wait()
 
     env["HANG_AT"] = "0"
@@ -96,14 +101,19 @@ from pathlib import Path
 from ckmerge_ray import tune_merge
 from ckmerge_ray.objectives import HeldoutLoss
 
+# Read here, in the driver: the evaluations run in workers of a Ray that may not share its
+# environment; the objective takes these values with it.
+EVAL_LOG = Path(os.environ["EVAL_LOG"])
+HANG_AT = int(os.environ.get("HANG_AT", "0"))
+
 class CountsAndHangs(HeldoutLoss):
     """Logs every finished evaluation; hangs in evaluation number HANG_AT (for the kill)."""
 
     def evaluate(self, model, device):
-        log = Path(os.environ["EVAL_LOG"])
+        log = EVAL_LOG
         n = len(list(log.parent.glob("started-*")))
         (log.parent / f"started-{n}-{os.getpid()}").touch()
-        if n + 1 == int(os.environ.get("HANG_AT", "0")):
+        if n + 1 == HANG_AT:
             # Hang only once every other started evaluation is in the run's journal: an
             # evaluation killed between its last line and its journal record would (rightly)
             # be computed again on resume, and the count below would race with the kill.
@@ -127,12 +137,14 @@ print("BEST", r.best_lambda)
 '''
 
 
-def test_killed_driver_resumes_without_redoing_finished_evaluations(trajectory, tmp_path):
+def test_killed_driver_resumes_without_redoing_finished_evaluations(ray_session, trajectory,
+                                                                    tmp_path):
     script = tmp_path / "tune_driver.py"
     script.write_text(TUNE_DRIVER)
     (tmp_path / "evals").mkdir()
     log = tmp_path / "evals" / "finished.log"
-    env = {**os.environ, "EVAL_LOG": str(log), "HANG_AT": "5", "RAY_ADDRESS": "local"}
+    env = {**os.environ, "EVAL_LOG": str(log), "HANG_AT": "5",
+           "RAY_ADDRESS": _session_address(ray_session)}
     args = [sys.executable, str(script), str(trajectory[-2]), str(trajectory[-1]), str(tmp_path / "run")]
     first = subprocess.Popen(args + ["fit"], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -141,7 +153,7 @@ def test_killed_driver_resumes_without_redoing_finished_evaluations(trajectory, 
         assert first.poll() is None, first.stdout.read()
         assert time.time() < deadline, "the driver never reached the fifth evaluation"
         time.sleep(0.2)
-    os.killpg(first.pid, signal.SIGKILL)  # driver, Ray and workers, mid-evaluation
+    os.killpg(first.pid, signal.SIGKILL)  # the driver, mid-evaluation; Ray ends its workers
     first.wait()
     finished_before = log.read_text().split()
     assert len(finished_before) >= 3
