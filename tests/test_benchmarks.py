@@ -179,6 +179,37 @@ def test_eval_throughput_quick(tmp_path):
     assert float(figures["chunked_mem_ratio"]) < 1.25
     assert float(figures["full_mem_ratio"]) > 1.6
     assert float(figures["loss_rel_diff_max"]) < 1e-5  # the same loss
+    # The largest batch of 64-token windows one pass fits under a 1 GiB address-space cap at
+    # 256k (a real allocation failure ends the search): the full logits' ~200 MiB per window
+    # stop it at a few windows (--quick measured 5), the chunked path reaches the cap of 64.
+    assert 1 <= int(figures["largest_full"]) < 16, figures
+    assert int(figures["largest_chunked"]) == 64, figures
+
+
+def test_eval_throughput_gpu_figures_count_what_they_say():
+    """The GPU row's arithmetic, checked here since no GPU runs in the suite: the peak rate
+    looked up by device name (the most specific name first) and the parameters counted."""
+    import importlib.util
+
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    spec = importlib.util.spec_from_file_location("eval_throughput",
+                                                  ROOT / "benchmarks" / "eval_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.peak_tflops("NVIDIA H200") == 989.4
+    assert bench.peak_tflops("NVIDIA H200 NVL") == 835.5
+    assert bench.peak_tflops("NVIDIA H100 PCIe") == 756.5
+    assert bench.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert bench.peak_tflops("Some Future GPU") is None
+    untied = LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=1, num_attention_heads=2,
+                                          tie_word_embeddings=False))
+    total = sum(p.numel() for p in untied.parameters())
+    assert bench.matmul_params(untied) == total - 1000 * 32  # the embedding is a lookup
+    tied = GPT2LMHeadModel(GPT2Config(vocab_size=1000, n_embd=32, n_layer=1, n_head=2))
+    # the tied matrix is the head: counted once, as parameters() gives it
+    assert bench.matmul_params(tied) == sum(p.numel() for p in tied.parameters())
 
 
 def test_convert_store_quick(tmp_path):
