@@ -115,9 +115,7 @@ class HangsOnNode(HeldoutLoss):
     """Records every evaluation's start and finish with the node it ran on (files in
     `token_dir`), adds that node to the metrics (``node_id``), and on the node named in
     `token_dir`/doomed hangs in every evaluation that starts there after one has finished there
-    (touching `token_dir`/hanging), so the test can remove that node while its trials run. Once
-    the test has touched `token_dir`/lost, an evaluation elsewhere waits for `token_dir`/joined
-    (the replacement node is up), so that trials are still waiting when it joins."""
+    (touching `token_dir`/hanging), so the test can remove that node while its trials run."""
 
     def __init__(self, path, token_dir, **kwargs):
         super().__init__(path, **kwargs)
@@ -138,11 +136,6 @@ class HangsOnNode(HeldoutLoss):
                                   for n in os.listdir(self.token_dir)):
             open(os.path.join(self.token_dir, "hanging"), "w").close()
             time.sleep(600)  # the test removes this node meanwhile
-        deadline = time.time() + 120
-        while (os.path.exists(os.path.join(self.token_dir, "lost"))
-               and not os.path.exists(os.path.join(self.token_dir, "joined"))
-               and time.time() < deadline):
-            time.sleep(0.1)
         out = super().evaluate(model, device)
         open(os.path.join(self.token_dir, f"finished-{tag}"), "w").close()
         return {**out, "node_id": node}
@@ -251,3 +244,37 @@ class KillsWorkersAtRandom(HeldoutLoss):
             kill.daemon = True
             kill.start()
         return super().evaluate(model, device)
+
+
+class CountsAndHangs(HeldoutLoss):
+    """Appends every finished evaluation's score to `log` and hangs (sleeps 600 s, for the test
+    to kill the driver) in evaluation number `hang_at` (0: never), once every other started
+    evaluation is in the run's journal (`journal`, files matching `pattern`): an evaluation
+    killed between its last line and its journal record would (rightly) be computed again on
+    resume, and a count of finished evaluations would race with the kill. Touches
+    `log`.hang when it hangs. Its settings travel with it to the workers, which need not
+    share the driver's environment."""
+
+    def __init__(self, path, log, hang_at, journal, pattern, **kwargs):
+        super().__init__(path, **kwargs)
+        self.log, self.hang_at = str(log), int(hang_at)
+        self.journal, self.pattern = str(journal), pattern
+
+    def evaluate(self, model, device):
+        import time
+        from pathlib import Path
+
+        log = Path(self.log)
+        n = len(list(log.parent.glob("started-*")))
+        (log.parent / f"started-{n}-{os.getpid()}").touch()
+        if n + 1 == self.hang_at:
+            deadline = time.time() + 120
+            while (len(list(Path(self.journal).glob(self.pattern))) < n
+                   and time.time() < deadline):
+                time.sleep(0.05)
+            Path(self.log + ".hang").touch()
+            time.sleep(600)
+        out = super().evaluate(model, device)
+        with open(log, "a") as f:
+            f.write(f"{out['score']!r}\n")
+        return out

@@ -17,6 +17,8 @@ from ckmerge_ray.cli import main as cli
 from ckmerge_ray.search import GPHedgeSearch
 from tests.test_search import bowl, drive
 
+ROOT = Path(__file__).resolve().parent.parent
+
 DRIVER = r'''
 import json, os, sys, time
 from pathlib import Path
@@ -96,43 +98,19 @@ def test_tuner_restore_after_driver_kill_continues_the_same_sequence(ray_session
 
 
 TUNE_DRIVER = r'''
-import os, sys, time
+import os, sys
 from pathlib import Path
+root, earlier, later, out, resume = sys.argv[1:6]
+sys.path.insert(0, root)
 from ckmerge_ray import tune_merge
-from ckmerge_ray.objectives import HeldoutLoss
+from tests import faulty
 
-# Read here, in the driver: the evaluations run in workers of a Ray that may not share its
-# environment; the objective takes these values with it.
-EVAL_LOG = Path(os.environ["EVAL_LOG"])
-HANG_AT = int(os.environ.get("HANG_AT", "0"))
-
-class CountsAndHangs(HeldoutLoss):
-    """Logs every finished evaluation; hangs in evaluation number HANG_AT (for the kill)."""
-
-    def evaluate(self, model, device):
-        log = EVAL_LOG
-        n = len(list(log.parent.glob("started-*")))
-        (log.parent / f"started-{n}-{os.getpid()}").touch()
-        if n + 1 == HANG_AT:
-            # Hang only once every other started evaluation is in the run's journal: an
-            # evaluation killed between its last line and its journal record would (rightly)
-            # be computed again on resume, and the count below would race with the kill.
-            deadline = time.time() + 120
-            while (len(list(Path(self.journal).glob("lam=*.json"))) < n
-                   and time.time() < deadline):
-                time.sleep(0.05)
-            Path(str(log) + ".hang").touch()
-            time.sleep(600)
-        out = super().evaluate(model, device)
-        with open(log, "a") as f:
-            f.write(f"{out['score']!r}\n")
-        return out
-
-earlier, later, out, resume = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "resume"
-objective = CountsAndHangs(Path(later).parent / "heldout.jsonl", seq_len=64, max_tokens=2048)
-objective.journal = str(Path(out).resolve() / "evaluations")
+faulty.ship_by_value()
+objective = faulty.CountsAndHangs(
+    Path(later).parent / "heldout.jsonl", os.environ["EVAL_LOG"], os.environ["HANG_AT"],
+    Path(out).resolve() / "evaluations", "lam=*.json", seq_len=64, max_tokens=2048)
 r = tune_merge((earlier, later), {"cpu": 1}, objective=objective, num_trials=6, max_concurrent=2,
-               output_dir=out, seed=3, resume=resume, export_best=False)
+               output_dir=out, seed=3, resume=resume == "resume", export_best=False)
 print("BEST", r.best_lambda)
 '''
 
@@ -145,7 +123,8 @@ def test_killed_driver_resumes_without_redoing_finished_evaluations(ray_session,
     log = tmp_path / "evals" / "finished.log"
     env = {**os.environ, "EVAL_LOG": str(log), "HANG_AT": "5",
            "RAY_ADDRESS": _session_address(ray_session)}
-    args = [sys.executable, str(script), str(trajectory[-2]), str(trajectory[-1]), str(tmp_path / "run")]
+    args = [sys.executable, str(script), str(ROOT), str(trajectory[-2]), str(trajectory[-1]),
+            str(tmp_path / "run")]
     first = subprocess.Popen(args + ["fit"], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 300

@@ -25,6 +25,8 @@ from ckmerge_ray.families import (
 from ckmerge_ray.objectives import HeldoutLoss
 from tests.test_tune import read_safetensors
 
+ROOT = Path(__file__).resolve().parent.parent
+
 SEQ = {"seq_len": 64, "max_tokens": 2048}
 
 
@@ -248,38 +250,19 @@ def test_k3_cli_resume_of_the_finished_run_reports_it(simplex_run, capsys):
 # --- k = 4, a killed driver ----------------------------------------------------------------------
 
 WINDOW_DRIVER = r'''
-import os, sys, time
+import os, sys
 from pathlib import Path
-from ckmerge_ray.objectives import HeldoutLoss
+root, out, resume, *ckpts = sys.argv[1:]
+sys.path.insert(0, root)
 from ckmerge_ray.window import tune_window
+from tests import faulty
 
-class CountsAndHangs(HeldoutLoss):
-    """Logs every finished evaluation; hangs in evaluation number `hang_at` (for the kill), once
-    every other started evaluation is in the run's journal. Its settings travel with it to the
-    workers (they run in the test's Ray, without this driver's environment)."""
-
-    def evaluate(self, model, device):
-        log = Path(self.log)
-        n = len(list(log.parent.glob("started-*")))
-        (log.parent / f"started-{n}-{os.getpid()}").touch()
-        if n + 1 == self.hang_at:
-            deadline = time.time() + 120
-            while len(list(Path(self.journal).glob("w=*.json"))) < n and time.time() < deadline:
-                time.sleep(0.05)
-            Path(str(log) + ".hang").touch()
-            time.sleep(600)
-        out = super().evaluate(model, device)
-        with open(log, "a") as f:
-            f.write(f"{out['score']!r}\n")
-        return out
-
-out, resume = sys.argv[1], sys.argv[2] == "resume"
-ckpts = sys.argv[3:]
-objective = CountsAndHangs(Path(ckpts[-1]).parent / "heldout.jsonl", seq_len=64, max_tokens=2048)
-objective.journal = str(Path(out).resolve() / "evaluations")
-objective.log, objective.hang_at = os.environ["EVAL_LOG"], int(os.environ["HANG_AT"])
+faulty.ship_by_value()
+objective = faulty.CountsAndHangs(
+    Path(ckpts[-1]).parent / "heldout.jsonl", os.environ["EVAL_LOG"], os.environ["HANG_AT"],
+    Path(out).resolve() / "evaluations", "w=*.json", seq_len=64, max_tokens=2048)
 r = tune_window(ckpts, {"cpu": 1}, objective, family="ema+length", num_trials=7,
-                max_concurrent=2, output_dir=out, seed=2, resume=resume)
+                max_concurrent=2, output_dir=out, seed=2, resume=resume == "resume")
 print("BEST", r.best_weights, r.best_score)
 '''
 
@@ -305,7 +288,7 @@ def test_k4_window_resumes_after_a_killed_driver_without_redoing_evaluations(
     log = tmp_path / "evals" / "finished.log"
     env = {**os.environ, "EVAL_LOG": str(log), "HANG_AT": "5",
            "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    args = [sys.executable, str(script), str(tmp_path / "run")]
+    args = [sys.executable, str(script), str(ROOT), str(tmp_path / "run")]
     first = subprocess.Popen(args + ["fit", *map(str, ckpts)], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 300
