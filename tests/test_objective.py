@@ -59,8 +59,22 @@ def test_parse_objective_strings():
     assert isinstance(parse_objective("loss:x.jsonl", seq_len=16), HeldoutLoss)
     with pytest.raises(ObjectiveError, match="unknown objective kind 'acc'"):
         parse_objective("acc:x")
-    with pytest.raises(ObjectiveError, match="must be an Objective or a string like"):
+    with pytest.raises(ObjectiveError, match=r"must be an Objective or a string like.* \(did "
+                                             r"you mean 'loss:heldout.jsonl'\?\)"):
         parse_objective("heldout.jsonl")
+
+
+def test_a_misspelled_option_is_named_with_what_the_objective_takes(tmp_path):
+    with pytest.raises(ObjectiveError, match=r"unknown option\(s\) \['seqlen'\] for the 'loss' "
+                                             r"objective \(did you mean 'seq_len'\?\); it takes "
+                                             r"\['text_field', 'seq_len', 'max_tokens'"):
+        parse_objective("loss:x.jsonl", seqlen=16)
+    spec = tmp_path / "objective.yaml"
+    spec.write_text("lmeval:\n  tasks: [a]\n  limt: 20\n  fewshot: 0\n")
+    with pytest.raises(ObjectiveError, match=rf"unknown option\(s\) \['fewshot', 'limt'\] for "
+                                             rf"the 'lmeval' objective in {spec} \(did you mean "
+                                             r"'num_fewshot', 'limit'\?\)"):
+        parse_objective(str(spec))
 
 
 def _model_and_objective(ckpt, seq_len=32, max_tokens=512):
@@ -136,3 +150,34 @@ def test_objective_pickles_without_worker_state(trajectory):
     assert copy._splits == {} and copy._batch == 3
     cpu = torch.device("cpu")
     assert copy.evaluate(model, cpu)["loss"] == pytest.approx(obj.evaluate(model, cpu)["loss"])
+
+
+def test_a_checkpoint_without_tokenizer_files_is_refused_before_any_work(tiny_pair, tmp_path):
+    """What `save_pretrained` of a model alone leaves: config and weights. transformers would
+    build an empty tokenizer from config.json that turns all text into end-of-text tokens; the
+    run is refused instead, before an output directory exists."""
+    from ckmerge_ray import tune_merge
+
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text("Adjacent checkpoints lie on one training trajectory.\n" * 200)
+    with pytest.raises(ObjectiveError, match=r"held-out loss needs the later checkpoint's "
+                                             r"tokenizer, but .*/b holds no tokenizer files"):
+        HeldoutLoss(heldout, seq_len=8).prepare(tiny_pair[1])
+    with pytest.raises(ObjectiveError, match="holds no tokenizer files"):
+        tune_merge(tiny_pair, {"cpu": 1}, f"loss:{heldout}", objective_options={"seq_len": 8},
+                   output_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_tokenizer_that_turns_the_text_into_nothing_is_refused():
+    """A real tokenizer with an empty vocabulary (no unknown token) drops every character."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from ckmerge_ray.objectives.heldout import make_windows
+
+    empty = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()), eos_token="<eos>")
+    with pytest.raises(ObjectiveError, match=r"turned 2200 characters of held-out text into no "
+                                             r"tokens"):
+        make_windows(["one training trajectory " * 50, "x" * 1000], empty, seq_len=8,
+                     max_tokens=64)

@@ -41,7 +41,7 @@ def read_config(directory) -> Tuple[Dict, bytes]:
     writes, so that it is the config that was validated). Raises CheckpointError."""
     cfg = directory / "config.json"
     if not cfg.exists():
-        raise CheckpointError(f"no config.json in {directory}")
+        raise CheckpointError(f"no config.json in {directory}{_holds_checkpoints(directory)}")
     raw = cfg.read_bytes()
     try:
         config = json.loads(raw)
@@ -186,13 +186,26 @@ def parse_dtype(name: str) -> torch.dtype:
     return SAFETENSORS_DTYPES[name]
 
 
+def _holds_checkpoints(directory) -> str:
+    """A hint when a local `directory` is a run's folder of checkpoints rather than one."""
+    local = directory.local_path if directory.is_local else None
+    if local is None or not local.is_dir():
+        return ""
+    subs = sorted(p.name for p in local.iterdir() if (p / "config.json").is_file())
+    if not subs:
+        return ""
+    listed = ", ".join(subs[:3]) + (", ..." if len(subs) > 3 else "")
+    return (f"; it holds checkpoint folders ({listed}): pass one of them, or the whole folder "
+            "to `ckmerge-ray sweep`")
+
+
 def tokenizer_files(directory) -> List:
     """Tokenizer and generation files of a model directory (Locations), to copy next to an
     exported merged model or to stage locally for the objective's tokenizer."""
     names = [
         "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-        "merges.txt", "tokenizer.model", "added_tokens.json", "generation_config.json",
-        "chat_template.jinja",
+        "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "added_tokens.json",
+        "generation_config.json", "chat_template.jinja",
     ]
     return [directory / n for n in names if (directory / n).exists()]
 

@@ -42,3 +42,28 @@ class Objective(abc.ABC):
             f"the {self.name!r} objective has no cheaper subset for multi-fidelity screening; "
             "use an lm-eval objective (its documents are subset with `limit`)"
         )
+
+
+#: Files that define a tokenizer (any one will do). config.json alone does not: from it
+#: transformers builds an empty tokenizer of the model's class, which turns text into no tokens.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt",
+                   "tokenizer.model", "spiece.model")
+
+
+def load_tokenizer(tokenizer_dir: Path, trust_remote_code: bool = False,
+                   purpose: str = "the objective"):
+    """Θ(t)'s tokenizer from `tokenizer_dir` (``AutoTokenizer.from_pretrained``; its own code
+    only with `trust_remote_code`). Raises ObjectiveError when the directory holds none of
+    TOKENIZER_FILES or the tokenizer does not load; `purpose` says what needs it."""
+    from transformers import AutoTokenizer
+
+    d = Path(tokenizer_dir)
+    if not any((d / name).exists() for name in TOKENIZER_FILES):
+        raise ObjectiveError(
+            f"{purpose} needs the later checkpoint's tokenizer, but {d} holds no "
+            f"tokenizer files (none of {', '.join(TOKENIZER_FILES)}); save the training run's "
+            f"tokenizer there, e.g. tokenizer.save_pretrained({str(d)!r})")
+    try:
+        return AutoTokenizer.from_pretrained(str(d), trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - any failure means: no usable tokenizer
+        raise ObjectiveError(f"cannot load a tokenizer for {purpose} from {d}: {e}") from e

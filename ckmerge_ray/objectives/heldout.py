@@ -17,7 +17,7 @@ import torch
 
 from ckmerge_ray.errors import ObjectiveError
 from ckmerge_ray.storage import is_uri
-from ckmerge_ray.objectives.base import Objective
+from ckmerge_ray.objectives.base import Objective, load_tokenizer
 from ckmerge_ray.objectives.batching import (PeakMemory, Stopwatch, cpu_batch, fit_batch,
                                              free_cached, halving, is_oom)
 from ckmerge_ray.objectives.chunked import (SplitModel, chunk_bytes, chunked_nll,
@@ -179,14 +179,8 @@ class HeldoutLoss(Objective):
 
     def prepare(self, tokenizer_dir: Path) -> None:
         """Tokenize the text with the checkpoint's tokenizer and cut it into windows."""
-        from transformers import AutoTokenizer
-
         texts = read_texts(self.path, self.text_field)
-        try:
-            tok = AutoTokenizer.from_pretrained(str(tokenizer_dir),
-                                                trust_remote_code=self.trust_remote_code)
-        except Exception as e:
-            raise ObjectiveError(f"cannot load a tokenizer from {tokenizer_dir}: {e}") from e
+        tok = load_tokenizer(tokenizer_dir, self.trust_remote_code, "held-out loss")
         self.windows = make_windows(texts, tok, self.seq_len, self.max_tokens)
 
     def evaluate(self, model: torch.nn.Module, device: torch.device) -> Dict[str, float]:
@@ -256,12 +250,20 @@ def make_windows(texts: List[str], tokenizer, seq_len: int, max_tokens: int) -> 
     stream: List[int] = []
     # +1 per window because the first token of a window is context, not scored.
     needed = max_tokens + max_tokens // max(seq_len - 1, 1) + seq_len
+    chars = text_tokens = 0
     for text in texts:
-        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        chars, text_tokens = chars + len(text), text_tokens + len(ids)
+        stream.extend(ids)
         if eos is not None:
             stream.append(eos)
         if len(stream) >= needed:
             break
+    if chars and not text_tokens:
+        raise ObjectiveError(
+            f"the tokenizer ({type(tokenizer).__name__}, {len(tokenizer)} entries) turned "
+            f"{chars} characters of held-out text into no tokens: is it the training run's "
+            "tokenizer?")
     n_windows = min(len(stream) // seq_len, math.ceil(max_tokens / (seq_len - 1)))
     if n_windows == 0:
         raise ObjectiveError(

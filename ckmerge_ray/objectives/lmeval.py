@@ -30,7 +30,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from ckmerge_ray.errors import ObjectiveError
-from ckmerge_ray.objectives.base import Objective
+from ckmerge_ray.objectives.base import Objective, load_tokenizer
 from ckmerge_ray.objectives.batching import PeakMemory, Stopwatch, free_cached, halving, is_oom
 
 # (include_path, include_defaults) -> TaskManager; indexing the built-in tasks costs seconds, so
@@ -180,18 +180,11 @@ class LmEvalObjective(Objective):
                     )
 
     def _load_tokenizer(self, tokenizer_dir: Path, loaded: Dict) -> None:
-        from transformers import AutoTokenizer
-
         generating = [n for n, t in loaded["tasks"].items()
                       if t.get_config("output_type") == "generate_until"]
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(
-                tokenizer_dir, trust_remote_code=self.trust_remote_code)
-        except Exception as e:  # noqa: BLE001 - any failure means: no usable tokenizer
-            need = (f"generation tasks {generating[:3]} need" if generating
-                    else "lm-eval objectives need")
-            raise ObjectiveError(f"{need} Θ(t)'s tokenizer, but none loads from {tokenizer_dir}: "
-                                 f"{e}") from e
+        purpose = (f"the lm-eval objective (generation tasks {generating[:3]})" if generating
+                   else "the lm-eval objective")
+        self.tokenizer = load_tokenizer(tokenizer_dir, self.trust_remote_code, purpose)
         if generating and self.tokenizer.eos_token is None:
             raise ObjectiveError(f"generation tasks {generating[:3]} need a tokenizer with an "
                                  f"end-of-sequence token; the one in {tokenizer_dir} has none")

@@ -3,7 +3,10 @@ write, turned into `Objective` instances."""
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from pathlib import Path
+from typing import Mapping
 
 from ckmerge_ray.errors import ObjectiveError
 from ckmerge_ray.objectives.base import Objective
@@ -25,18 +28,39 @@ def parse_objective(spec: "str | Objective", **options) -> Objective:
     if isinstance(spec, str) and spec.endswith((".yaml", ".yml")) and ":" not in spec:
         return objective_from_yaml(Path(spec), options)
     if not isinstance(spec, str) or ":" not in spec:
+        hint = (f" (did you mean 'loss:{spec}'?)" if isinstance(spec, str)
+                and spec.endswith((".jsonl", ".parquet", ".txt")) else "")
         raise ObjectiveError(
-            f"objective must be an Objective or a string like 'loss:path/to/heldout.jsonl', got {spec!r}"
-        )
+            f"objective must be an Objective or a string like 'loss:path/to/heldout.jsonl', got "
+            f"{spec!r}{hint}")
     kind, _, arg = spec.partition(":")
-    kinds = {"loss": lambda: HeldoutLoss(arg, **options),
-             "lmeval": lambda: LmEvalObjective(parse_tasks(arg), **options)}
-    if kind in kinds:
-        try:
-            return kinds[kind]()
-        except TypeError as e:  # an option this kind does not take
-            raise ObjectiveError(f"bad options for the {kind!r} objective {sorted(options)}: {e}") from e
+    if kind == "loss":
+        return build(HeldoutLoss, kind, options, arg)
+    if kind == "lmeval":
+        return build(LmEvalObjective, kind, options, parse_tasks(arg))
     raise ObjectiveError(f"unknown objective kind {kind!r} in {spec!r}; known kinds: 'loss', 'lmeval'")
+
+
+def build(cls: type, kind: str, options: Mapping, first, where: str = "") -> Objective:
+    """``cls(first, **options)``, its options checked first (`check_options`); a TypeError of
+    the constructor (a value of the wrong type) becomes ObjectiveError."""
+    check_options(cls, kind, options, where)
+    try:
+        return cls(first, **options)
+    except TypeError as e:
+        raise ObjectiveError(f"bad options for the {kind!r} objective{where} "
+                             f"{dict(options)}: {e}") from e
+
+
+def check_options(cls: type, kind: str, options: Mapping, where: str = "") -> None:
+    """Raise ObjectiveError naming the options `cls` does not take, with those it does."""
+    takes = [n for n in inspect.signature(cls).parameters if n not in ("path", "tasks")]
+    unknown = sorted(set(options) - set(takes))
+    if unknown:
+        close = [m for u in unknown for m in difflib.get_close_matches(u, takes, 1)]
+        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+        raise ObjectiveError(f"unknown option(s) {unknown} for the {kind!r} objective{where}"
+                             f"{hint}; it takes {takes}")
 
 
 def objective_from_yaml(path: Path, overrides) -> Objective:
@@ -54,11 +78,8 @@ def objective_from_yaml(path: Path, overrides) -> Objective:
                              "[...], ...}' or 'loss: {path: ..., ...}'")
     kind, opts = next(iter(doc.items()))
     opts = {**opts, **overrides}
-    try:
-        if kind == "lmeval":
-            tasks = opts.pop("tasks", None)
-            tasks = parse_tasks(tasks) if isinstance(tasks, str) else list(tasks or [])
-            return LmEvalObjective(tasks, **opts)
-        return HeldoutLoss(opts.pop("path", ""), **opts)
-    except TypeError as e:  # an option this kind does not take
-        raise ObjectiveError(f"bad options in {path} for the {kind!r} objective {sorted(opts)}: {e}") from e
+    if kind == "lmeval":
+        tasks = opts.pop("tasks", None)
+        tasks = parse_tasks(tasks) if isinstance(tasks, str) else list(tasks or [])
+        return build(LmEvalObjective, kind, opts, tasks, f" in {path}")
+    return build(HeldoutLoss, kind, opts, opts.pop("path", ""), f" in {path}")
