@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
@@ -27,6 +28,9 @@ from ckmerge_ray.objectives import HeldoutLoss, Objective, parse_objective
 from ckmerge_ray.store import StoredCheckpoint, put_checkpoint
 
 Log = Callable[[str], None]
+# HF Trainer's checkpoint-<step>, torchtitan's step-<N>, and step<N> / step_<N> / iter_<N> /
+# global_step<N> layouts.
+CHECKPOINT_NAME = re.compile(r"^(?:checkpoint-|step[-_]?|iter_|global_step)(\d+)$")
 DEFAULT_SEQ_LEN = inspect.signature(HeldoutLoss).parameters["seq_len"].default
 
 
@@ -54,6 +58,7 @@ def load_window(paths: Sequence[str | os.PathLike], checkpoint: CheckpointConfig
     if len({i.name for i in infos}) != len(infos):
         raise ConfigError(f"two checkpoints share the name {_first_repeat([i.name for i in infos])!r}"
                           ": tables and logs tell checkpoints apart by their folder names")
+    check_order([i.name for i in infos])
     code_dir = check_remote_code(infos[-1], checkpoint.trust_remote_code)
     for info in infos[:-1]:
         validate_pair(info, infos[-1])  # the stored names first: the clearest message
@@ -68,6 +73,20 @@ def load_window(paths: Sequence[str | os.PathLike], checkpoint: CheckpointConfig
             if line:
                 log(f"{info.name}: {line}")
     return infos
+
+
+def check_order(names: Sequence[str]) -> None:
+    """Checkpoints named by their step (CHECKPOINT_NAME) must come oldest first: λ (or the
+    last weight) belongs to the newest. Raises ConfigError naming the two out of order; names
+    without a step are not checked."""
+    steps = [CHECKPOINT_NAME.match(n) for n in names]
+    if not all(steps):
+        return
+    for (a, sa), (b, sb) in zip(zip(names, steps), list(zip(names, steps))[1:]):
+        if int(sa.group(1)) >= int(sb.group(1)):
+            raise ConfigError(
+                f"checkpoints go oldest first (the later one is Θ(t), weighted by λ), but {a} "
+                f"(step {sa.group(1)}) is listed before {b} (step {sb.group(1)}): swap them")
 
 
 def _first_repeat(names: List[str]) -> str:

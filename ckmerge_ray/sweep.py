@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import signal
 import time
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from ckmerge_ray.config import CheckpointConfig, Resources, RunConfig, SearchCon
 from ckmerge_ray.errors import CheckpointError, ConfigError, RunError, RunInterrupted
 from ckmerge_ray.evaluator import start_evaluators
 from ckmerge_ray.inputs import (
-    Log, WindowStore, code_dir_of, load_window, prepare_objective, printer,
+    CHECKPOINT_NAME, Log, WindowStore, code_dir_of, load_window, prepare_objective, printer,
 )
 from ckmerge_ray.model import dtypes_of
 from ckmerge_ray.objectives import Objective
@@ -46,9 +45,6 @@ from ckmerge_ray.rundir import check_claimable, claim_output_dir
 from ckmerge_ray.storage import check_destination, discover_children, is_uri, locate
 from ckmerge_ray.store import StoredCheckpoint, pair_digest
 
-# HF Trainer's checkpoint-<step>, torchtitan's step-<N>, and step<N> / step_<N> / iter_<N> /
-# global_step<N> layouts.
-CHECKPOINT_NAME = re.compile(r"^(?:checkpoint-|step[-_]?|iter_|global_step)(\d+)$")
 
 
 @dataclass

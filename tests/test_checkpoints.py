@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ckmerge_ray.checkpoints import load_checkpoint_info, plan_shards, validate_pair
-from ckmerge_ray.errors import CheckpointError
+from ckmerge_ray.errors import CheckpointError, ConfigError
 from tests.conftest import tiny_llama
 
 
@@ -43,10 +43,14 @@ def test_directory_without_weights(tmp_path, tiny_pair):
         load_checkpoint_info(tmp_path / "empty")
 
 
-def test_directory_without_config(tmp_path):
+def test_directory_without_config(tmp_path, tiny_pair):
     (tmp_path / "noconf").mkdir()
-    with pytest.raises(CheckpointError, match="no config.json in"):
+    with pytest.raises(CheckpointError, match=r"no config.json in \S*noconf$"):
         load_checkpoint_info(tmp_path / "noconf")
+    # the run's folder given instead of one of its checkpoints: the message says so
+    with pytest.raises(CheckpointError, match=r"it holds checkpoint folders \(a, b\): pass one "
+                                              r"of them, or the whole folder to `ckmerge-ray sweep`"):
+        load_checkpoint_info(tiny_pair[0].parent)
 
 
 def test_missing_shard_named_in_index(tmp_path):
@@ -254,3 +258,21 @@ def test_a_separate_head_under_a_tied_config_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="differ, but .*config.json ties them .*"
                                               "tie_word_embeddings: false"):
         put_checkpoint(later, plan_shards(later, 1 << 30))
+
+
+def test_checkpoints_named_by_step_must_come_oldest_first(trajectory, tmp_path):
+    """A newcomer's swapped pair (later first) would tune λ toward the older checkpoint without
+    a word: refused, naming both, before any work; names without a step are not judged."""
+    from ckmerge_ray import tune_merge
+    from ckmerge_ray.inputs import check_order
+
+    heldout = trajectory[-1].parent / "heldout.jsonl"
+    with pytest.raises(ConfigError, match=r"checkpoint-120 \(step 120\) is listed before "
+                                          r"checkpoint-80 \(step 80\): swap them"):
+        tune_merge((trajectory[-1], trajectory[-2]), {"cpu": 1}, f"loss:{heldout}",
+                   output_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match=r"step-80 \(step 80\) is listed before step_40"):
+        check_order(["iter_10", "step-80", "step_40"])
+    check_order(["checkpoint-40", "checkpoint-80", "global_step120"])
+    check_order(["final", "checkpoint-40"])  # not every name has a step: no judgement
