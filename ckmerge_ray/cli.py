@@ -302,7 +302,7 @@ def _tune(args) -> int:
 
     _join_cluster(args)
     if args.resume:
-        _resume_alone(args.earlier or args.objective)
+        _resume_alone(args)
         _report(resume_run(args.resume, export_best=not args.no_export, progress=not args.quiet),
                 args.quiet)
         return 0
@@ -335,7 +335,7 @@ def _tune_window(args) -> int:
 
     _join_cluster(args)
     if args.resume:
-        _resume_alone(args.checkpoints or args.objective)
+        _resume_alone(args)
         result = resume_window(args.resume, export_best=not args.no_export,
                                progress=not args.quiet)
     else:
@@ -356,10 +356,22 @@ def _tune_window(args) -> int:
     return 0
 
 
-def _resume_alone(inputs_given) -> None:
-    if inputs_given:
-        raise ConfigError("--resume RUN_DIR takes the run's own arguments; give no checkpoints "
-                          "or --objective with it")
+#: What `--resume RUN_DIR` takes from its command line; every other argument is the run's own
+#: (its run.json), so giving one is refused rather than silently ignored.
+RESUME_ARGS = {"command", "resume", "no_export", "quiet", "address"}
+POSITIONALS = {"earlier": "EARLIER", "later": "LATER", "checkpoints": "CHECKPOINTS"}
+
+
+def _resume_alone(args) -> None:
+    """Refuse arguments that `--resume RUN_DIR` would ignore, naming them."""
+    defaults = vars(build_parser().parse_args([args.command, "--resume", args.resume]))
+    given = [k for k, v in vars(args).items() if k not in RESUME_ARGS and v != defaults.get(k)]
+    if given:
+        names = ", ".join(POSITIONALS.get(k, "--" + k.replace("_", "-")) for k in given)
+        raise ConfigError(
+            f"--resume RUN_DIR continues the run with its own arguments (RUN_DIR/run.json); "
+            f"{names} would be ignored. Leave them out (only --no-export, --quiet and --address "
+            "go with --resume), or start a new run with another --output")
 
 
 def _report(result, quiet: bool) -> None:

@@ -27,6 +27,7 @@ run is left as a killed driver leaves it.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -42,6 +43,53 @@ from ckmerge_ray.rundir import mark_interrupted
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 TUNE_SIGINT_SWITCH = "TUNE_DISABLE_SIGINT_HANDLER"
+# Ray Tune's console output that a run replaces with its own: the experiment box and paths that
+# Tune's new output engine prints even at verbose=0 (the legacy engine, RAY_AIR_NEW_OUTPUT=0,
+# honours verbose=0); "Resume experiment with: Tuner.restore(...)" after an interrupt (the run
+# prints its own `--resume` command); "Failed to fetch metrics" for a trial an interrupt cut
+# short before its first result (the run's trials.parquet, not Tune's files, is the record).
+TUNE_OUTPUT_SWITCH = "RAY_AIR_NEW_OUTPUT"
+TUNE_NOISE = {"ray.tune.tune": "Resume experiment with",
+              "ray.tune.analysis.experiment_analysis": "Failed to fetch metrics"}
+
+
+class _Drop(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+_QUIET = {"depth": 0, "saved": None}  # quiet_tune's nesting (runs of a sweep overlap in threads)
+_QUIET_LOCK = threading.Lock()
+
+
+@contextmanager
+def quiet_tune() -> Iterator[None]:
+    """Around Tune's fit and restore: none of TUNE_NOISE's output; as it was once the last of
+    the overlapping blocks (a sweep's pairs run in threads) has ended."""
+    with _QUIET_LOCK:
+        if _QUIET["depth"] == 0:
+            _QUIET["saved"] = os.environ.get(TUNE_OUTPUT_SWITCH)
+            os.environ[TUNE_OUTPUT_SWITCH] = "0"
+        _QUIET["depth"] += 1
+    filters = [(logging.getLogger(name), _Drop(text)) for name, text in TUNE_NOISE.items()]
+    for logger, f in filters:
+        logger.addFilter(f)
+    try:
+        yield
+    finally:
+        for logger, f in filters:
+            logger.removeFilter(f)
+        with _QUIET_LOCK:
+            _QUIET["depth"] -= 1
+            if _QUIET["depth"] == 0:
+                if _QUIET["saved"] is None:
+                    os.environ.pop(TUNE_OUTPUT_SWITCH, None)
+                else:
+                    os.environ[TUNE_OUTPUT_SWITCH] = _QUIET["saved"]
 
 # The guard of the run in progress in each thread (none outside tune_merge), read by the Tune
 # callbacks, which run in the thread of their Tune loop and which Tune pickles with the
@@ -120,7 +168,7 @@ class RunGuard:
     @contextmanager
     def tune_loop(self) -> Iterator[None]:
         """Around `Tuner.fit`: Tune's SIGINT handler off, so that ours sees the signal, and the
-        SIGUSR1 handler Tune leaves behind put back afterwards."""
+        SIGUSR1 handler Tune leaves behind put back afterwards; Tune's own output quiet."""
         ours = bool(self._previous)
         saved_env = os.environ.get(TUNE_SIGINT_SWITCH)
         saved_usr1 = signal.getsignal(signal.SIGUSR1) if ours else None
@@ -128,7 +176,8 @@ class RunGuard:
             os.environ[TUNE_SIGINT_SWITCH] = "1"
         self.in_tune_loop = True
         try:
-            yield
+            with quiet_tune():
+                yield
         finally:
             self.in_tune_loop = False
             if ours:

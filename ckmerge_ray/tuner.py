@@ -39,7 +39,7 @@ from ckmerge_ray.inputs import (
     Log, WindowStore, code_dir_of, load_window, prepare_objective, printer,
 )
 from ckmerge_ray.model import dtypes_of
-from ckmerge_ray.interrupts import LoopStopped, RunGuard, StopForwarder
+from ckmerge_ray.interrupts import LoopStopped, RunGuard, StopForwarder, quiet_tune
 from ckmerge_ray.objectives import Objective
 from ckmerge_ray.plots import draw_plots
 from ckmerge_ray.results import (
@@ -269,7 +269,8 @@ def build_tuner(ctx: _Run, run_id: str, searcher, previous: Optional[Dict],
         experiment = previous["experiment"]
         ctx.log(f"resuming {experiment}: {len(read_rows(ctx.out / TRIALS_FILE))} trial(s) "
                 "already recorded")
-        return tune.Tuner.restore(experiment, trainable=trainable, restart_errored=True), experiment
+        with quiet_tune():
+            return tune.Tuner.restore(experiment, trainable=trainable, restart_errored=True), experiment
     storage = run.storage_path or str(ctx.out / "ray")
     experiment = _join(storage, f"ckmerge-{run_id}")
     try:
@@ -369,7 +370,8 @@ def fit(ctx: _Run, guard: RunGuard, tuner: tune.Tuner, experiment: str) -> Tuple
             return grid, restored
         ctx.log(f"{len(lost)} trial(s) failed because a worker or node was lost "
                 f"({type(lost[0]).__name__}) after Ray Tune's retries: running them again")
-        tuner = tune.Tuner.restore(experiment, trainable=ctx.trainable, restart_errored=True)
+        with quiet_tune():
+            tuner = tune.Tuner.restore(experiment, trainable=ctx.trainable, restart_errored=True)
         restored = True
     return grid, restored
 

@@ -23,7 +23,7 @@ from ckmerge_ray.config import CheckpointConfig, Resources, RunConfig, SearchCon
 from ckmerge_ray.errors import ConfigError, RunError
 from ckmerge_ray.families import Family, WeightsOf
 from ckmerge_ray.inputs import Log, WindowStore, code_dir_of, load_window, prepare_objective, printer
-from ckmerge_ray.interrupts import RunGuard, StopForwarder
+from ckmerge_ray.interrupts import RunGuard, StopForwarder, quiet_tune
 from ckmerge_ray.model import dtypes_of
 from ckmerge_ray.results import (
     BEST_DIR, RUN_FILE, SUMMARY_FILE, TRIALS_FILE, WRITE_ERRORS, export_weighted, output_error,
@@ -180,8 +180,9 @@ def build_tuner(ctx: _WindowRun, run_id: str, searcher, previous: Optional[Dict]
         experiment = previous["experiment"]
         ctx.log(f"resuming {experiment}: {len(read_rows(ctx.out / TRIALS_FILE))} trial(s) "
                 "already recorded")
-        return (tune.Tuner.restore(experiment, trainable=ctx.trainable, restart_errored=True),
-                experiment)
+        with quiet_tune():
+            return (tune.Tuner.restore(experiment, trainable=ctx.trainable, restart_errored=True),
+                    experiment)
     storage = ctx.run.storage_path or str(ctx.out / "ray")
     experiment = (f"{storage.rstrip('/')}/ckmerge-{run_id}" if "://" in storage
                   else str(Path(storage) / f"ckmerge-{run_id}"))

@@ -185,6 +185,18 @@ def test_resume_refuses_different_arguments_and_missing_runs(ray_session, trajec
                    resume=True)
     assert cli(["tune", "--resume", str(tmp_path / "nothing")]) == 2
     assert "nothing to resume" in capsys.readouterr().err
+    # The CLI's --resume takes the run's own arguments: one given with it is refused by name,
+    # before anything runs, instead of being dropped (a newcomer's `--resume RUN --trials 8`
+    # used to print the finished 3-trial run and exit 0).
+    for extra, named in ((["--trials", "8"], "--trials would be ignored"),
+                         ([str(trajectory[-2]), str(trajectory[-1])], "EARLIER, LATER would be"),
+                         (["--objective", "loss:x.txt", "--seq-len", "32"],
+                          "--objective, --seq-len would be ignored")):
+        assert cli(["tune", "--resume", str(out), *extra]) == 2
+        assert named in capsys.readouterr().err
+    assert cli(["tune-window", "--resume", str(out), "--family", "ema"]) == 2
+    assert "--family would be ignored" in capsys.readouterr().err
+    assert len(pq.read_table(out / "trials.parquet")) == 4  # untouched
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,6 +256,10 @@ def test_sigint_and_sigterm_leave_a_resumable_run_that_resume_finishes(ray_sessi
     log1 = _signal_after_rows(first, out, 2, lambda: os.killpg(first.pid, signal.SIGINT))
     assert first.returncode == 130, log1
     assert "interrupted by SIGINT" in log1 and f"ckmerge-ray tune --resume {out}" in log1, log1
+    # Tune's own console output stays out of the run's: not its experiment box (printed at
+    # verbose=0 by its new output engine), nor its `Tuner.restore(...)` advice on an interrupt,
+    # which would contradict the command just printed.
+    assert "Configuration for experiment" not in log1 and "Tuner.restore" not in log1, log1
     assert not (out / "summary.json").exists() and not (out / "best").exists(), log1
     assert json.loads((out / "run.json").read_text())["interrupted"]["signal"] == "SIGINT"
     assert not (out / "run.lock").exists(), "the interrupted run kept its lock"
