@@ -105,9 +105,16 @@ def rows_to_table(rows: List[Dict]) -> pa.Table:
 
 
 def read_rows(path: Path) -> List[Dict]:
-    """The rows of a trials table on disk, or [] when there is none yet."""
+    """The rows of a trials table on disk, or [] when there is none yet. The file is read once
+    and parsed from memory: the run replaces it by rename after every trial, and
+    ``pq.read_table(path)`` opens a path twice (schema, then pages), so a rename in between
+    paired one file's footer with the next one's pages ("Page was smaller than expected")."""
     path = Path(path)
-    return pq.read_table(path).to_pylist() if path.exists() else []
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    return pq.read_table(pa.BufferReader(data)).to_pylist()
 
 
 def write_table_atomic(path: Path, rows: List[Dict]) -> pa.Table:

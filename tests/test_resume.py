@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ckmerge_ray.cli import main as cli
+from ckmerge_ray.results import read_rows
 from ckmerge_ray.search import GPHedgeSearch
 from tests.test_search import bowl, drive
 
@@ -212,8 +213,8 @@ def _session_address(ray) -> str:
 
 
 def _rows(out: Path) -> list:
-    path = out / "trials.parquet"
-    return pq.read_table(path).to_pylist() if path.exists() else []
+    """The table as the run has it now: read while the run replaces it (see `read_rows`)."""
+    return read_rows(out / "trials.parquet")
 
 
 def _journal(out: Path) -> dict:
