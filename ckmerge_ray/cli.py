@@ -41,9 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Redraw the PNG plots of RUN_DIR from its saved tables.")
     pl.add_argument("run_dir")
     d = sub.add_parser("demo", help="make a small trajectory from the stdlib and tune its last pair")
-    d.add_argument("--workdir", default="ckmerge_demo", help="where checkpoints and results go")
-    d.add_argument("--trials", type=int, default=8)
-    d.add_argument("--max-concurrent", type=int, default=2)
+    d.add_argument("--workdir", default="ckmerge_demo",
+                   help="where checkpoints and results go (default ckmerge_demo)")
+    d.add_argument("--trials", type=int, default=8, help="λ values to evaluate (default 8)")
+    d.add_argument("--max-concurrent", type=int, default=2, help="trials at once (default 2)")
     d.add_argument("--steps", type=int, default=None, help="training steps (default 400)")
     return parser
 
@@ -237,7 +238,7 @@ def _add_shared_arguments(p: argparse.ArgumentParser, default_output: str, trial
     p.add_argument("--max-concurrent", type=int, default=None, help=concurrent_help)
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="default 1")
     p.add_argument("--gpus-per-trial", type=float, default=0.0, help="default 0; fractions allowed")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="search seed (default 0)")
     p.add_argument("--output", default=default_output,
                    help=f"output directory (default {default_output})")
     p.add_argument("--overwrite", action="store_true", help="replace the results in --output")
