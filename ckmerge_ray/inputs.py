@@ -83,7 +83,10 @@ def check_order(names: Sequence[str]) -> None:
     if not all(steps):
         return
     for (a, sa), (b, sb) in zip(zip(names, steps), list(zip(names, steps))[1:]):
-        if int(sa.group(1)) >= int(sb.group(1)):
+        if int(sa.group(1)) == int(sb.group(1)):
+            raise ConfigError(f"{a} and {b} are both step {sa.group(1)}: checkpoints of one "
+                              "run, of different steps, oldest first")
+        if int(sa.group(1)) > int(sb.group(1)):
             raise ConfigError(
                 f"checkpoints go oldest first (the later one is Θ(t), weighted by λ), but {a} "
                 f"(step {sa.group(1)}) is listed before {b} (step {sb.group(1)}): swap them")

@@ -274,5 +274,7 @@ def test_checkpoints_named_by_step_must_come_oldest_first(trajectory, tmp_path):
     assert not (tmp_path / "run").exists()
     with pytest.raises(ConfigError, match=r"step-80 \(step 80\) is listed before step_40"):
         check_order(["iter_10", "step-80", "step_40"])
+    with pytest.raises(ConfigError, match="step-80 and checkpoint-80 are both step 80"):
+        check_order(["step-80", "checkpoint-80"])
     check_order(["checkpoint-40", "checkpoint-80", "global_step120"])
     check_order(["final", "checkpoint-40"])  # not every name has a step: no judgement
