@@ -79,17 +79,18 @@ def check_order(names: Sequence[str]) -> None:
     """Checkpoints named by their step (CHECKPOINT_NAME) must come oldest first: λ (or the
     last weight) belongs to the newest. Raises ConfigError naming the two out of order; names
     without a step are not checked."""
-    steps = [CHECKPOINT_NAME.match(n) for n in names]
-    if not all(steps):
+    matches = [CHECKPOINT_NAME.match(n) for n in names]
+    if not all(matches):
         return
-    for (a, sa), (b, sb) in zip(zip(names, steps), list(zip(names, steps))[1:]):
-        if int(sa.group(1)) == int(sb.group(1)):
-            raise ConfigError(f"{a} and {b} are both step {sa.group(1)}: checkpoints of one "
-                              "run, of different steps, oldest first")
-        if int(sa.group(1)) > int(sb.group(1)):
+    steps = [(n, int(m.group(1))) for n, m in zip(names, matches)]
+    for (a, sa), (b, sb) in zip(steps, steps[1:]):
+        if sa == sb:
+            raise ConfigError(f"{a} and {b} are both step {sa}: checkpoints of one run, of "
+                              "different steps, oldest first")
+        if sa > sb:
             raise ConfigError(
                 f"checkpoints go oldest first (the later one is Θ(t), weighted by λ), but {a} "
-                f"(step {sa.group(1)}) is listed before {b} (step {sb.group(1)}): swap them")
+                f"(step {sa}) is listed before {b} (step {sb}): swap them")
 
 
 def _first_repeat(names: List[str]) -> str:
