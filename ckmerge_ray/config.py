@@ -208,6 +208,13 @@ class CheckpointConfig(_Settings):
         if self.model_config is not None:
             object.__setattr__(self, "model_config", str(self.model_config))
 
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-ready, the name map as its rules (`NameMap.to_dict`): run.json keeps it so that
+        a resume reads the checkpoints as the run did, even if the map's file moved."""
+        d = super().to_dict()
+        d["name_map"] = None if self.name_map is None else self.name_map.to_dict()
+        return d
+
 
 @dataclass(frozen=True)
 class Resources:
@@ -278,6 +285,41 @@ class BaselineConfig(_Settings):
             raise ConfigError(f"fisher_floor must be positive, got {self.fisher_floor!r}")
         if self.calibration is not None:
             object.__setattr__(self, "calibration", str(self.calibration))
+
+
+# RunConfig fields a resume repeats from run.json (the others are the resume's own: output_dir,
+# resume, overwrite, progress, export_best; Tune restores storage_path and max_failures itself).
+RESUMED_RUN_FIELDS = ("max_concurrent", "allow_spilling", "export_to", "gpu_shard_cache")
+
+
+def launch_record(run: RunConfig, checkpoint: CheckpointConfig, max_concurrent: int) -> Dict:
+    """run.json's record of how a run was started, which `resumed_settings` reads back."""
+    return {"run": {**{k: getattr(run, k) for k in RESUMED_RUN_FIELDS},
+                    "max_concurrent": max_concurrent},
+            "checkpoint": checkpoint.to_dict()}
+
+
+def resumed_settings(stored: Mapping, output_dir: str, **overrides) -> Tuple[RunConfig,
+                                                                             CheckpointConfig]:
+    """The `RunConfig` and `CheckpointConfig` of the run whose run.json is `stored`, resuming
+    in `output_dir`; `overrides` set the resume's own `RunConfig` fields (``progress``,
+    ``export_best``: without it, a recorded ``export_to`` is dropped too). Reads the record of
+    runs started before `launch_record` existed too. Raises ConfigError if the run's name map
+    was a Python callable (code is not stored; resume from Python, passing it again)."""
+    run = dict(stored.get("run") or {"max_concurrent": stored["max_concurrent"],
+                                      "allow_spilling": stored.get("allow_spilling", False)})
+    if overrides.get("export_best") is False:
+        run["export_to"] = None
+    checkpoint = dict(stored.get("checkpoint") or {
+        "allow_pickle": stored["allow_pickle"],
+        "trust_remote_code": stored.get("trust_remote_code", False)})
+    if "callable" in (checkpoint.get("name_map") or {}):
+        raise ConfigError(
+            f"the run in {output_dir} renamed tensors with a Python callable "
+            f"({checkpoint['name_map']['callable']}), which run.json cannot hold: resume it from "
+            "Python with the same name_map (resume=True)")
+    return (RunConfig(output_dir=output_dir, resume=True, **{**run, **overrides}),
+            CheckpointConfig(**checkpoint))
 
 
 def _as_tuple(value, name: str) -> tuple:

@@ -33,7 +33,10 @@ from ckmerge_ray.callbacks import StopWhenAllFail, TrialTableWriter
 from ckmerge_ray.checkpoints import CheckpointInfo, tokenizer_files
 from ckmerge_ray.storage import check_destination, checkpoint_id, publish_dir
 from ckmerge_ray.cluster import check_object_store, connect, trial_slots
-from ckmerge_ray.config import CheckpointConfig, Resources, RunConfig, SearchConfig, split_options
+from ckmerge_ray.config import (
+    CheckpointConfig, Resources, RunConfig, SearchConfig, launch_record, resumed_settings,
+    split_options,
+)
 from ckmerge_ray.errors import ConfigError, RunError
 from ckmerge_ray.inputs import (
     Log, WindowStore, code_dir_of, load_window, prepare_objective, printer,
@@ -94,14 +97,17 @@ def tune_merge(
     """Find the λ whose merge λ·Θ(t) + (1-λ)·Θ(t-1) scores best, with concurrent Ray Tune trials.
 
     Args:
-        pair: (earlier, later) Hugging Face model directories; λ weights the later one.
+        pair: (earlier, later) checkpoints: Hugging Face or torch.distributed.checkpoint
+            directories, local or URIs (s3://...); λ weights the later one.
         resources: per trial, ``{"cpu": 2, "gpu": 0.5}`` or a `Resources` (default 1 CPU).
         objective: an `Objective` or a string such as ``"loss:heldout.jsonl"``.
         search: a `SearchConfig` (α, number of trials, GP-Hedge settings, initial λ, seed,
             noise-aware, screening); default ``SearchConfig()``.
         run: a `RunConfig` (output_dir, overwrite/resume, storage_path, progress,
-            max_concurrent, max_failures, allow_spilling, export_best, gpu_shard_cache).
-        checkpoint: a `CheckpointConfig` (allow_pickle, max_shard_bytes).
+            max_concurrent, max_failures, allow_spilling, export_best, export_to,
+            gpu_shard_cache).
+        checkpoint: a `CheckpointConfig` (allow_pickle, max_shard_bytes, trust_remote_code,
+            format, name_map, model_config); run.json records it for ``resume``.
         objective_options: passed to the objective made from a string (e.g. ``seq_len``).
         stored: the pair already in the object store (with the later checkpoint's shard plan),
             as comparisons and sweeps pass it; the caller keeps it alive.
@@ -165,7 +171,7 @@ def run_locked(ctx: _Run, guard: RunGuard, record: Dict, objective, stored) -> T
         )
         holder = start_plan_holder(plan, ctx.out)
         searcher = ctx.search.searcher(ctx.objective.mode, batch_size=ctx.q)
-        record.update(_run_extras(objective, ctx))
+        record.update(run_extras(objective, ctx))
         tuner, experiment = build_tuner(ctx, plan.run_id, searcher, previous, record)
         t_fit = time.perf_counter()
         grid, restored = fit(ctx, guard, tuner, experiment)
@@ -222,12 +228,11 @@ def run_record(pair, objective, objective_options, search: SearchConfig) -> Dict
     return {**dict(zip(RUN_DEFINING, values)), **jsonable(search.to_dict())}
 
 
-def _run_extras(objective, ctx: _Run) -> Dict:
-    """run.json's other fields: how the run was started (resume repeats them)."""
-    return {"resources": ctx.resources.to_dict(), "max_concurrent": ctx.q,
-            "allow_pickle": ctx.checkpoint.allow_pickle, "allow_spilling": ctx.run.allow_spilling,
-            "trust_remote_code": ctx.checkpoint.trust_remote_code,
-            "objective_is_spec": isinstance(objective, str)}
+def run_extras(objective, ctx) -> Dict:
+    """run.json's other fields: how the run was started (resume repeats them; see
+    `config.launch_record`). `ctx` is a pair's or a window's run."""
+    return {"resources": ctx.resources.to_dict(), "objective_is_spec": isinstance(objective, str),
+            **launch_record(ctx.run, ctx.checkpoint, ctx.q)}
 
 
 # --- 2. object store ---------------------------------------------------------------------------
@@ -527,10 +532,6 @@ def resume_run(output_dir: str | os.PathLike, **overrides) -> TuneMergeResult:
         )
     search = SearchConfig(**{k: stored[k] for k in SearchConfig.__dataclass_fields__
                              if k in stored})
-    run = RunConfig(output_dir=str(out), resume=True, max_concurrent=stored["max_concurrent"],
-                    allow_spilling=stored.get("allow_spilling", False), **overrides)
+    run, checkpoint = resumed_settings(stored, str(out), **overrides)
     return tune_merge(stored["pair"], stored["resources"], stored["objective"], search=search,
-                      run=run, checkpoint=CheckpointConfig(
-                          allow_pickle=stored["allow_pickle"],
-                          trust_remote_code=stored.get("trust_remote_code", False)),
-                      objective_options=stored["objective_options"])
+                      run=run, checkpoint=checkpoint, objective_options=stored["objective_options"])

@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from ckmerge_ray.config import CheckpointConfig, Resources, RunConfig, SearchConfig, split_options
+from ckmerge_ray.config import (
+    CheckpointConfig, Resources, RunConfig, SearchConfig, resumed_settings, split_options,
+)
 from ckmerge_ray.errors import ConfigError
 from ckmerge_ray.families import Family, family_of
 
@@ -148,15 +150,10 @@ def resume_window(output_dir: str | os.PathLike, **overrides) -> WindowResult:
                           "Python: tune_window(..., objective=<the same object>, resume=True)")
     search = SearchConfig(**{k: stored[k] for k in SearchConfig.__dataclass_fields__
                              if k in stored})
-    run = RunConfig(output_dir=str(out), resume=True, max_concurrent=stored["max_concurrent"],
-                    allow_spilling=stored.get("allow_spilling", False), **overrides)
-    fam = stored["family"]
+    run, checkpoint = resumed_settings(stored, str(out), **overrides)
     return tune_window(stored["window"], stored["resources"], stored["objective"],
-                       family=Family(**fam), search=search, run=run,
-                       checkpoint=CheckpointConfig(
-                           allow_pickle=stored["allow_pickle"],
-                           trust_remote_code=stored.get("trust_remote_code", False)),
-                       objective_options=stored["objective_options"])
+                       family=Family(**stored["family"]), search=search, run=run,
+                       checkpoint=checkpoint, objective_options=stored["objective_options"])
 
 
 def load_window_result(out: Path, log=None) -> WindowResult:

@@ -33,7 +33,9 @@ from ckmerge_ray.rundir import (
     check_unlocked, claim_tune_dir, jsonable, lock_run_dir, reclaim_tune_dir,
 )
 from ckmerge_ray.storage import check_destination, checkpoint_id, publish_dir
-from ckmerge_ray.tuner import evaluation_totals, fit, register_run_trainable, start_plan_holder
+from ckmerge_ray.tuner import (
+    evaluation_totals, fit, register_run_trainable, run_extras, start_plan_holder,
+)
 from ckmerge_ray.window import WindowResult, load_window_result
 from ckmerge_ray.window_trial import WindowPlan, window_trainable
 
@@ -111,11 +113,7 @@ def run_locked(ctx: _WindowRun, guard: RunGuard, record: Dict, objective, stored
                           ctx.family, ctx.objective, code_dir_of(later, ctx.checkpoint))
         holder = start_plan_holder(plan, ctx.out)
         searcher = window_searcher(ctx.family, ctx.search, ctx.objective.mode, ctx.q)
-        record.update({"resources": ctx.resources.to_dict(), "max_concurrent": ctx.q,
-                       "allow_pickle": ctx.checkpoint.allow_pickle,
-                       "allow_spilling": ctx.run.allow_spilling,
-                       "trust_remote_code": ctx.checkpoint.trust_remote_code,
-                       "objective_is_spec": isinstance(objective, str)})
+        record.update(run_extras(objective, ctx))
         tuner, experiment = build_tuner(ctx, plan.run_id, searcher, previous, record)
         t_fit = time.perf_counter()
         grid, restored = fit(ctx, guard, tuner, experiment)

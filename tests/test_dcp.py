@@ -173,6 +173,48 @@ def test_a_python_callable_as_name_map(trajectory, tmp_path):
     assert_hf_loss(infos[1], trajectory[-1])
 
 
+def test_resume_reads_the_checkpoints_as_the_run_did(ray_session, trajectory, tmp_path, capsys):
+    """`--resume` repeats how the run read its checkpoints (format, name map, model config) and
+    where it published best/, from run.json alone: here the name map's file is gone by then.
+    Before, run.json kept only allow_pickle and trust_remote_code, and resuming this run failed
+    on torchtitan's names."""
+    import json
+
+    from ckmerge_ray.cli import main as cli
+
+    titan = [save_titan_layout(c, tmp_path / f"step-{i}") for i, c in enumerate(trajectory[-2:])]
+    name_map = tmp_path / "titan.yaml"
+    shutil.copy(TITAN_MAP, name_map)
+    out, published = tmp_path / "run", tmp_path / "published"
+    heldout = trajectory[-1].parent / "heldout.jsonl"
+    args = ["tune", *map(str, titan), "--objective", f"loss:{heldout}", "--seq-len", "64",
+            "--max-tokens", "2048", "--trials", "2", "--format", "dcp",
+            "--name-map", str(name_map), "--model-config", str(trajectory[-1] / "config.json"),
+            "--export-to", str(published), "--output", str(out), "--quiet"]
+    assert cli(args) == 0
+    first = capsys.readouterr().out
+    run = json.loads((out / "run.json").read_text())
+    assert run["checkpoint"]["format"] == "dcp" and run["run"]["export_to"] == str(published)
+    assert len(run["checkpoint"]["name_map"]["rules"]) == len(
+        NameMap.from_file(TITAN_MAP).rules)
+    name_map.unlink()
+    assert cli(["tune", "--resume", str(out), "--quiet"]) == 0
+    again = capsys.readouterr().out
+    best = [line for line in first.splitlines() if "best" in line.lower()]
+    assert best and all(line in again for line in best), (first, again)
+    assert (published / "config.json").exists()
+
+
+def test_a_python_callable_name_map_is_not_stored_and_resume_says_so(tmp_path):
+    import json
+
+    from ckmerge_ray.config import RunConfig, launch_record, resumed_settings
+
+    record = launch_record(RunConfig(), CheckpointConfig(name_map=lambda n: n), 1)
+    with pytest.raises(ConfigError, match=r"Python callable \(<lambda>\).*resume it from Python"):
+        resumed_settings(json.loads(json.dumps(record)), str(tmp_path))
+
+
 # --- bad input: each refused with its own message, before any trial ---------------------------
 
 def test_dcp_folder_without_metadata(dcp_pair, tmp_path):

@@ -244,7 +244,8 @@ def test_sigint_and_sigterm_leave_a_resumable_run_that_resume_finishes(ray_sessi
     the requested number of trials, and every evaluation journaled before an interrupt is
     reused, never computed again (its journal file is never rewritten). Before issue 21 the
     SIGINT run exported best/ from the trials done, wrote summary.json and exited 0, and its
-    resume reported it finished."""
+    resume reported it finished. The resume that finishes also publishes best/ to the first
+    command's --export-to, which resumes used to drop."""
     out = tmp_path / "run"
     heldout = trajectory[-1].parent / "heldout.jsonl"
     env = {**os.environ, "RAY_ADDRESS": _session_address(ray_session), "PYTHONUNBUFFERED": "1"}
@@ -253,7 +254,7 @@ def test_sigint_and_sigterm_leave_a_resumable_run_that_resume_finishes(ray_sessi
     first = subprocess.Popen(
         [CLI, "tune", str(trajectory[-2]), str(trajectory[-1]), "--objective", f"loss:{heldout}",
          "--seq-len", "64", "--max-tokens", "4096", "--trials", "7", "--max-concurrent", "2",
-         "--output", str(out)], **popen)
+         "--output", str(out), "--export-to", str(tmp_path / "published")], **popen)
     log1 = _signal_after_rows(first, out, 2, lambda: os.killpg(first.pid, signal.SIGINT))
     assert first.returncode == 130, log1
     assert "interrupted by SIGINT" in log1 and f"ckmerge-ray tune --resume {out}" in log1, log1
@@ -283,6 +284,8 @@ def test_sigint_and_sigterm_leave_a_resumable_run_that_resume_finishes(ray_sessi
     assert len({r["lam"] for r in rows}) == 8 and len({r["trial_id"] for r in rows}) == 8
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed"] and (out / "best" / "config.json").exists()
+    # published where the first command said, by the resume that finished it
+    assert (tmp_path / "published" / "config.json").exists()
     run = json.loads((out / "run.json").read_text())
     assert [i["signal"] for i in run["interruptions"]] == ["SIGINT", "SIGTERM"]
     assert "interrupted" not in run

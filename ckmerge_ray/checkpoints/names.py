@@ -122,29 +122,54 @@ class NameMap:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"cannot parse name-map file {path}: {e}") from e
-        if not isinstance(data, dict) or set(data) - {"rules", "skip"}:
-            raise ConfigError(f"name-map file {path} must hold 'rules' and/or 'skip', got "
-                              f"{sorted(data) if isinstance(data, dict) else type(data).__name__}")
-        rules = []
-        for i, rule in enumerate(data.get("rules") or []):
-            if not isinstance(rule, dict) or not {"match", "to"} <= set(rule) or \
-                    set(rule) - {"match", "to", "rotary", "split"}:
-                raise ConfigError(f"{path}: rule {i} must have 'match' and 'to' (and optionally "
-                                  f"'rotary' or 'split'), got {rule!r}")
-            rules.append(NameRule(**rule))
-        return cls(tuple(rules), tuple(data.get("skip") or ()), source=str(path))
+        return cls.from_dict(data, str(path))
 
     @classmethod
-    def of(cls, value: "NameMap | str | Path | Callable | None") -> Optional["NameMap"]:
-        """A NameMap from a NameMap, a YAML file path, a callable, or None."""
+    def from_dict(cls, data, source: str = "<dict>") -> "NameMap":
+        """A name map from a file's content, ``{"rules": [...], "skip": [...]}``, or `to_dict`'s
+        (run.json keeps it so). Raises ConfigError naming `source` and the bad entry."""
+        if isinstance(data, Mapping):
+            source = str(data.get("source", source))
+            data = {k: v for k, v in data.items() if k != "source"}
+            if "callable" in data:
+                raise ConfigError(f"the name map was a Python callable ({data['callable']}), "
+                                  "which cannot be stored: pass the same callable as name_map")
+        if not isinstance(data, Mapping) or set(data) - {"rules", "skip"}:
+            raise ConfigError(f"name-map {source} must hold 'rules' and/or 'skip', got "
+                              f"{sorted(data) if isinstance(data, Mapping) else type(data).__name__}")
+        rules = []
+        for i, rule in enumerate(data.get("rules") or []):
+            if not isinstance(rule, Mapping) or not {"match", "to"} <= set(rule) or \
+                    set(rule) - {"match", "to", "rotary", "split"}:
+                raise ConfigError(f"name-map {source}: rule {i} must have 'match' and 'to' (and "
+                                  f"optionally 'rotary' or 'split'), got {rule!r}")
+            rules.append(NameRule(**rule))
+        return cls(tuple(rules), tuple(data.get("skip") or ()), source=source)
+
+    def to_dict(self) -> Dict:
+        """JSON-ready: the rules and skips with their source, or ``{"callable": name}`` for a
+        `rename` callable (which `from_dict` refuses: code is not stored)."""
+        if self.rename is not None:
+            return {"callable": self.source}
+        rules = [{k: v for k, v in (("match", r.match), ("to", list(r.to)), ("rotary", r.rotary),
+                                    ("split", None if r.split is None else list(r.split)))
+                  if v is not None} for r in self.rules]
+        return {"rules": rules, "skip": list(self.skip), "source": self.source}
+
+    @classmethod
+    def of(cls, value: "NameMap | str | Path | Mapping | Callable | None") -> Optional["NameMap"]:
+        """A NameMap from a NameMap, a YAML file path, a file's content as a mapping
+        (`from_dict`), a callable, or None."""
         if value is None or isinstance(value, NameMap):
             return value
         if isinstance(value, (str, Path)):
             return cls.from_file(value)
+        if isinstance(value, Mapping):
+            return cls.from_dict(value)
         if callable(value):
             return cls(rename=value, source=getattr(value, "__name__", "<callable>"))
-        raise ConfigError(f"name_map must be a YAML file, a NameMap or a callable, got "
-                          f"{type(value).__name__}")
+        raise ConfigError(f"name_map must be a YAML file, a NameMap, a mapping or a callable, "
+                          f"got {type(value).__name__}")
 
     def apply(self, name: str, config: Mapping) -> Optional[Tuple[List[str], Optional[Transform]]]:
         """Targets and transform for `name`; None when the map drops it."""
