@@ -18,7 +18,9 @@ from ray import tune
 
 from ckmerge_ray.errors import OutputError
 from ckmerge_ray.interrupts import request_stop
-from ckmerge_ray.results import JOURNAL_DIR, output_error, read_rows, write_table_atomic
+from ckmerge_ray.results import (
+    JOURNAL_DIR, output_error, read_rows, resume_hint, write_table_atomic,
+)
 from ckmerge_ray.search import LAMBDA, search_record
 from ckmerge_ray.trial import (
     FULL, journal_file, read_weights_journal, write_journal, write_weights_journal,
@@ -73,8 +75,8 @@ class TrialTableWriter(tune.Callback):
             request_stop(OutputError(
                 f"cannot record the evaluation at {self._point(r)} in the run's journal "
                 f"{self.path.parent / JOURNAL_DIR} ({r['journal_error']}); everything the run "
-                "wrote before is intact: free space, then resume it (ckmerge-ray tune --resume "
-                f"{self.path.parent})"), self._log)
+                f"wrote before is intact: free space, then resume it "
+                f"({resume_hint(self.path.parent)})"), self._log)
         self._add(self._row(trial))
 
     def _row(self, trial) -> Dict:

@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 from ray import tune
 
 from ckmerge_ray.errors import CkmergeError, RunInterrupted
-from ckmerge_ray.results import RUN_FILE, TRIALS_FILE, read_rows
+from ckmerge_ray.results import RUN_FILE, TRIALS_FILE, read_rows, resume_hint
 from ckmerge_ray.rundir import mark_interrupted
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -224,8 +224,8 @@ class RunGuard:
                "stopped at once (the journal and Ray Tune's last snapshot are kept)")
         return RunInterrupted(
             f"interrupted by {name}: {recorded} of {requested} trials recorded, {how}; no best "
-            f"model or summary was written. Continue with: ckmerge-ray tune --resume {out} "
-            "(Python: tune_merge(..., resume=True)); finished evaluations are not redone", signum)
+            f"model or summary was written. Continue with: {resume_hint(out, python=True)}; "
+            "finished evaluations are not redone", signum)
 
 
 def request_stop(error: CkmergeError, log: Optional[Callable[[str], None]] = None) -> bool:

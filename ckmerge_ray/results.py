@@ -93,7 +93,20 @@ def output_error(e: Exception, what: str, out: Path) -> OutputError:
     else:
         reason = str(e)
     return OutputError(f"cannot write {what} ({reason}); everything the run wrote before is "
-                       f"intact: free space, then resume it (ckmerge-ray tune --resume {out})")
+                       f"intact: free space, then resume it ({resume_hint(out)})")
+
+
+def resume_hint(out: Path, python: bool = False) -> str:
+    """The command that resumes the run in `out`: ``ckmerge-ray tune --resume OUT``, or
+    ``tune-window`` for a window's run (run.json says which; tune if it cannot be read), with
+    the Python call too when `python`."""
+    try:
+        window = "window" in json.loads((Path(out) / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        window = False
+    command, call = ("tune-window", "tune_window") if window else ("tune", "tune_merge")
+    return f"ckmerge-ray {command} --resume {out}" + (
+        f" (Python: {call}(..., resume=True))" if python else "")
 
 
 def rows_to_table(rows: List[Dict]) -> pa.Table:

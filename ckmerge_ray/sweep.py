@@ -343,10 +343,12 @@ def tune_pairs(ctx: _Sweep, window: WindowStore, keep: bool) -> Tuple[List[Dict]
 
 def sweep_interrupted(ctx: _Sweep, signum: Optional[int], done: int, n: int) -> RunInterrupted:
     name = signal.Signals(signum or signal.SIGINT).name
+    unit, command, folder = (("pair", "tune", PAIRS_DIR) if ctx.span == 2 else
+                             ("window", "tune-window", WINDOWS_DIR))
     return RunInterrupted(
-        f"interrupted by {name}: {done} of {n} pairs finished and in "
-        f"{ctx.out / SWEEP_TABLE}; the pairs in flight stopped and can be resumed one by one "
-        f"(ckmerge-ray tune --resume {ctx.out / PAIRS_DIR}/<pair>)", signum or signal.SIGINT)
+        f"interrupted by {name}: {done} of {n} {unit}s finished and in "
+        f"{ctx.out / SWEEP_TABLE}; the {unit}s in flight stopped and can be resumed one by one "
+        f"(ckmerge-ray {command} --resume {ctx.out / folder}/<{unit}>)", signum or signal.SIGINT)
 
 
 def pair_run_dir(k: int, earlier: CheckpointInfo, later: CheckpointInfo) -> Path:

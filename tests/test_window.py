@@ -245,6 +245,14 @@ def test_k3_cli_resume_of_the_finished_run_reports_it(simplex_run, capsys):
     assert "holds a finished run" in out and "best weights" in out
     assert cli(["tune", "--resume", str(simplex_run)]) == 2  # a window's run, not a pair's
     assert "resume it with ckmerge-ray tune-window --resume" in capsys.readouterr().err
+    # what a full disk or a signal tells the user to run is the window's command
+    from ckmerge_ray.results import output_error, resume_hint
+
+    assert resume_hint(simplex_run) == f"ckmerge-ray tune-window --resume {simplex_run}"
+    err = output_error(OSError(28, "No space left on device"), "the summary", simplex_run)
+    assert f"(ckmerge-ray tune-window --resume {simplex_run})" in str(err)
+    assert resume_hint(simplex_run.parent / "none") == f"ckmerge-ray tune --resume " \
+        f"{simplex_run.parent / 'none'}"  # no run.json: a pair's command, the common case
 
 
 # --- k = 4, a killed driver ----------------------------------------------------------------------
