@@ -66,7 +66,7 @@ def describe_cluster() -> str:
             f"{store / 2**30:.2f} GiB")
 
 
-# Share of a node's object store the two checkpoints may take before the run warns: the rest is
+# Share of a node's object store the checkpoints may take before the run warns: the rest is
 # headroom for Ray Tune's own objects, trial results and other jobs' objects.
 STORE_BUDGET = 0.8
 
@@ -82,8 +82,9 @@ def smallest_store(resources: Resources) -> Tuple[Dict, List[Dict]]:
     return min(used, key=lambda n: n["Resources"].get("object_store_memory", 0)), used
 
 
-def check_object_store(need: int, resources: Resources, allow_spilling: bool, log) -> None:
-    """Both checkpoints live in the object store of the driver's node (the primary copies) and
+def check_object_store(need: int, resources: Resources, allow_spilling: bool, log,
+                       what: str = "the two checkpoints") -> None:
+    """`what` (`need` bytes; default a pair) live in the object store of the driver's node (the primary copies) and
     of every node that runs trials (one pulled copy per node). The smallest of those stores
     decides: if the pair does not fit, Ray spills shards to disk and every trial pays for reading
     them back, so refuse with the numbers, or (allow_spilling) warn and go on, unless even the
@@ -99,7 +100,7 @@ def check_object_store(need: int, resources: Resources, allow_spilling: bool, lo
     if need <= STORE_BUDGET * store:
         return
     if need <= store:
-        msg = (f"the two checkpoints ({gib(need)}) take {need / store:.0%} of the object store of "
+        msg = (f"{what} ({gib(need)}) take {need / store:.0%} of the object store of "
                f"{where} ({gib(store)}); less than {1 - STORE_BUDGET:.0%} headroom is left, and "
                f"other objects may push shards out to disk. Give every node at least "
                f"{gib(need / STORE_BUDGET)} (ray start --object-store-memory)")
@@ -108,7 +109,7 @@ def check_object_store(need: int, resources: Resources, allow_spilling: bool, lo
         return
     if not allow_spilling:
         raise ConfigError(
-            f"the two checkpoints need {gib(need)} of object store but {where} has {gib(store)}: "
+            f"{what} need {gib(need)} of object store but {where} has {gib(store)}: "
             "start Ray with a larger store (ray start --object-store-memory BYTES, or "
             "ray.init(object_store_memory=...)), or pass allow_spilling=True (CLI: "
             "--allow-spilling) to let Ray spill shards to disk, slowly"
@@ -116,10 +117,10 @@ def check_object_store(need: int, resources: Resources, allow_spilling: bool, lo
     free = shutil.disk_usage(tempfile.gettempdir()).free
     if need - store > 0.9 * free:
         raise ConfigError(
-            f"the two checkpoints need {gib(need)}; {where} has {gib(store)} of object store "
+            f"{what} need {gib(need)}; {where} has {gib(store)} of object store "
             f"and {gib(free)} free for spilling in {tempfile.gettempdir()}: not enough for both"
         )
-    msg = (f"the two checkpoints ({gib(need)}) exceed the object store of {where} "
+    msg = (f"{what} ({gib(need)}) exceed the object store of {where} "
            f"({gib(store)}); Ray will spill {gib(need - store)} to disk and trials will read it back")
     warnings.warn(msg, ResourceWarning, stacklevel=3)
     log(f"warning: {msg}")

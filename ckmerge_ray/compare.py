@@ -34,7 +34,7 @@ from ckmerge_ray.cluster import check_object_store, ray_session, trial_slots
 from ckmerge_ray.config import (
     METHODS, BaselineConfig, CheckpointConfig, Resources, RunConfig, SearchConfig, split_options,
 )
-from ckmerge_ray.errors import CkmergeError, ConfigError, RunError
+from ckmerge_ray.errors import CkmergeError, ConfigError, RunError, last_line
 from ckmerge_ray.evaluator import (
     greedy_method, grid_lambdas, lambda_method, one_hot, pair_weights, random_lambdas,
     start_evaluators, stats_method, weights_method,
@@ -48,6 +48,7 @@ from ckmerge_ray.plots import draw_plots
 from ckmerge_ray.results import (
     renamed_name,
     COMPARE_MD, COMPARE_TABLE, SUMMARY_FILE, TUNED_DIR, write_bytes_atomic, write_json_atomic,
+    writing,
     write_table_atomic,
 )
 from ckmerge_ray.rundir import check_claimable, claim_output_dir
@@ -146,7 +147,8 @@ def compare_merges(
     started = time.perf_counter()
     with ray_session(ctx.log):
         q = trial_slots(ctx.resources, ctx.run.max_concurrent, ctx.search.num_trials)
-        check_object_store(sum(i.nbytes for i in ctx.infos), ctx.resources, False, ctx.log)
+        check_object_store(sum(i.nbytes for i in ctx.infos), ctx.resources, False, ctx.log,
+                           f"the {len(ctx.infos)} checkpoints")
         window = WindowStore(ctx.infos, ctx.checkpoint, ctx.log)
         stored = window.all()
         table = Table(ctx.out, ctx.objective.mode, [])
@@ -160,7 +162,8 @@ def compare_merges(
         summary["plots"] = draw_plots(ctx.out, "compare", table.rows, summary, ctx.log,
                                       extra=[f"{TUNED_DIR}/{p}" for p in (tuned or {}).get(
                                           "plots", [])])
-        write_json_atomic(ctx.out / SUMMARY_FILE, summary)
+        with writing(f"the summary {ctx.out / SUMMARY_FILE}", ctx.out, AGAIN):
+            write_json_atomic(ctx.out / SUMMARY_FILE, summary)
     ctx.log("\n" + result.markdown())
     if not any(r["status"] == "ok" for r in table.rows if r["key"] in ctx.baselines.methods):
         raise RunError(f"every method failed; first error: {table.first_error()} "
@@ -233,17 +236,22 @@ def score_baselines(ctx: _Compare, stored: List[StoredCheckpoint], q: int, table
 
 
 def score_singles(ctx: _Compare, score, table: "Table", which: List[int]) -> Dict[int, float]:
-    """Each listed checkpoint alone, the later one first; its failure ends the comparison."""
+    """Each listed checkpoint alone, the later one first: its failure ends the comparison
+    (RunError); an earlier one's is recorded as its row's error, and greedy, which needs it,
+    fails for it."""
     n, scores = len(ctx.infos), {}
     for i in which:
         t0 = time.perf_counter()
         try:
             m = score(one_hot(i, n))
-        except Exception as e:  # noqa: BLE001
-            if i != n - 1:
-                raise
-            raise RunError(f"the later checkpoint {ctx.infos[i].path} could not be scored, so no "
-                           f"gain can be measured: {_last_line(e)}") from e
+        except Exception as e:  # noqa: BLE001 - recorded, or the comparison's end
+            if i == n - 1:
+                raise RunError(f"the later checkpoint {ctx.infos[i].path} could not be scored, "
+                               f"so no gain can be measured: {last_line(e)}") from e
+            label = f"checkpoint {ctx.infos[i].name}"
+            table.add_error(f"checkpoint:{i}", label, time.perf_counter() - t0, e)
+            ctx.log(f"{label}: FAILED: {last_line(e)}")
+            continue
         scores[i] = m["score"]
         if i == n - 1:
             table.later_score = m["score"]
@@ -265,7 +273,7 @@ def method_recipes(ctx: _Compare, score, actors: List, singles: Dict[int, float]
         "sma": lambda: weights_method(score, baselines.sma_weights(n, b.last_n)),
         "ema": lambda: weights_method(score, baselines.ema_weights(n, b.ema_alpha, b.last_n)),
         "wma": lambda: weights_method(score, baselines.wma_weights(n, b.last_n)),
-        "greedy": lambda: greedy_method(score, [singles[i] for i in range(n)], mode),
+        "greedy": lambda: greedy_method(score, singles_of_all(ctx, singles), mode),
         "fisher": lambda: stats_method(actor.fisher, baselines.uniform_weights(n),
                                         b.fisher_floor, ctx.windows, "fwd+bwd"),
         "regmean": lambda: stats_method(actor.regmean, baselines.uniform_weights(n),
@@ -273,6 +281,16 @@ def method_recipes(ctx: _Compare, score, actors: List, singles: Dict[int, float]
         "grid": lambda: lambda_method(actors, n, grid_lambdas(alpha, count), mode),
         "random": lambda: lambda_method(actors, n, random_lambdas(alpha, count, ctx.search.seed), mode),
     }
+
+
+def singles_of_all(ctx: _Compare, singles: Dict[int, float]) -> List[float]:
+    """Every checkpoint's own score, oldest first, as greedy needs them; RunError naming the
+    checkpoints that could not be scored."""
+    missing = [ctx.infos[i].name for i in range(len(ctx.infos)) if i not in singles]
+    if missing:
+        raise RunError(f"greedy needs every checkpoint's own score; {', '.join(missing)} "
+                       "could not be scored (see its row)")
+    return [singles[i] for i in range(len(ctx.infos))]
 
 
 def run_tuned(ctx: _Compare, stored: List[StoredCheckpoint], table: "Table") -> Optional[Dict]:
@@ -346,10 +364,9 @@ def compare_summary(ctx: _Compare, table: "Table", tuned: Optional[Dict], window
     }
 
 
-def _last_line(e: BaseException) -> str:
-    """The last line of an error (a Ray task error carries the worker's whole traceback)."""
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else type(e).__name__
+# What to do once a full disk has space again: a comparison has no resume (its methods are
+# cheap next to a pretraining run; the tuned run under tuned/ can be resumed alone).
+AGAIN = "run the comparison again with --overwrite"
 
 
 # --- the table -----------------------------------------------------------------------------------
@@ -380,7 +397,7 @@ class Table:
 
     def add_error(self, key: str, label: str, wall_s: float, error: BaseException) -> None:
         self.add(key, label, None, 0, wall_s, None, "",
-                 error=f"{type(error).__name__}: {_last_line(error)}")
+                 error=f"{type(error).__name__}: {last_line(error)}")
 
     def first_error(self) -> Optional[str]:
         return next((r["error"] for r in self.rows if r.get("error")), None)
@@ -393,8 +410,10 @@ class Table:
         return pick(ok, key=lambda r: r["score"])["key"]
 
     def write(self) -> pa.Table:
-        table = write_table_atomic(self.out / COMPARE_TABLE, self.rows)
-        write_bytes_atomic(self.out / COMPARE_MD, (markdown_table(self.rows, self.mode) + "\n").encode())
+        with writing(f"the comparison's table {self.out / COMPARE_TABLE}", self.out, AGAIN):
+            table = write_table_atomic(self.out / COMPARE_TABLE, self.rows)
+            write_bytes_atomic(self.out / COMPARE_MD,
+                               (markdown_table(self.rows, self.mode) + "\n").encode())
         return table
 
 

@@ -33,3 +33,10 @@ class RunInterrupted(CkmergeError):
 class OutputError(CkmergeError):
     """A file of the run could not be written (disk full, quota, read-only): what was written
     before stays intact; free space and resume the run."""
+
+
+def last_line(e: BaseException) -> str:
+    """The last line of an error's message: for a Ray task error, which carries the worker's
+    whole traceback, the error itself."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__

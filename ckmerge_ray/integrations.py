@@ -20,6 +20,7 @@ files whole and unchanged between two polls), or write a marker file of your own
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import threading
@@ -27,6 +28,10 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from transformers import TrainerCallback
+
+from ckmerge_ray.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 MARKER = "ckmerge_complete"  # the file CkmergeCallback writes into each finished checkpoint
 
@@ -64,9 +69,9 @@ class CkmergeCallback(TrainerCallback):
 
     def __init__(self, marker: str = MARKER, submit: Optional[Dict[str, Any]] = None):
         if not marker or os.sep in marker:
-            raise ValueError(f"marker must be a file name, got {marker!r}")
+            raise ConfigError(f"marker must be a file name, got {marker!r}")
         if submit is not None and not {"address", "args", "output"} <= set(submit):
-            raise ValueError("submit needs 'address', 'args' and 'output' (see the docstring), "
+            raise ConfigError("submit needs 'address', 'args' and 'output' (see the docstring), "
                              f"got {sorted(submit)}")
         self.marker, self.submit = marker, submit
         self.previous: Optional[str] = None  # the last checkpoint marked complete
@@ -106,6 +111,8 @@ class CkmergeCallback(TrainerCallback):
             self.submitted.append({"pair": pair, "job_id": job_id})
         except Exception as e:  # noqa: BLE001 - never break training over a submission
             self.submitted.append({"pair": pair, "error": f"{type(e).__name__}: {e}"})
+            logger.warning("ckmerge-ray: could not submit the job for %s -> %s: %s: %s",
+                           *pair, type(e).__name__, e)
 
     def wait(self, timeout: Optional[float] = None) -> Sequence[Dict[str, Any]]:
         """Wait for the background submissions (e.g. at the end of training); returns them."""

@@ -10,9 +10,10 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -83,17 +84,26 @@ def write_json_atomic(path: Path, obj: Dict) -> None:
 WRITE_ERRORS = (OSError, SafetensorError)
 
 
-def output_error(e: Exception, what: str, out: Path) -> OutputError:
+def output_error(e: Exception, what: str, out: Path, then: Optional[str] = None) -> OutputError:
     """The `OutputError` for `what` (a file or folder of the run in `out`) that could not be
     written: a full disk, a quota, a read-only mount (`e`, one of `WRITE_ERRORS`). Writes are
-    atomic, so what the run wrote before is intact, and a resume continues once the disk is
-    fixed."""
+    atomic, so what the run wrote before is intact, and once the disk is fixed the user does
+    `then` (default: resume the run, `resume_hint`)."""
     if isinstance(e, OSError):
         reason = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
     else:
         reason = str(e)
     return OutputError(f"cannot write {what} ({reason}); everything the run wrote before is "
-                       f"intact: free space, then resume it ({resume_hint(out)})")
+                       f"intact: free space, then {then or f'resume it ({resume_hint(out)})'}")
+
+
+@contextmanager
+def writing(what: str, out: Path, then: Optional[str] = None) -> Iterator[None]:
+    """Around writes of `what`: a `WRITE_ERRORS` becomes the run's `output_error`."""
+    try:
+        yield
+    except WRITE_ERRORS as e:
+        raise output_error(e, what, out, then) from e
 
 
 def resume_hint(out: Path, python: bool = False) -> str:

@@ -27,7 +27,7 @@ import pyarrow as pa
 from ckmerge_ray.checkpoints import CheckpointInfo
 from ckmerge_ray.cluster import check_object_store, ray_session, trial_slots
 from ckmerge_ray.config import CheckpointConfig, Resources, RunConfig, SearchConfig, split_options
-from ckmerge_ray.errors import CheckpointError, ConfigError, RunError, RunInterrupted
+from ckmerge_ray.errors import CheckpointError, ConfigError, RunError, RunInterrupted, last_line
 from ckmerge_ray.evaluator import start_evaluators
 from ckmerge_ray.inputs import (
     CHECKPOINT_NAME, Log, WindowStore, code_dir_of, load_window, prepare_objective, printer,
@@ -39,7 +39,7 @@ from ckmerge_ray.plots import draw_plots
 from ckmerge_ray.results import (
     renamed_name,
     HEATMAP_TABLE, PAIRS_DIR, SUMMARY_FILE, SWEEP_TABLE, WINDOWS_DIR, write_json_atomic,
-    write_table_atomic,
+    write_table_atomic, writing,
 )
 from ckmerge_ray.rundir import check_claimable, claim_output_dir
 from ckmerge_ray.storage import check_destination, discover_children, is_uri, locate
@@ -218,7 +218,9 @@ def sweep_trajectory(
         sizes = [i.nbytes for i in ctx.infos]
         ctx.pairs_at_once = set_pair_concurrency(ctx, sizes)
         need = sum(sizes) if heatmap else window_bytes(sizes, ctx.pairs_at_once, ctx.span)
-        check_object_store(need, ctx.resources, False, ctx.log)
+        check_object_store(need, ctx.resources, False, ctx.log,
+                           "the checkpoints held at once" if not heatmap else
+                           f"the {len(ctx.infos)} checkpoints")
         window = WindowStore(ctx.infos, ctx.checkpoint, ctx.log)
         rows, plots = tune_pairs(ctx, window, keep=heatmap)
         heat = (score_heatmap(ctx, window.all(), heatmap_lambda) if heatmap else None)
@@ -226,13 +228,23 @@ def sweep_trajectory(
                             time.perf_counter() - started)
     summary["plots"] = draw_plots(ctx.out, "sweep", rows, summary, ctx.log,
                                   heat=heat.to_pylist() if heat is not None else (), extra=plots)
-    write_json_atomic(ctx.out / SUMMARY_FILE, summary)
+    with sweep_writing(ctx, f"the summary {ctx.out / SUMMARY_FILE}"):
+        write_json_atomic(ctx.out / SUMMARY_FILE, summary)
     log_pairs(rows, ctx.log)
     if not any(r["status"] == "ok" for r in rows):
         raise RunError(f"every pair failed; first error: {rows[0]['error']} "
                        f"(table in {ctx.out / SWEEP_TABLE})")
-    return SweepResult(write_table_atomic(ctx.out / SWEEP_TABLE, rows), heat,
-                       ctx.objective.mode, ctx.out, summary)
+    with sweep_writing(ctx, f"the sweep's table {ctx.out / SWEEP_TABLE}"):
+        table = write_table_atomic(ctx.out / SWEEP_TABLE, rows)
+    return SweepResult(table, heat, ctx.objective.mode, ctx.out, summary)
+
+
+def sweep_writing(ctx: _Sweep, what: str):
+    """Around a write of the sweep's own files: a full disk is an `OutputError` that says what
+    to do (the pairs' runs are complete runs of their own)."""
+    unit, command = ("pair", "tune") if ctx.span == 2 else ("window", "tune-window")
+    return writing(what, ctx.out, f"run the sweep again with --overwrite (a {unit}'s own run in "
+                                  f"it can be resumed alone: ckmerge-ray {command} --resume DIR)")
 
 
 def check_sweep(checkpoints, objective, objective_options, resources, tune_options,
@@ -315,7 +327,8 @@ def tune_pairs(ctx: _Sweep, window: WindowStore, keep: bool) -> Tuple[List[Dict]
                 if not pool.stop_requested:  # one pair at a time: it had the signal itself
                     raise
                 continue  # stopped by the signal the pool passed on: no row
-            write_table_atomic(ctx.out / SWEEP_TABLE, [rows[j] for j in sorted(rows)])
+            with sweep_writing(ctx, f"the sweep's table {ctx.out / SWEEP_TABLE}"):
+                write_table_atomic(ctx.out / SWEEP_TABLE, [rows[j] for j in sorted(rows)])
 
     with PairPool(ctx.pairs_at_once, ctx.log) as pool:
         for k in range(n):
@@ -480,36 +493,48 @@ def sweep_summary(ctx: _Sweep, rows: List[Dict], window: WindowStore, heatmap: b
 
 
 def score_heatmap(ctx: _Sweep, stored: List[StoredCheckpoint], lam: float) -> pa.Table:
-    """Score lam·Θ(j) + (1-lam)·Θ(i) for all i < j, and each Θ(i) alone, on evaluator actors."""
+    """Score lam·Θ(j) + (1-lam)·Θ(i) for all i < j, and each Θ(i) alone, on evaluator actors.
+    A cell whose evaluation fails (a non-finite score, an out-of-memory) is a row with its
+    error and no score; the other cells go on."""
     import ray
     from ray.util import ActorPool
 
-    infos, steps, log = ctx.infos, ctx.steps, ctx.log
-    n = len(infos)
+    n = len(ctx.infos)
     cells = [(i, j) for i in range(n) for j in range(i, n)]
     q = trial_slots(ctx.resources, ctx.run.max_concurrent, len(cells))
-    actors = start_evaluators(q, ctx.resources.to_dict(), infos[-1].config, dtypes_of(infos[-1]),
-                              stored, ctx.objective,
-                              code_dir=code_dir_of(infos[-1], ctx.checkpoint))
+    actors = start_evaluators(q, ctx.resources.to_dict(), ctx.infos[-1].config,
+                              dtypes_of(ctx.infos[-1]), stored, ctx.objective,
+                              code_dir=code_dir_of(ctx.infos[-1], ctx.checkpoint))
+    ctx.log(f"heatmap: {len(cells)} merges on {q} evaluator(s)")
+    rows = []
     try:
-        def weights(cell):
-            i, j = cell
-            w = [0.0] * n
-            if i == j:
-                w[i] = 1.0
-            else:
-                w[i], w[j] = 1.0 - lam, lam
-            return w
-
-        log(f"heatmap: {len(cells)} merges on {q} evaluator(s)")
-        results = list(ActorPool(actors).map(lambda a, c: a.score.remote(weights(c)), cells))
+        pool = ActorPool(actors)
+        for cell in cells:
+            pool.submit(lambda a, w: a.score.remote(w), heatmap_weights(n, *cell, lam))
+        for i, j in cells:  # in order: get_next returns each cell's result or raises its error
+            row = {"i": i, "j": j, "step_i": ctx.steps[i], "step_j": ctx.steps[j],
+                   "lam": 1.0 if i == j else lam, "score": None, "error": None}
+            try:
+                row["score"] = float(pool.get_next()["score"])
+            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
+                row["error"] = last_line(e)
+                ctx.log(f"heatmap cell ({ctx.steps[i]}, {ctx.steps[j]}) failed: {row['error']}")
+            rows.append(row)
     finally:
         for a in actors:
             ray.kill(a)
-    rows = [{"i": i, "j": j, "step_i": steps[i], "step_j": steps[j],
-             "lam": 1.0 if i == j else lam, "score": float(r["score"])}
-            for (i, j), r in zip(cells, results) if math.isfinite(r["score"])]
-    return write_table_atomic(ctx.out / HEATMAP_TABLE, rows)
+    with sweep_writing(ctx, f"the heatmap {ctx.out / HEATMAP_TABLE}"):
+        return write_table_atomic(ctx.out / HEATMAP_TABLE, rows)
+
+
+def heatmap_weights(n: int, i: int, j: int, lam: float) -> List[float]:
+    """One weight per checkpoint: Θ(i) alone when i == j, else lam·Θ(j) + (1-lam)·Θ(i)."""
+    w = [0.0] * n
+    if i == j:
+        w[i] = 1.0
+    else:
+        w[i], w[j] = 1.0 - lam, lam
+    return w
 
 
 # Names of earlier versions, kept working: every output file is now named once, in results.py.

@@ -51,7 +51,7 @@ from ckmerge_ray.pairs import PairPool
 from ckmerge_ray.plots import draw_plots
 from ckmerge_ray.results import (
     PAIRS_DIR, RUN_FILE, SUMMARY_FILE, SWEEP_GAIN_PLOT, SWEEP_TABLE, read_rows, recover_published,
-    write_json_atomic, write_table_atomic,
+    write_json_atomic, write_table_atomic, writing,
 )
 from ckmerge_ray.rundir import check_not_a_file, jsonable, remove_outputs
 from ckmerge_ray.storage import (
@@ -64,6 +64,8 @@ WATCH_FILE = "watch.json"  # what defines the watch (a resume must match it)
 LATEST_DIR = "latest"  # the newest pair's best merged model
 BEST_OVERALL_DIR = "best_overall"  # the best merged model of any pair so far
 STALLED_POLLS = 3  # an incomplete checkpoint unchanged this long no longer holds up later ones
+# What to do once a full disk has space again (each finished pair's run is complete on disk).
+AGAIN = "continue the watch: the same arguments and --resume"
 
 
 @dataclass
@@ -180,7 +182,9 @@ def watch_trajectory(
                                  signal.SIGTERM if str(e) == "SIGTERM" else signal.SIGINT
                                  ) from None
     log_pairs(w.rows, log)
-    return WatchResult(write_table_atomic(out / SWEEP_TABLE, w.rows), w.mode, out,
+    with writing(f"the pairs' table {out / SWEEP_TABLE}", out, AGAIN):
+        table = write_table_atomic(out / SWEEP_TABLE, w.rows)
+    return WatchResult(table, w.mode, out,
                        _if_dir(out / LATEST_DIR), _if_dir(out / BEST_OVERALL_DIR), w.summary())
 
 
@@ -234,8 +238,9 @@ def claim_watch_dir(out: Path, record: Dict, overwrite: bool, resume: bool) -> L
                               "replace it, or choose another directory")
         remove_outputs(out, (SWEEP_TABLE, SUMMARY_FILE, WATCH_FILE, SWEEP_GAIN_PLOT, PAIRS_DIR,
                              LATEST_DIR, BEST_OVERALL_DIR))
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / WATCH_FILE, record)
+    with writing(f"the watch's settings {out / WATCH_FILE}", out, "start the watch again"):
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / WATCH_FILE, record)
     return []
 
 
@@ -504,10 +509,11 @@ class _Watch:
     def record(self, row: Dict, result, c: _Checkpoint, t_detect: float, store_s: float) -> None:
         """A pair's row in sweep.parquet (in pair order), its latency, the published models."""
         t_tuned = time.time()
-        publish_s = self.publish(row, result) if result is not None else 0.0
-        self.rows.append(row)
-        self.rows.sort(key=lambda r: r["pair"])
-        write_table_atomic(self.out / SWEEP_TABLE, self.rows)
+        with writing(f"pair {row['pair']}'s results in {self.out}", self.out, AGAIN):
+            publish_s = self.publish(row, result) if result is not None else 0.0
+            self.rows.append(row)
+            self.rows.sort(key=lambda r: r["pair"])
+            write_table_atomic(self.out / SWEEP_TABLE, self.rows)
         if result is not None:
             seconds = result.summary.get("seconds", {})
             self.latency.append({
@@ -608,7 +614,8 @@ class _Watch:
         summary = self.summary()
         summary["plots"] = draw_plots(self.out, "sweep", self.rows, summary, self.log,
                                       extra=self.pair_plots)
-        write_json_atomic(self.out / SUMMARY_FILE, summary)
+        with writing(f"the summary {self.out / SUMMARY_FILE}", self.out, AGAIN):
+            write_json_atomic(self.out / SUMMARY_FILE, summary)
 
 
 def _intact(c: _Checkpoint) -> bool:

@@ -38,10 +38,9 @@ def refit_searcher(rows: Sequence[Dict], summary: Dict):
     return family, searcher
 
 
-def draw_window_plots(out: Path, rows: Sequence[Dict], summary: Dict, searcher=None,
-                      log=None) -> List[str]:
+def draw_window_plots(out: Path, rows: Sequence[Dict], summary: Dict, log=None) -> List[str]:
     """Draw window.png into `out`; returns its path relative to `out` ([] on failure, logged:
-    a plot never loses a finished run's results). `searcher` is unused: the GP is refitted."""
+    a plot never loses a finished run's results). The GP is refitted from `rows`."""
     try:
         path = plot_window(rows, summary, out / WINDOW_PLOT)
     except Exception as e:  # noqa: BLE001

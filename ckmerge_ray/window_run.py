@@ -139,7 +139,7 @@ def store_window(ctx: _WindowRun, stored) -> None:
         ctx.stored = list(stored)
     else:
         check_object_store(sum(i.nbytes for i in ctx.infos), ctx.resources,
-                           ctx.run.allow_spilling, ctx.log)
+                           ctx.run.allow_spilling, ctx.log, f"the {len(ctx.infos)} checkpoints")
         ctx.window = WindowStore(ctx.infos, ctx.checkpoint, ctx.log)
         ctx.stored = ctx.window.all()
     ctx.seconds["load"] = time.perf_counter() - t0
@@ -263,7 +263,7 @@ def write_results(ctx: _WindowRun, rows: List[Dict], best: Dict, searcher) -> Wi
     }
     from ckmerge_ray.window_plots import draw_window_plots
 
-    summary["plots"] = draw_window_plots(ctx.out, rows, summary, searcher, ctx.log)
+    summary["plots"] = draw_window_plots(ctx.out, rows, summary, ctx.log)
     try:
         write_json_atomic(ctx.out / SUMMARY_FILE, summary)
     except OSError as e:

@@ -322,3 +322,24 @@ def test_the_trials_table_reads_whole_while_the_run_replaces_it(tmp_path):
         thread.join()
     assert len(set(sizes)) > 5, "the writer hardly ran: the race was not exercised"
     assert read_rows(tmp_path / "none.parquet") == []
+
+
+def test_a_full_disk_under_a_comparison_or_a_watch_is_one_error_that_says_what_to_do(small_disk):
+    """compare's table (rewritten after every method) and a watch's settings on a disk that is
+    full for real: an OutputError naming the file, the cause and what to do once there is space
+    (the CLI's exit 2 with one line), not a raw OSError traceback as before."""
+    from ckmerge_ray.compare import Table
+    from ckmerge_ray.errors import OutputError
+    from ckmerge_ray.watch import claim_watch_dir
+
+    (small_disk / "compare").mkdir()
+    faulty.fill(small_disk / "ballast", 0)
+    table = Table(small_disk / "compare", "min", [])
+    with pytest.raises(OutputError, match=r"cannot write the comparison's table .*compare\.parquet"
+                                          r" \(No space left on device.* run the comparison "
+                                          r"again with --overwrite"):
+        table.add("endpoint", "later checkpoint", 3.5, 1, 0.1, [0.0, 1.0], "none")
+    assert not [p.name for p in (small_disk / "compare").iterdir()], "a partial file was left"
+    with pytest.raises(OutputError, match=r"cannot write the watch's settings .*watch\.json .*"
+                                          r"No space left on device.*start the watch again"):
+        claim_watch_dir(small_disk / "watch", {"source": "x"}, overwrite=False, resume=False)

@@ -125,3 +125,58 @@ def test_sweep_plots_are_drawn_and_listed(sweep):
         image = mpimg.imread(result.output_dir / p)
         assert image.shape[0] > 100 and image.shape[1] > 100
         assert float(image[..., :3].std()) > 0.01  # not a blank canvas
+
+
+# --- a diverged checkpoint in the middle of the trajectory ------------------------------------
+
+@pytest.fixture(scope="module")
+def diverged(trajectory, tmp_path_factory):
+    """checkpoint-40, -80, -120 with checkpoint-40 diverged: its norm weights at 3e38, finite
+    (the store refuses NaN and inf) but overflowing the forward pass of any merge it enters."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("diverged")
+    copies = [Path(shutil.copytree(c, root / c.name)) for c in trajectory]
+    shutil.copy(trajectory[0].parent / "heldout.jsonl", root / "heldout.jsonl")
+    f = copies[0] / "model.safetensors"
+    tensors = load_file(str(f))
+    for name, t in tensors.items():
+        if name.endswith("norm.weight"):
+            tensors[name] = torch.full_like(t, 3e38)
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    return copies
+
+
+def test_a_diverged_checkpoint_fails_its_heatmap_cells_and_greedy_not_the_run(
+        ray_session, diverged, tmp_path):
+    """The heatmap records each cell that cannot be scored with its error and scores the rest
+    (before, the first such cell ended the sweep with a raw RayTaskError after every pair was
+    tuned, writing no summary); a comparison records the checkpoint that cannot be scored
+    alone, fails greedy (which needs its score) by name, and goes on (before, it ended)."""
+    from ckmerge_ray import compare_merges
+
+    heldout, options = diverged[0].parent / "heldout.jsonl", {"seq_len": 64, "max_tokens": 1024}
+    result = sweep_trajectory(diverged, {"cpu": 1}, objective=f"loss:{heldout}",
+                              objective_options=options, num_trials=2, heatmap=True,
+                              max_concurrent=2, output_dir=tmp_path / "sweep", progress=False)
+    cells = {(r["i"], r["j"]): r for r in result.heatmap.to_pylist()}
+    assert len(cells) == 6
+    for (i, j), r in cells.items():
+        if i == 0:  # every cell with checkpoint-40 in it
+            assert r["score"] is None and "non-finite score" in r["error"], r
+        else:
+            assert np.isfinite(r["score"]) and r["error"] is None, r
+    assert (tmp_path / "sweep" / "summary.json").exists()
+    assert "sweep_heatmap.png" in result.summary["plots"]
+
+    compared = compare_merges(diverged, {"cpu": 1}, objective=f"loss:{heldout}",
+                              objective_options=options, methods=("greedy", "sma"), last_n=2,
+                              output_dir=tmp_path / "compare", progress=False)
+    rows = {r["key"]: r for r in compared.table.to_pylist()}
+    assert rows["checkpoint:0"]["status"] != "ok" and "non-finite" in rows["checkpoint:0"]["error"]
+    assert rows["checkpoint:1"]["status"] == "ok" and rows["endpoint"]["status"] == "ok"
+    assert "greedy needs every checkpoint's own score; checkpoint-40" in rows["greedy"]["error"]
+    assert rows["sma"]["status"] == "ok"  # the last 2: checkpoint-80 and -120

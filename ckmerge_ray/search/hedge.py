@@ -489,10 +489,6 @@ class GPHedgeSearch(BayesOptSearch):
         mean, std = gp.predict(np.asarray([self._to_array(p) for p in points]), return_std=True)
         return self._metric_op * mean, std
 
-    def trial_info(self, trial_id: str) -> Dict:
-        """Batch index, acquisition and hedge probabilities recorded for a trial."""
-        return dict(self._trial_info.get(trial_id, {}))
-
     def _initial_pending(self) -> bool:
         return any(self._trial_info.get(t, {}).get("acquisition") == "initial"
                    for t in self._live_trial_mapping)
