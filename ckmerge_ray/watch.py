@@ -1,16 +1,9 @@
 """`watch_trajectory`: follow a pretraining run while it trains, and tune each new adjacent pair
 as soon as its later checkpoint is complete.
 
-The watch polls a run directory (local or a URI) for ``checkpoint-<step>/``-style folders (the
-names `sweep.discover_checkpoints` knows). A checkpoint is read only once it is *complete*:
-
-- with ``marker="NAME"``: the file NAME exists in the folder (the trainer's word that it is
-  done; HF Trainer writes ``trainer_state.json`` last, and `integrations.CkmergeCallback`
-  writes a marker after every save), and its format's files are all there;
-- otherwise: every file its format names is present and whole as far as the headers tell
-  (the safetensors index and each file's header against the file's size; DCP's ``.metadata``,
-  written last, and every ``.distcp`` it names), and nothing in the folder changed (sizes and
-  modification times, or ETags) between two polls.
+The watch polls a run directory (local or a URI) for ``checkpoint-<step>/``-style folders and
+reads each once it is complete: its marker file is there, or its files are all there, whole, and
+unchanged between two polls (`ckmerge_ray.watch_poll`).
 
 Pairs are tuned with `tune_merge` in ``pairs/`` as `sweep_trajectory` does (each checkpoint put
 into the object store once; the earlier checkpoint of the next pair stays there), up to
@@ -36,13 +29,11 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import pyarrow as pa
 
-from ckmerge_ray.checkpoints import (
-    CheckpointInfo, load_checkpoint_info, plan_shards, tokenizer_files,
-)
+from ckmerge_ray.checkpoints import CheckpointInfo, plan_shards, tokenizer_files
 from ckmerge_ray.cluster import ray_session, trial_slots
 from ckmerge_ray.config import CheckpointConfig, Resources, RunConfig, SearchConfig, split_options
 from ckmerge_ray.errors import CheckpointError, ConfigError, RunError, RunInterrupted
@@ -55,15 +46,15 @@ from ckmerge_ray.results import (
 )
 from ckmerge_ray.rundir import check_not_a_file, jsonable, remove_outputs
 from ckmerge_ray.storage import (
-    Location, check_destination, checkpoint_id, discover_children, locate, publish_dir,
+    Location, check_destination, checkpoint_id, locate, publish_dir,
 )
 from ckmerge_ray.store import StoredCheckpoint, put_checkpoint
 from ckmerge_ray.sweep import CHECKPOINT_NAME, log_pairs, pair_run_dir, tune_pair
+from ckmerge_ray.watch_poll import Poller, SeenCheckpoint
 
 WATCH_FILE = "watch.json"  # what defines the watch (a resume must match it)
 LATEST_DIR = "latest"  # the newest pair's best merged model
 BEST_OVERALL_DIR = "best_overall"  # the best merged model of any pair so far
-STALLED_POLLS = 3  # an incomplete checkpoint unchanged this long no longer holds up later ones
 # What to do once a full disk has space again (each finished pair's run is complete on disk).
 AGAIN = "continue the watch: the same arguments and --resume"
 
@@ -78,23 +69,6 @@ class WatchResult:
     latest: Optional[Path]
     best_overall: Optional[Path]
     summary: Dict = field(default_factory=dict)
-
-
-@dataclass
-class _Checkpoint:
-    """A checkpoint folder the watch has seen; `info`/`stored` once it is read."""
-
-    step: int
-    location: Location
-    fingerprint: Optional[tuple] = None  # at the last poll that found its files all there
-    state: Any = None  # what the last poll saw (unchanged for `stalled` polls: stalled)
-    stalled: int = 0
-    complete: bool = False
-    first_whole: Optional[float] = None  # wall time of the first poll that found it whole
-    complete_at: Optional[float] = None  # wall time it was declared complete
-    info: Optional[CheckpointInfo] = None
-    stored: Optional[StoredCheckpoint] = None
-    plan: Optional[List[List[str]]] = None
 
 
 def watch_trajectory(
@@ -244,28 +218,6 @@ def claim_watch_dir(out: Path, record: Dict, overwrite: bool, resume: bool) -> L
     return []
 
 
-def checkpoint_state(loc: Location, marker: Optional[str], checkpoint: CheckpointConfig,
-                     required: Sequence[str] = ()) -> Tuple[Optional[tuple], str]:
-    """(fingerprint of the folder, "") when every file the checkpoint's format names is there
-    and whole as far as its headers tell, the `required` files (the tokenizer files the
-    previous checkpoint had) exist, and so does the marker, if one is named; else (None, why
-    not). Reads headers only."""
-    if marker is not None and not (loc / marker).exists():
-        return None, f"no {marker} yet"
-    try:
-        before = loc.fingerprint()
-        load_checkpoint_info(loc, allow_pickle=checkpoint.allow_pickle, format=checkpoint.format,
-                             model_config=checkpoint.model_config)
-        if loc.fingerprint() != before:
-            return None, "files changed while their headers were read"
-    except CheckpointError as e:
-        return None, str(e)
-    missing = [n for n in required if not (loc / n).exists()]
-    if missing:
-        return None, f"no {', '.join(missing)} yet (the previous checkpoint has them)"
-    return before, ""
-
-
 class _Watch:
     """The watch's state between polls: checkpoints seen, the pair rows, the models published."""
 
@@ -278,8 +230,7 @@ class _Watch:
         self.marker, self.rows = marker, rows
         self.mode: Optional[str] = None
         self.objective_repr: Optional[str] = None
-        self.seen: Dict[str, _Checkpoint] = {}
-        self.prev: Optional[_Checkpoint] = None
+        self.prev: Optional[SeenCheckpoint] = None
         # Pairs run together may finish out of order: a killed watch resumes after the last
         # pair of the table's gap-free start, and passes over the pairs recorded after it.
         done = {r["pair"] for r in rows}
@@ -290,15 +241,14 @@ class _Watch:
         self.puts: Dict[str, int] = {}
         previous = _read_json(out / SUMMARY_FILE)
         self.latency: List[Dict] = previous.get("latency", []) if rows else []
-        # name -> step, when first found whole and when declared complete (wall times)
-        self.completed: Dict[str, Dict] = previous.get("checkpoints", {}) if rows else {}
+        self.poller = Poller(root, CHECKPOINT_NAME, marker, checkpoint, log,
+                             previous.get("checkpoints", {}) if rows else {})
         self.pair_plots: List[str] = _pair_plots(out, rows)
         self.resuming = self.resumed_from is not None  # the next pair's earlier end: the table's
         self.pairs_at_once = 1
         self.pool: Optional[PairPool] = None
         self.inflight: Dict[int, Dict] = {}  # pair -> its checkpoints and times, while it runs
         self.interrupted: Optional[BaseException] = None  # a pair's RunInterrupted
-        self.required: List[str] = []  # tokenizer files of the last checkpoint read
         if rows:
             self.mode = previous.get("mode")
             self.objective_repr = previous.get("objective")
@@ -312,16 +262,15 @@ class _Watch:
         """Poll, tune each pair as it becomes complete (up to `pairs_at_once` at a time, polling
         on while they run), until a stop condition holds; then wait for the pairs in flight."""
         last_progress = time.monotonic()
-        self.log(f"watching {self.root} every {poll_seconds:g}s for checkpoints"
-                 + (f" with {self.marker}" if self.marker else " (complete: files all there "
-                    "and unchanged between two polls)")
+        self.log(f"watching {self.root} every {poll_seconds:g}s for checkpoints "
+                 + self.poller.rule()
                  + (f", {self.pairs_at_once} pair(s) at once" if self.pairs_at_once > 1 else ""))
         with PairPool(self.pairs_at_once, self.log) as self.pool:
             reason = None
             while reason is None:
                 self.collect(self.pool.finished(timeout=0))
                 reason = self._finished(until, max_pairs)
-                for c in self.ready() if reason is None else ():
+                for c in self.poller.ready(self.frontier) if reason is None else ():
                     last_progress = time.monotonic()
                     if self.prev is None:
                         self.start_from(c)
@@ -358,58 +307,9 @@ class _Watch:
             return f"reached step {self.frontier} (until={until})"
         return None
 
-    def ready(self) -> List[_Checkpoint]:
-        """Checkpoints newly complete, in step order. One still being written holds up later
-        ones until it has not changed for `STALLED_POLLS` polls (abandoned: skipped)."""
-        for step, loc in discover_children(self.root, CHECKPOINT_NAME):
-            if loc.uri not in self.seen and (self.frontier is None or step > self.frontier):
-                self.seen[loc.uri] = _Checkpoint(step, loc)
-                self.log(f"found {loc.name}")
-        pending = sorted((c for c in self.seen.values() if not c.complete
-                          and (self.frontier is None or c.step > self.frontier)),
-                         key=lambda c: c.step)
-        out = []
-        for c in pending:
-            self.poll(c)
-        for i, c in enumerate(pending):
-            if c.complete:
-                out.append(c)
-            elif not any(d.complete for d in pending[i + 1:]) or c.stalled < STALLED_POLLS:
-                break
-            else:  # passed over for good once a later pair moves the frontier past it
-                self.log(f"skipping {c.location.name}: incomplete and unchanged for "
-                         f"{c.stalled} polls while a later checkpoint is complete")
-        return out
-
-    def poll(self, c: _Checkpoint) -> None:
-        """Look at one checkpoint: complete now (marker, or whole and unchanged since the
-        previous poll)?"""
-        try:
-            fp, why = checkpoint_state(c.location, self.marker, self.checkpoint, self.required)
-        except CheckpointError as e:  # vanished while being looked at
-            fp, why = None, str(e)
-        state = fp if fp is not None else why
-        c.stalled = c.stalled + 1 if state == c.state else 0
-        c.state = state
-        if fp is None:
-            if why and c.stalled == 0:
-                self.log(f"{c.location.name} not complete yet: {why}")
-            c.fingerprint, c.first_whole = None, None
-            return
-        if c.first_whole is None or fp != c.fingerprint:
-            c.first_whole = time.time()
-        if self.marker is not None or fp == c.fingerprint:
-            c.complete, c.complete_at = True, time.time()
-            self.completed[c.location.name] = {"step": c.step, "first_whole_at": c.first_whole,
-                                               "complete_at": c.complete_at}
-            self.log(f"{c.location.name} is complete"
-                     + (f" ({self.marker} present)" if self.marker else " (unchanged since the "
-                        "previous poll)"))
-        c.fingerprint = fp
-
     # --- pairs ---------------------------------------------------------------------------------
 
-    def start_from(self, c: _Checkpoint) -> None:
+    def start_from(self, c: SeenCheckpoint) -> None:
         """The first complete checkpoint (or, on resume, the next one): the objective is
         checked on it, and it becomes the earlier end of the next pair."""
         try:
@@ -418,7 +318,7 @@ class _Watch:
             self.log(f"{c.location.name} cannot be read ({e}); waiting for the next checkpoint")
             self.frontier = c.step
             return
-        self.required = [f.name for f in tokenizer_files(c.location)]
+        self.poller.required = [f.name for f in tokenizer_files(c.location)]
         if self.mode is None:
             objective = prepare_objective(self.objective_spec, self.objective_options, c.info,
                                           self.search, self.log,
@@ -431,21 +331,21 @@ class _Watch:
                 return self.tune_next(c)
         self.prev, self.frontier = c, c.step
 
-    def _resume_earlier(self) -> Optional[_Checkpoint]:
+    def _resume_earlier(self) -> Optional[SeenCheckpoint]:
         """The earlier end of the first pair after a resume: the table's last later checkpoint
         (or, if it cannot be read now, that pair's earlier one)."""
         last = self.resumed_from
         for key in ("later", "earlier"):
             try:
                 loc = locate(last[key], what="checkpoint directory")
-                c = _Checkpoint(last[f"{key}_step"], loc, complete=True)
+                c = SeenCheckpoint(last[f"{key}_step"], loc, complete=True)
                 (c.info,) = load_window([loc.uri], self.checkpoint, self.log)
                 return c
             except CheckpointError as e:
                 self.log(f"{last[key]} cannot be read now ({e})")
         return None
 
-    def tune_next(self, c: _Checkpoint) -> None:
+    def tune_next(self, c: SeenCheckpoint) -> None:
         """Store the pair (previous good checkpoint, c) and start tuning it; `finish` records
         it. The next pair starts from c, unless c turns out unusable before it does."""
         self.collect(self.pool.wait_for_room())  # the store holds the pairs in flight only
@@ -463,7 +363,7 @@ class _Watch:
             infos, stored, store_s = self.store_pair(prev, c)
         except CheckpointError as e:
             self.record(self._failed_row(k, prev, c, e), None, c, t_detect, 0.0)
-            if not _intact(prev):  # neither is usable: start again from the next checkpoint
+            if not prev.intact():  # neither is usable: start again from the next checkpoint
                 prev.stored, self.prev = None, None
             c.stored = None  # else the next pair starts from prev again
             return
@@ -500,13 +400,13 @@ class _Watch:
             else:
                 self.pair_plots += plots
         self.record(row, result, c, f["t_detect"], f["store_s"])
-        if self.prev is c and not _intact(c):  # no pair started from c yet: fall back
+        if self.prev is c and not c.intact():  # no pair started from c yet: fall back
             c.stored = None
-            self.prev = prev if _intact(prev) else None
+            self.prev = prev if prev.intact() else None
         if self.prev is not prev:
             prev.stored = None  # Ray frees its shards once no pair holds them
 
-    def record(self, row: Dict, result, c: _Checkpoint, t_detect: float, store_s: float) -> None:
+    def record(self, row: Dict, result, c: SeenCheckpoint, t_detect: float, store_s: float) -> None:
         """A pair's row in sweep.parquet (in pair order), its latency, the published models."""
         t_tuned = time.time()
         with writing(f"pair {row['pair']}'s results in {self.out}", self.out, AGAIN):
@@ -527,7 +427,7 @@ class _Watch:
                 "tuned_s": t_tuned - t_detect})
         self.write_summary()
 
-    def store_pair(self, prev: _Checkpoint, c: _Checkpoint):
+    def store_pair(self, prev: SeenCheckpoint, c: SeenCheckpoint):
         """Both checkpoints validated together and in the object store (prev usually is
         already, with the same shard plan). Raises CheckpointError, also for a prev that
         changed or vanished since it was stored."""
@@ -540,7 +440,7 @@ class _Watch:
             prev.stored, prev.plan = self._put(infos[0], plan), plan
             prev.info = infos[0]
         c.stored, c.plan, c.info = self._put(infos[1], plan), plan, infos[1]
-        self.required = [f.name for f in tokenizer_files(c.location)]
+        self.poller.required = [f.name for f in tokenizer_files(c.location)]
         return [prev.info, c.info], (prev.stored, c.stored), time.perf_counter() - t0
 
     def _put(self, info: CheckpointInfo, plan) -> StoredCheckpoint:
@@ -548,7 +448,7 @@ class _Watch:
         self.puts[info.name] = self.puts.get(info.name, 0) + 1
         return stored
 
-    def _failed_row(self, k: int, prev: _Checkpoint, c: _Checkpoint, e: Exception) -> Dict:
+    def _failed_row(self, k: int, prev: SeenCheckpoint, c: SeenCheckpoint, e: Exception) -> Dict:
         self.log(f"pair {prev.location.name} -> {c.location.name} FAILED: {e}")
         return {"pair": k, "earlier": prev.location.uri, "later": c.location.uri,
                 "earlier_step": prev.step, "later_step": c.step,
@@ -605,7 +505,7 @@ class _Watch:
                                         "best_score": leader["best_score"],
                                         "path": BEST_OVERALL_DIR},
             "object_store": {"puts_per_checkpoint": self.puts},
-            "checkpoints": self.completed,
+            "checkpoints": self.poller.completed,
             "latency": self.latency,
             "plots": [],
         }
@@ -616,15 +516,6 @@ class _Watch:
                                       extra=self.pair_plots)
         with writing(f"the summary {self.out / SUMMARY_FILE}", self.out, AGAIN):
             write_json_atomic(self.out / SUMMARY_FILE, summary)
-
-
-def _intact(c: _Checkpoint) -> bool:
-    try:
-        if c.info is not None:
-            c.info.check_unchanged("after it was stored")
-        return True
-    except CheckpointError:
-        return False
 
 
 def _better(a: float, b: float, mode: Optional[str]) -> bool:
