@@ -7,7 +7,7 @@ resources. Why not one Tune experiment over several searchers: a pair would no l
 that can be inspected, resumed or compared on its own, and GP-Hedge's batches would mix pairs.
 Ray Tune supports its loop outside the main thread (``ray/tune/tune.py``: it then installs no
 signal handler); `interrupts` passes Ctrl-C and SIGTERM on to every pair, and the trainable of
-each run is registered under its own name (`tuner.register_run_trainable`).
+each run is registered under its own name (`experiment.register_run_trainable`).
 
 The main thread reads each checkpoint and puts it into the object store once, then hands the
 shards to the pairs that need them; its own reference goes as soon as no pair still to be

@@ -1,8 +1,9 @@
 """`tune_merge`: find the λ whose merge λ·Θ(t) + (1-λ)·Θ(t-1) scores best, on Ray Tune.
 
-A run is six steps, each a function below: check the inputs (`inputs.py`, before Ray starts) →
-store the pair's shards in the object store once → build the Tune experiment (GP-Hedge searcher,
-trainable of `trial.py`, the trials-table callback) → fit → pick the best λ → write the results
+A run is six steps, each a function below or in `experiment.py`: check the inputs (`inputs.py`,
+before Ray starts) → store the pair's shards in the object store once → build the Tune
+experiment (GP-Hedge searcher, trainable of `trial.py`, the trials-table callback) → fit → pick
+the best λ → write the results
 (best/ export, summary.json with its plots, the final table). From the claim of the output
 directory to the end, the run holds the directory's lock (`rundir.py`), and SIGINT, SIGTERM or a
 file it cannot write stop it as a resumable run (`interrupts.py`). Example::
@@ -17,8 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,37 +26,35 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import ray
 from ray import tune
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ckmerge_ray.callbacks import StopWhenAllFail, TrialTableWriter
 from ckmerge_ray.checkpoints import CheckpointInfo, tokenizer_files
-from ckmerge_ray.storage import check_destination, checkpoint_id, publish_dir
 from ckmerge_ray.cluster import check_object_store, connect, trial_slots
 from ckmerge_ray.config import (
     CheckpointConfig, Resources, RunConfig, SearchConfig, launch_record, resumed_settings,
     split_options,
 )
 from ckmerge_ray.errors import ConfigError, RunError
+from ckmerge_ray.experiment import build_tuner, fit, start_plan_holder
 from ckmerge_ray.inputs import (
     Log, WindowStore, code_dir_of, load_window, prepare_objective, printer,
 )
+from ckmerge_ray.interrupts import RunGuard
 from ckmerge_ray.model import dtypes_of
-from ckmerge_ray.interrupts import LoopStopped, RunGuard, StopForwarder, quiet_tune
 from ckmerge_ray.objectives import Objective
 from ckmerge_ray.plots import draw_plots
 from ckmerge_ray.results import (
-    BEST_DIR, JOURNAL_DIR, RUN_FILE, SUMMARY_FILE, TRIALS_FILE, TuneMergeResult, export_merged,
-    WRITE_ERRORS, format_result, load_result, output_error, read_rows, rows_to_table,
-    write_json_atomic,
+    BEST_DIR, SUMMARY_FILE, TRIALS_FILE, TuneMergeResult, WRITE_ERRORS, export_merged,
+    format_result, load_result, output_error, read_rows, rows_to_table, write_json_atomic,
 )
 from ckmerge_ray.rundir import (
     RUN_DEFINING, check_unlocked, claim_tune_dir, jsonable, lock_run_dir, read_run_file,
     reclaim_tune_dir,
 )
+from ckmerge_ray.storage import check_destination, checkpoint_id, publish_dir
 from ckmerge_ray.search import LAMBDA
 from ckmerge_ray.search.fidelity import ScreeningScheduler
 from ckmerge_ray.store import StoredCheckpoint
-from ckmerge_ray.trial import PlanHolder, TrialPlan, merge_trainable
+from ckmerge_ray.trial import TrialPlan
 
 
 @dataclass
@@ -77,7 +74,7 @@ class _Run:
     puts: int = 0  # puts per checkpoint by this run (0: the caller stored them)
     q: int = 1  # trials at once
     resumed: bool = False
-    trainable: Any = None  # the Tune trainable (set by build_tuner)
+    trainable: Any = None  # the Tune trainable (set by experiment.build_tuner)
     started: float = field(default_factory=time.perf_counter)
     seconds: Dict[str, float] = field(default_factory=dict)
 
@@ -172,7 +169,7 @@ def run_locked(ctx: _Run, guard: RunGuard, record: Dict, objective, stored) -> T
         holder = start_plan_holder(plan, ctx.out)
         searcher = ctx.search.searcher(ctx.objective.mode, batch_size=ctx.q)
         record.update(run_extras(objective, ctx))
-        tuner, experiment = build_tuner(ctx, plan.run_id, searcher, previous, record)
+        tuner, experiment = tuner_of(ctx, plan.run_id, searcher, previous, record)
         t_fit = time.perf_counter()
         grid, restored = fit(ctx, guard, tuner, experiment)
         ctx.seconds["tune"] = time.perf_counter() - t_fit
@@ -258,134 +255,20 @@ def store_pair(ctx: _Run, stored) -> None:
 # --- 3. the Tune experiment --------------------------------------------------------------------
 
 
-def build_tuner(ctx: _Run, run_id: str, searcher, previous: Optional[Dict],
-                record: Dict) -> Tuple[tune.Tuner, str]:
-    """A new Tune experiment (run.json written first), or the restored one when resuming.
-    Returns the tuner and the experiment's path."""
-    search, run, mode = ctx.search, ctx.run, ctx.objective.mode
-    experiment_id = previous["experiment"].rstrip("/").rsplit("/", 1)[-1] if previous else None
-    trainable = ctx.trainable = register_run_trainable(
-        f"ckmerge-plan-{run_id}", experiment_id or f"ckmerge-{run_id}", ctx.resources)
+def tuner_of(ctx: _Run, run_id: str, searcher, previous: Optional[Dict],
+             record: Dict) -> Tuple[tune.Tuner, str]:
+    """The run's Tune experiment, new or restored (`experiment.build_tuner`): λ trials, with
+    the screening scheduler when multi-fidelity is on."""
+    search = ctx.search
     ctx.log(f"tuning λ in [{search.alpha}, 1]: {search.num_samples} trials, {ctx.q} at a time, "
             f"{ctx.resources.to_dict()}/trial")
-    if previous:
-        # The writer and stopper come back from the experiment's own state (Tune pickles its
-        # RunConfig); the writer reloads the rows already on disk.
-        experiment = previous["experiment"]
-        ctx.log(f"resuming {experiment}: {len(read_rows(ctx.out / TRIALS_FILE))} trial(s) "
-                "already recorded")
-        with quiet_tune():
-            return tune.Tuner.restore(experiment, trainable=trainable, restart_errored=True), experiment
-    storage = run.storage_path or str(ctx.out / "ray")
-    experiment = _join(storage, f"ckmerge-{run_id}")
-    try:
-        write_json_atomic(ctx.out / RUN_FILE, {**record, "experiment": experiment})
-    except OSError as e:
-        raise output_error(e, f"the run's settings {ctx.out / RUN_FILE}", ctx.out) from e
-    writer = TrialTableWriter(ctx.out / TRIALS_FILE, search.num_samples, mode, run.progress)
-    scheduler = (ScreeningScheduler("score", mode, search.screen_keep)
+    scheduler = (ScreeningScheduler("score", ctx.objective.mode, search.screen_keep)
                  if search.screen_limit is not None else None)
-    tuner = tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
-                                    num_samples=search.num_samples, max_concurrent_trials=ctx.q,
-                                    reuse_actors=True),
-        run_config=tune.RunConfig(
-            name=f"ckmerge-{run_id}", storage_path=storage, callbacks=[writer, StopForwarder()],
-            stop=StopWhenAllFail(writer, after=min(search.num_samples, 3)),
-            failure_config=tune.FailureConfig(max_failures=run.max_failures), verbose=0,
-        ),
-    )
-    return tuner, experiment
+    return build_tuner(ctx, run_id, searcher, previous, record, num_samples=search.num_samples,
+                       scheduler=scheduler)
 
 
-def start_plan_holder(plan, out: Path):
-    """The run's `PlanHolder` (named after the plan's run id), on the driver's node, whose disk
-    holds the journal: a lost worker node cannot take the holder (and the run's plan and
-    journal) with it."""
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return PlanHolder.options(name=f"ckmerge-plan-{plan.run_id}", scheduling_strategy=here
-                              ).remote([ray.put(plan)], str(out / JOURNAL_DIR))
-
-
-# Ray Tune's registry of trainables is a process-wide dict that registering iterates over:
-# runs in several threads (`sweep` and `watch` with pairs at once) register one at a time.
-_REGISTRY_LOCK = threading.Lock()
-
-
-def register_run_trainable(holder: str, experiment_id: str, resources: Resources,
-                           function=merge_trainable) -> str:
-    """Register `function` (default `merge_trainable`; a window run's is
-    `window_trial.window_trainable`), bound to the run's plan holder, under a name of its own (the
-    experiment's, so that `Tuner.restore` finds the name it saved); returns the name, which the
-    Tuner takes in place of the function.
-
-    Tune registers a trainable under its name for the whole cluster, and
-    `tune.with_parameters` keys its parameters by the function's ``str``: runs of one driver
-    tuning pairs concurrently would each take whichever run registered last, and merge another
-    pair's checkpoints."""
-    name = experiment_id.replace("ckmerge-", "merge-", 1)
-
-    def trainable(config: Dict) -> None:
-        function(config, holder)
-
-    trainable.__name__ = trainable.__qualname__ = name
-    with _REGISTRY_LOCK:
-        tune.register_trainable(name, tune.with_resources(trainable, resources.to_dict()))
-    return name
-
-
-def _join(storage: str, name: str) -> str:
-    return f"{storage.rstrip('/')}/{name}" if "://" in storage else str(Path(storage) / name)
-
-
-# --- 4. fit ------------------------------------------------------------------------------------
-
-# Errors of a trial whose worker process or node died, rather than of its merge or objective.
-LOST_WORKER_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError,
-                      ray.exceptions.WorkerCrashedError, ray.exceptions.LocalRayletDiedError,
-                      ray.exceptions.ObjectLostError)
-# Times the trials that failed that way are run again after Tune gave up on them.
-LOST_TRIAL_ROUNDS = 2
-
-
-def fit(ctx: _Run, guard: RunGuard, tuner: tune.Tuner, experiment: str) -> Tuple[Any, bool]:
-    """Run Tune's loop; then run again, from the experiment Tune saved, the trials that failed
-    because their worker or node died. Returns the result grid and whether it was restored.
-
-    Tune retries such a trial `max_failures` times, but a lost node can use those retries up in
-    a second: Tune hands the retry to the idle actors it cached on that node (reuse_actors),
-    which fail at once until Ray has declared the node dead. Run again once Tune's loop is over,
-    the trial gets a new actor on a node that is alive; an evaluation it finished before its
-    node went is answered from the journal.
-    """
-    restored = False
-    for again in range(LOST_TRIAL_ROUNDS + 1):
-        with guard.tune_loop():
-            try:
-                grid = tuner.fit()
-            except OSError as e:  # Tune's own files (storage_path) on a full disk
-                raise output_error(e, f"Ray Tune's experiment {experiment}", ctx.out) from e
-            except LoopStopped:  # a stop request in a run outside the main thread
-                if guard.error is not None:
-                    raise guard.error from None
-                raise KeyboardInterrupt(signal.Signals(guard.signum).name) from None
-        lost = [r.error for r in grid if r.error is not None and lost_worker(r.error)]
-        if not lost or guard.stop_requested or again == LOST_TRIAL_ROUNDS:
-            return grid, restored
-        ctx.log(f"{len(lost)} trial(s) failed because a worker or node was lost "
-                f"({type(lost[0]).__name__}) after Ray Tune's retries: running them again")
-        with quiet_tune():
-            tuner = tune.Tuner.restore(experiment, trainable=ctx.trainable, restart_errored=True)
-        restored = True
-    return grid, restored
-
-
-def lost_worker(error: BaseException) -> bool:
-    """Whether a trial's error says its worker process or node died (not its merge or
-    objective, whose failures are reported as results)."""
-    return any(isinstance(e, LOST_WORKER_ERRORS)
-               for e in (error, getattr(error, "cause", None), error.__cause__))
+# --- 4. fit: experiment.fit --------------------------------------------------------------------
 
 
 # --- 5. the best λ -----------------------------------------------------------------------------

@@ -16,33 +16,31 @@ import numpy as np
 import ray
 from ray import tune
 
-from ckmerge_ray.callbacks import StopWhenAllFail, TrialTableWriter
 from ckmerge_ray.checkpoints import CheckpointInfo, tokenizer_files
 from ckmerge_ray.cluster import check_object_store, connect, trial_slots
 from ckmerge_ray.config import CheckpointConfig, Resources, RunConfig, SearchConfig
 from ckmerge_ray.errors import ConfigError, RunError
+from ckmerge_ray.experiment import build_tuner, fit, start_plan_holder
 from ckmerge_ray.families import Family, WeightsOf
 from ckmerge_ray.inputs import Log, WindowStore, code_dir_of, load_window, prepare_objective, printer
-from ckmerge_ray.interrupts import RunGuard, StopForwarder, quiet_tune
+from ckmerge_ray.interrupts import RunGuard
 from ckmerge_ray.model import dtypes_of
 from ckmerge_ray.results import (
-    BEST_DIR, RUN_FILE, SUMMARY_FILE, TRIALS_FILE, WRITE_ERRORS, export_weighted, output_error,
+    BEST_DIR, SUMMARY_FILE, TRIALS_FILE, WRITE_ERRORS, export_weighted, output_error,
     read_rows, rows_to_table, write_json_atomic,
 )
 from ckmerge_ray.rundir import (
     check_unlocked, claim_tune_dir, jsonable, lock_run_dir, reclaim_tune_dir,
 )
 from ckmerge_ray.storage import check_destination, checkpoint_id, publish_dir
-from ckmerge_ray.tuner import (
-    evaluation_totals, fit, register_run_trainable, run_extras, start_plan_holder,
-)
+from ckmerge_ray.tuner import evaluation_totals, run_extras
 from ckmerge_ray.window import WindowResult, load_window_result
 from ckmerge_ray.window_trial import WindowPlan, window_trainable
 
 
 @dataclass
 class _WindowRun:
-    """One window run, filled in step by step (the attributes `tuner.fit` reads included)."""
+    """One window run, filled in step by step (the attributes `experiment.fit` reads included)."""
 
     search: SearchConfig
     run: RunConfig
@@ -114,7 +112,7 @@ def run_locked(ctx: _WindowRun, guard: RunGuard, record: Dict, objective, stored
         holder = start_plan_holder(plan, ctx.out)
         searcher = window_searcher(ctx.family, ctx.search, ctx.objective.mode, ctx.q)
         record.update(run_extras(objective, ctx))
-        tuner, experiment = build_tuner(ctx, plan.run_id, searcher, previous, record)
+        tuner, experiment = tuner_of(ctx, plan.run_id, searcher, previous, record)
         t_fit = time.perf_counter()
         grid, restored = fit(ctx, guard, tuner, experiment)
         ctx.seconds["tune"] = time.perf_counter() - t_fit
@@ -164,43 +162,16 @@ def window_searcher(family: Family, search: SearchConfig, mode: str, batch_size:
     )
 
 
-def build_tuner(ctx: _WindowRun, run_id: str, searcher, previous: Optional[Dict],
-                record: Dict) -> Tuple[tune.Tuner, str]:
-    """A new Tune experiment (run.json written first), or the restored one when resuming."""
-    experiment_id = previous["experiment"].rstrip("/").rsplit("/", 1)[-1] if previous else None
-    ctx.trainable = register_run_trainable(f"ckmerge-plan-{run_id}",
-                                           experiment_id or f"ckmerge-{run_id}", ctx.resources,
-                                           window_trainable)
+def tuner_of(ctx: _WindowRun, run_id: str, searcher, previous: Optional[Dict],
+             record: Dict) -> Tuple[tune.Tuner, str]:
+    """The run's Tune experiment, new or restored (`experiment.build_tuner`): trials of
+    `window_trainable` over the family's parameters."""
     ctx.log(f"tuning the weights of {len(ctx.infos)} checkpoints ({ctx.family.label}: "
             f"{', '.join(ctx.family.space())}): {ctx.search.num_trials} trials, {ctx.q} at a "
             f"time, {ctx.resources.to_dict()}/trial")
-    if previous:
-        experiment = previous["experiment"]
-        ctx.log(f"resuming {experiment}: {len(read_rows(ctx.out / TRIALS_FILE))} trial(s) "
-                "already recorded")
-        with quiet_tune():
-            return (tune.Tuner.restore(experiment, trainable=ctx.trainable, restart_errored=True),
-                    experiment)
-    storage = ctx.run.storage_path or str(ctx.out / "ray")
-    experiment = (f"{storage.rstrip('/')}/ckmerge-{run_id}" if "://" in storage
-                  else str(Path(storage) / f"ckmerge-{run_id}"))
-    try:
-        write_json_atomic(ctx.out / RUN_FILE, {**record, "experiment": experiment})
-    except OSError as e:
-        raise output_error(e, f"the run's settings {ctx.out / RUN_FILE}", ctx.out) from e
-    writer = TrialTableWriter(ctx.out / TRIALS_FILE, ctx.search.num_trials, ctx.objective.mode,
-                              ctx.run.progress, params=tuple(ctx.family.space()))
-    tuner = tune.Tuner(
-        ctx.trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=ctx.search.num_trials,
-                                    max_concurrent_trials=ctx.q, reuse_actors=True),
-        run_config=tune.RunConfig(
-            name=f"ckmerge-{run_id}", storage_path=storage, callbacks=[writer, StopForwarder()],
-            stop=StopWhenAllFail(writer, after=min(ctx.search.num_trials, 3)),
-            failure_config=tune.FailureConfig(max_failures=ctx.run.max_failures), verbose=0,
-        ),
-    )
-    return tuner, experiment
+    return build_tuner(ctx, run_id, searcher, previous, record,
+                       num_samples=ctx.search.num_trials, function=window_trainable,
+                       params=tuple(ctx.family.space()))
 
 
 def weights_of(row: Dict) -> List[float]:
