@@ -32,9 +32,9 @@ from ckmerge_ray import baselines
 from ckmerge_ray.checkpoints import CheckpointInfo
 from ckmerge_ray.cluster import check_object_store, ray_session, trial_slots
 from ckmerge_ray.config import (
-    METHODS, BaselineConfig, CheckpointConfig, Resources, RunConfig, SearchConfig, split_options,
+    BaselineConfig, CheckpointConfig, Resources, RunConfig, SearchConfig, split_options,
 )
-from ckmerge_ray.errors import CkmergeError, ConfigError, RunError, last_line
+from ckmerge_ray.errors import ConfigError, RunError, last_line
 from ckmerge_ray.evaluator import (
     greedy_method, grid_lambdas, lambda_method, one_hot, pair_weights, random_lambdas,
     start_evaluators, stats_method, weights_method,

@@ -221,10 +221,10 @@ def sweep_trajectory(
         check_object_store(need, ctx.resources, False, ctx.log,
                            "the checkpoints held at once" if not heatmap else
                            f"the {len(ctx.infos)} checkpoints")
-        window = WindowStore(ctx.infos, ctx.checkpoint, ctx.log)
-        rows, plots = tune_pairs(ctx, window, keep=heatmap)
-        heat = (score_heatmap(ctx, window.all(), heatmap_lambda) if heatmap else None)
-    summary = sweep_summary(ctx, rows, window, heatmap, heatmap_lambda,
+        store = WindowStore(ctx.infos, ctx.checkpoint, ctx.log)
+        rows, plots = tune_pairs(ctx, store, keep=heatmap)
+        heat = (score_heatmap(ctx, store.all(), heatmap_lambda) if heatmap else None)
+    summary = sweep_summary(ctx, rows, store, heatmap, heatmap_lambda,
                             time.perf_counter() - started)
     summary["plots"] = draw_plots(ctx.out, "sweep", rows, summary, ctx.log,
                                   heat=heat.to_pylist() if heat is not None else (), extra=plots)
@@ -309,7 +309,7 @@ def set_pair_concurrency(ctx: _Sweep, sizes: List[int]) -> int:
     return p
 
 
-def tune_pairs(ctx: _Sweep, window: WindowStore, keep: bool) -> Tuple[List[Dict], List[str]]:
+def tune_pairs(ctx: _Sweep, store: WindowStore, keep: bool) -> Tuple[List[Dict], List[str]]:
     """Tune every adjacent pair on the window's stored checkpoints, ``ctx.pairs_at_once`` at a
     time; sweep.parquet is rewritten as each finishes. Returns the rows (in pair order) and the
     pairs' plots (relative to the sweep). Without `keep`, the sweep drops checkpoint k once pair
@@ -339,15 +339,15 @@ def tune_pairs(ctx: _Sweep, window: WindowStore, keep: bool) -> Tuple[List[Dict]
                     f"{ctx.infos[k + w - 1].name}")
             if w == 2:
                 pool.submit(k, tune_pair, k, (ctx.infos[k], ctx.infos[k + 1]),
-                            (ctx.steps[k], ctx.steps[k + 1]), (window.get(k), window.get(k + 1)),
+                            (ctx.steps[k], ctx.steps[k + 1]), (store.get(k), store.get(k + 1)),
                             ctx.out, ctx.tuned, ctx.resources, ctx.log)
             else:
                 pool.submit(k, tune_window_at, k, ctx.infos[k:k + w],
                             (ctx.steps[k], ctx.steps[k + w - 1]),
-                            [window.get(j) for j in range(k, k + w)], ctx.out,
+                            [store.get(j) for j in range(k, k + w)], ctx.out,
                             {**ctx.tuned, "family": ctx.family}, ctx.resources, ctx.log)
             if not keep:
-                window.release(k)  # later pairs or windows need only checkpoints after k
+                store.release(k)  # later pairs or windows need only checkpoints after k
         record(pool.drain())
         if pool.stop_requested:
             raise sweep_interrupted(ctx, pool.signum, len(rows), n)
@@ -472,7 +472,7 @@ def pair_row(result) -> Dict:
                 evaluations=result.table.num_rows)
 
 
-def sweep_summary(ctx: _Sweep, rows: List[Dict], window: WindowStore, heatmap: bool,
+def sweep_summary(ctx: _Sweep, rows: List[Dict], store: WindowStore, heatmap: bool,
                   heatmap_lambda: float, seconds: float) -> Dict:
     """summary.json of a sweep (``plots`` is added when they are drawn)."""
     return {
@@ -487,7 +487,7 @@ def sweep_summary(ctx: _Sweep, rows: List[Dict], window: WindowStore, heatmap: b
         "pairs_ok": sum(r["status"] == "ok" for r in rows),
         "pairs_at_once": ctx.pairs_at_once,
         "trials_at_once_per_pair": ctx.tuned["run"].max_concurrent,
-        "object_store": {"puts_per_checkpoint": window.puts, "object_ids": window.object_ids},
+        "object_store": {"puts_per_checkpoint": store.puts, "object_ids": store.object_ids},
         "seconds": seconds,
     }
 
