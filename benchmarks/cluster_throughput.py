@@ -15,7 +15,8 @@ per-node store statistics: the shards it pulled, plus the run's plan and Tune's 
 divided by the two checkpoints: an upper bound on the copies of each checkpoint that crossed.
 
     python benchmarks/cluster_throughput.py            # demo trajectory (made once); writes BENCHMARKS.md
-    python benchmarks/cluster_throughput.py --quick    # tiny trajectory, 4 trials, prints only
+    python benchmarks/cluster_throughput.py --quick    # tiny trajectory, 4 trials, two nodes only;
+                                                       # prints the bytes between nodes
 """
 
 from __future__ import annotations
@@ -117,13 +118,14 @@ def main(argv=None) -> int:
     names = ("1 node, 1 concurrent", "1 node, 2 concurrent", "2 nodes, 1 trial each")
     results = {name: [] for name in names}
     for i in range(rounds):
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-        try:
-            for q, name in ((1, names[0]), (2, names[1])):
-                results[name].append(run(pair, heldout, cfg, trials, q, seed=i))
-                print(name, results[name][-1], flush=True)
-        finally:
-            ray.shutdown()
+        if not args.quick:  # --quick (the test suite) checks what crosses between nodes only
+            ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+            try:
+                for q, name in ((1, names[0]), (2, names[1])):
+                    results[name].append(run(pair, heldout, cfg, trials, q, seed=i))
+                    print(name, results[name][-1], flush=True)
+            finally:
+                ray.shutdown()
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
         try:
             cluster.add_node(num_cpus=1)
@@ -135,16 +137,21 @@ def main(argv=None) -> int:
             ray.shutdown()
             cluster.shutdown()
     load_after = os.getloadavg()
+    two = results[names[2]]
+    received = [list(x["received"].values())[0] for x in two]
+    per_ckpt = two[0]["bytes_per_checkpoint"]
+    copies = [b / (2 * per_ckpt) for b in received]
+    if args.quick:
+        print(headline(copies_per_ckpt_max=max(copies),
+                       received_bytes_per_ckpt=int(statistics.median(received)) // 2))
+        return 0
     obj_bytes = objective_bytes(pair, heldout, cfg)
 
     med = {name: statistics.median(x["tput"] for x in rs) for name, rs in results.items()}
     base = med[names[0]]
-    two = results[names[2]]
-    per_ckpt = two[0]["bytes_per_checkpoint"]
-    # Bytes the worker node's store took in per run, against the pair: everything counted as if
-    # it were shards gives an upper bound on the copies of each checkpoint that crossed over.
-    received = [list(x["received"].values())[0] for x in two]
-    copies = [b / (2 * per_ckpt) for b in received]
+    # Bytes the worker node's store took in per run (`received`, above), against the pair:
+    # everything counted as if it were shards gives an upper bound on the copies of each
+    # checkpoint that crossed over.
     table = ["| setup | trials | trial processes | Tune wall s | trials/s (median) | vs 1 node, 1 concurrent | evaluate (sum) s |",
              "|---|---|---|---|---|---|---|"]
     for name, rs in results.items():

@@ -160,16 +160,13 @@ def test_compare_baselines_quick(tmp_path, quick_trajectory_cache):
 
 def test_cluster_throughput_quick(tmp_path, quick_trajectory_cache):
     figures = run_quick("cluster_throughput.py", tmp_path, "--cache", str(quick_trajectory_cache))
-    # Trials/s relative to 1 node with 1 concurrent trial, same trials, same run. BENCHMARKS.md:
-    # 2 concurrent 0.96, two nodes 0.83; --quick (1 round, 5 trials, load average 9 on the 2
-    # cores) 0.36 and 0.39: a second trial process pays its own start-up on contended cores.
-    # ≥ 0.2 for that. The cost of going multi-node itself is two nodes ÷ two concurrent trials on
-    # one node (both start two trial processes): 0.87 in BENCHMARKS.md, 1.09 in --quick. ≥ 0.5:
-    # fails when the second node costs 2x (e.g. a checkpoint pulled per trial, not per node).
-    assert float(figures["ratio_q2"]) >= 0.2 and float(figures["ratio_2node"]) >= 0.2, figures
-    assert float(figures["ratio_2node_vs_q2"]) >= 0.5, figures
-    # each checkpoint crosses to the worker node once (a second pull would make it >= 1.5)
-    assert float(figures["copies_per_ckpt_max"]) < 1.5
+    # --quick runs the two-node setup only (the throughput ratios are BENCHMARKS.md's, from the
+    # full run; test_end_to_end_quick bounds two concurrent trials against one): each checkpoint
+    # crosses to the worker node once. The worker node's store took in 1.017x each checkpoint
+    # in BENCHMARKS.md, 1.21x in --quick (its checkpoints are 0.3 MiB, so the run's plan and
+    # Tune's small objects weigh more); a second pull of each would make it >= 1.5.
+    assert float(figures["copies_per_ckpt_max"]) < 1.5, figures
+    assert int(figures["received_bytes_per_ckpt"]) > 0, figures  # it did cross, once
 
 
 def test_eval_throughput_quick(tmp_path):
