@@ -16,7 +16,7 @@ from ckmerge_ray.objectives.batching import PeakMemory, halving, is_oom
 # "can't allocate memory"), the same condition a GPU's OutOfMemoryError signals. A fixed mmap
 # threshold makes every large tensor its own mapping, so the address space tracks live memory.
 OOM_CHILD = textwrap.dedent("""
-    import resource, torch, transformers as tf
+    import gc, resource, torch, transformers as tf
     from ckmerge_ray.objectives import HeldoutLoss
     from ckmerge_ray.objectives.batching import PeakMemory
 
@@ -41,6 +41,7 @@ OOM_CHILD = textwrap.dedent("""
             objective(batch, windows[:batch]).evaluate(model, torch.device("cpu"))
         peaks.append(peak.bytes)
     per_window = peaks[1] - peaks[0]
+    gc.collect()  # garbage still mapped now, freed later, would widen the room below
     with open("/proc/self/statm") as f:
         vm = int(f.read().split()[0]) * 4096
     # Memory grows linearly with the batch: room for 2 + 2.5 windows, so 4 fit and 8 do not.
@@ -51,6 +52,7 @@ OOM_CHILD = textwrap.dedent("""
     second = obj.evaluate(model, torch.device("cpu"))  # the worker keeps the size that worked
     print("RESULT", per_window, first["eval_batch_size"], second["eval_batch_size"],
           first["loss"], second["loss"], ref["loss"])
+    print("MEMORY", "vm", vm, "peaks", peaks, "limit", vm + peaks[1] + int(2.5 * per_window))
 """)
 
 
@@ -62,7 +64,7 @@ def test_out_of_memory_batch_is_halved_and_kept(tmp_path):
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT"))
     per_window, first_batch, second_batch, first, second, ref = line.split()[1:]
     assert int(per_window) > 4 * 2**20  # the margins are far above allocator noise
-    assert first_batch == second_batch == "4"  # 16 -> 8 -> 4, then kept
+    assert first_batch == second_batch == "4", r.stdout  # 16 -> 8 -> 4, then kept
     assert float(first) == pytest.approx(float(ref), rel=1e-6)
     assert float(second) == pytest.approx(float(ref), rel=1e-6)
     assert r.stderr.count("ran out of memory at batch size") == 2  # 16 and 8, each once
