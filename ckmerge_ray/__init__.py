@@ -27,7 +27,7 @@ _LAZY = {
     "SearchConfig": "config", "RunConfig": "config", "CheckpointConfig": "config",
     "BaselineConfig": "config", "Resources": "config",
     "compare_merges": "compare", "CompareResult": "compare",
-    "sweep_trajectory": "sweep", "SweepResult": "sweep", "discover_checkpoints": "sweep",
+    "sweep_trajectory": "sweep", "SweepResult": "sweep", "discover_checkpoints": "inputs",
     "watch_trajectory": "watch", "WatchResult": "watch",
     "GPHedgeSearch": "search",
     "Objective": "objectives", "HeldoutLoss": "objectives", "LmEvalObjective": "objectives",

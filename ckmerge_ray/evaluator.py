@@ -184,16 +184,36 @@ def stats_method(method, weights: List[float], param: float, windows: np.ndarray
                           f"({m['stats_s']:.1f}s of statistics)"}
 
 
-def lambda_method(actors: List, n: int, lams: List[float], mode: str) -> Dict:
-    """Score λ·Θ(t) + (1-λ)·Θ(t-1) (the window's last pair) at each λ, spread over the actors."""
+def score_each(actors: List, weights: Sequence[Sequence[float]]) -> List:
+    """Score each weighting (one weight per checkpoint) on the actors, spread over them; in
+    order, each the evaluation's metrics or, where it failed (a non-finite score, a lost
+    actor), its error: one merge that cannot be scored does not lose the others."""
     from ray.util import ActorPool
 
     pool = ActorPool(actors)
-    results = list(pool.map(lambda a, lam: a.score.remote(pair_weights(n, lam)), lams))
-    scores = [r["score"] for r in results]
-    best = int(np.argmin(scores) if mode == "min" else np.argmax(scores))
-    return {"score": scores[best], "evaluations": len(lams), "lam": lams[best],
-            "weights": pair_weights(n, lams[best]), "extra_cost": "none"}
+    for w in weights:
+        pool.submit(lambda a, w: a.score.remote(list(w)), w)
+    out = []
+    for _ in weights:  # get_next: in submission order, each result or its error
+        try:
+            out.append(pool.get_next())
+        except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
+            out.append(e)
+    return out
+
+
+def lambda_method(actors: List, n: int, lams: List[float], mode: str) -> Dict:
+    """Score λ·Θ(t) + (1-λ)·Θ(t-1) (the window's last pair) at each λ, spread over the actors;
+    the best of the λ that could be scored (the first error, if none could)."""
+    results = score_each(actors, [pair_weights(n, lam) for lam in lams])
+    ok = [(lam, r["score"]) for lam, r in zip(lams, results) if not isinstance(r, BaseException)]
+    if not ok:
+        raise next(r for r in results if isinstance(r, BaseException))
+    lam, score = (min if mode == "min" else max)(ok, key=lambda x: x[1])
+    failed = len(lams) - len(ok)
+    return {"score": score, "evaluations": len(lams), "lam": lam,
+            "weights": pair_weights(n, lam),
+            "extra_cost": f"{failed} of the λ could not be scored" if failed else "none"}
 
 
 def grid_lambdas(alpha: float, count: int) -> List[float]:

@@ -1,5 +1,6 @@
 """A run's inputs, checked before any work, then stored once.
 
+`discover_checkpoints` finds a run's checkpoints in its folder, oldest first.
 `tune_merge`, `compare_merges` and `sweep_trajectory` all start the same way: read the headers of
 a window of checkpoints (oldest first) and validate each against the newest and against the
 model class; parse and prepare the objective on the newest checkpoint's tokenizer. Every check
@@ -11,20 +12,22 @@ checkpoint's shard plan, so shard i of every checkpoint holds the same tensors.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ckmerge_ray.checkpoints import (
     CheckpointInfo, check_remote_code, load_checkpoint_info, plan_shards, tokenizer_files,
     validate_pair,
 )
 from ckmerge_ray.config import CheckpointConfig, SearchConfig
-from ckmerge_ray.errors import ConfigError, ObjectiveError
+from ckmerge_ray.errors import CheckpointError, ConfigError, ObjectiveError
 from ckmerge_ray.model import convert_to_model
 from ckmerge_ray.naming import describe
 from ckmerge_ray.objectives import HeldoutLoss, Objective, parse_objective
+from ckmerge_ray.storage import discover_children, is_uri, locate
 from ckmerge_ray.store import StoredCheckpoint, put_checkpoint
 
 Log = Callable[[str], None]
@@ -32,6 +35,80 @@ Log = Callable[[str], None]
 # global_step<N> layouts.
 CHECKPOINT_NAME = re.compile(r"^(?:checkpoint-|step[-_]?|iter_|global_step)(\d+)$")
 DEFAULT_SEQ_LEN = inspect.signature(HeldoutLoss).parameters["seq_len"].default
+
+
+def discover_checkpoints(source: str | os.PathLike | Sequence[str | os.PathLike],
+                         include_final: bool = False, log: Optional[Log] = None
+                         ) -> List[Tuple[int, Path | str]]:
+    """(step, directory) of each checkpoint, oldest first: a local Path, or a URI string.
+
+    A single directory (or URI prefix, e.g. ``s3://bucket/run``) holding subdirectories named
+    ``checkpoint-<step>``, ``step-<N>``, ``step<N>``, ``step_<N>``, ``iter_<N>`` or
+    ``global_step<N>`` gives those, sorted by the number (so step 900 comes before step 1000).
+    A model saved at its top (Trainer's final ``save_model``) is not one of them: it is
+    reported to `log`, and added as the last point only with `include_final` (its step is
+    ``global_step`` of a ``trainer_state.json`` beside it, which ``trainer.save_state()``
+    writes, else one more than the last checkpoint's). A list of checkpoint directories is
+    taken in the order given; their step is read from the name when it has one, else it is
+    the position in the list.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        source = [source]
+    if len(source) == 1:
+        try:
+            root = locate(source[0], what="checkpoint directory")
+        except CheckpointError as e:
+            raise ConfigError(str(e)) from e
+        found = [(step, loc.local_path or loc.uri) for step, loc in
+                 discover_children(root, CHECKPOINT_NAME)]
+        has_root_model = (root / "config.json").exists()
+        if found and has_root_model:
+            found = _with_root_model(root, found, include_final, log)
+        if found or not has_root_model:
+            if len(found) < 2:
+                seen = [c.name for c in root.listdir()][:8]
+                raise ConfigError(
+                    f"found {len(found)} checkpoint(s) in {root}; a sweep needs at least two "
+                    f"subdirectories named checkpoint-<step>, step-<N> or iter_<N> (saw: "
+                    f"{seen}), or a list of checkpoint directories")
+            steps = [s for s, _ in found]
+            if len(set(steps)) != len(steps):
+                raise ConfigError(f"two checkpoints in {root} have the same step: "
+                                  f"{sorted((s, str(p)) for s, p in found)}")
+            return found
+    out = []
+    for i, p in enumerate(source):
+        m = CHECKPOINT_NAME.match(locate(p, must_exist=False).name)
+        out.append((int(m.group(1)) if m else i, p if is_uri(p) else Path(p)))
+    return out
+
+
+def _with_root_model(root, found: List[Tuple[int, Path | str]], include_final: bool,
+                     log: Optional[Log]) -> List[Tuple[int, Path | str]]:
+    """`found` (the subfolder checkpoints), and the model at `root` last if `include_final`."""
+    step = final_step(root)
+    known = step is not None
+    step = step if known and step > found[-1][0] else found[-1][0] + 1
+    if include_final:
+        if log:
+            log(f"{root} holds a model of its own (Trainer's final save_model): included as the "
+                f"last point, step {step}" + ("" if known else " (no trainer_state.json beside "
+                                               "it: step assumed after the last checkpoint)"))
+        return [*found, (step, root.local_path or root.uri)]
+    if log:
+        log(f"{root} also holds a model of its own (Trainer's final save_model): not part of "
+            f"the trajectory of its {len(found)} checkpoint folder(s); include_final=True "
+            "(CLI: --include-final) adds it as the last point")
+    return found
+
+
+def final_step(root) -> Optional[int]:
+    """``global_step`` of the trainer_state.json in `root` (a Location), or None."""
+    state = root / "trainer_state.json"
+    try:
+        return int(json.loads(state.read_bytes())["global_step"]) if state.exists() else None
+    except (CheckpointError, ValueError, KeyError, TypeError):
+        return None
 
 
 def printer(enabled: bool) -> Log:

@@ -1,4 +1,5 @@
-"""Adjacent pairs tuned at once, for `sweep` and `watch`: how many, and the pool that runs them.
+"""Adjacent pairs tuned at once, for `sweep` and `watch`: how many, the pool that runs them, and
+each pair's (or a sweep's window's) own run (`tune_pair`, `tune_window_at`) with its table row.
 
 Each pair in flight is its own `tune_merge` run, in a thread of the driver: its own Tune
 experiment, directory, journal, results and resume, exactly as a pair tuned alone. The cluster's
@@ -17,12 +18,20 @@ submitted needs it, so Ray frees a checkpoint once the pairs in flight that hold
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
+import json
 import math
+import time
+from pathlib import Path
 from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
+from ckmerge_ray.checkpoints import CheckpointInfo
 from ckmerge_ray.cluster import STORE_BUDGET, smallest_store, trial_slots
 from ckmerge_ray.config import Resources
+from ckmerge_ray.errors import RunError
 from ckmerge_ray.interrupts import RunGuard, stop_all_runs
+from ckmerge_ray.results import PAIRS_DIR, WINDOWS_DIR
+from ckmerge_ray.store import StoredCheckpoint, pair_digest
 
 Log = Callable[[str], None]
 
@@ -140,3 +149,109 @@ class PairPool:
         while self._pending:
             out += self.finished(timeout=1.0)
         return out
+
+
+# --- one pair's (or window's) own run, as a sweep or a watch starts it ---------------------------
+
+
+def pair_run_dir(k: int, earlier: CheckpointInfo, later: CheckpointInfo) -> Path:
+    """Pair k's tune run, relative to the sweep (or watch) directory."""
+    return Path(PAIRS_DIR) / f"{k:02d}-{earlier.name}-{later.name}"
+
+
+def pair_export_to(export_to: Optional[str], run_dir: Path) -> Optional[str]:
+    """Where the pair whose run is `run_dir` publishes its best/, given a sweep's (or watch's)
+    ``export_to`` prefix (a path or URI): ``<export_to>/<run_dir's name>/best``; None without."""
+    if export_to is None:
+        return None
+    return f"{export_to.rstrip('/')}/{run_dir.name}/best"
+
+
+def tune_pair(k: int, infos: Tuple[CheckpointInfo, CheckpointInfo], steps: Tuple[int, int],
+              stored: Tuple[StoredCheckpoint, StoredCheckpoint], out: Path, tuned: Dict[str, Any],
+              resources: Resources, log: Log, resume: bool = False,
+              failures: Tuple[type, ...] = (RunError,)) -> Tuple[Dict, List[str], Any]:
+    """Tune pair k (earlier, later) from its stored shards in ``out/pairs/<k>-<names>``: the
+    row of sweep.parquet, the pair run's plots (relative to `out`) and its `TuneMergeResult`
+    (None when it failed). `tuned`: tune_merge's keywords but the run directory; its run's
+    ``export_to``, if set, is the sweep's prefix (the pair publishes to `pair_export_to`);
+    `resume` continues the pair's own run (no finished evaluation is redone). An error of a
+    kind in `failures` is recorded in the row (status "error") instead of raised: the other
+    pairs may still succeed."""
+    from ckmerge_ray.tuner import tune_merge
+
+    earlier, later = infos
+    run_dir = pair_run_dir(k, earlier, later)
+    t0 = time.perf_counter()
+    row = {"pair": k, "earlier": str(earlier.source), "later": str(later.source),
+           "earlier_step": steps[0], "later_step": steps[1],
+           "run_dir": str(run_dir), "store_digest": pair_digest(*stored),
+           "started_at": time.time()}
+    run = dataclasses.replace(tuned["run"], output_dir=str(out / run_dir), resume=resume,
+                              export_to=pair_export_to(tuned["run"].export_to, run_dir))
+    result, plots = None, []
+    try:
+        result = tune_merge((earlier.source, later.source), resources, stored=stored,
+                            **{**tuned, "run": run})
+    except failures as e:  # every trial of this pair failed: the others may not
+        row.update(status="error", error=f"{type(e).__name__}: {e}")
+        log(f"pair {earlier.name} -> {later.name} FAILED: {row['error']}")
+    else:
+        row.update(pair_row(result))
+        plots = [(run_dir / p).as_posix() for p in result.summary.get("plots", [])]
+    row["wall_s"] = time.perf_counter() - t0
+    row["finished_at"] = time.time()
+    return row, plots, result
+
+
+def tune_window_at(k: int, infos: Sequence[CheckpointInfo], steps: Tuple[int, int],
+                   stored: Sequence[StoredCheckpoint], out: Path, tuned: Dict[str, Any],
+                   resources: Resources, log: Log) -> Tuple[Dict, List[str], Any]:
+    """`tune_pair` for window k of a sweep (`tune_window` over `infos`, ``windows/<k>-<first>-
+    <last>``): its row of sweep.parquet, its plots (relative to `out`) and its result."""
+    from ckmerge_ray.window import tune_window
+
+    run_dir = Path(WINDOWS_DIR) / f"{k:02d}-{infos[0].name}-{infos[-1].name}"
+    t0 = time.perf_counter()
+    row = {"pair": k, "earlier": str(infos[0].source), "later": str(infos[-1].source),
+           "earlier_step": steps[0], "later_step": steps[1], "window": len(infos),
+           "family": tuned["family"].label, "run_dir": str(run_dir), "started_at": time.time()}
+    run = dataclasses.replace(tuned["run"], output_dir=str(out / run_dir),
+                              export_to=pair_export_to(tuned["run"].export_to, run_dir))
+    result, plots = None, []
+    try:
+        result = tune_window([i.source for i in infos], resources, stored=stored,
+                             **{**tuned, "run": run})
+    except RunError as e:
+        row.update(status="error", error=f"{type(e).__name__}: {e}")
+        log(f"window {infos[0].name} -> {infos[-1].name} FAILED: {row['error']}")
+    else:
+        later = result.single_scores.get(infos[-1].name, math.nan)
+        sign = 1.0 if result.mode == "min" else -1.0
+        row.update(status="ok", error=None, later_score=later, best_score=result.best_score,
+                   best_weights=json.dumps([round(x, 6) for x in result.best_weights]),
+                   gain=sign * (later - result.best_score), evaluations=result.table.num_rows)
+        plots = [(run_dir / p).as_posix() for p in result.summary.get("plots", [])]
+    row["wall_s"] = time.perf_counter() - t0
+    row["finished_at"] = time.time()
+    return row, plots, result
+
+
+def log_pairs(rows: Sequence[Dict], log: Log) -> None:
+    """One line per successful pair: best λ and gain over the later checkpoint."""
+    for r in rows:
+        if r["status"] == "ok":
+            best = (f"best λ={r['best_lambda']:.4f}" if "best_lambda" in r
+                    else f"best weights {r['best_weights']}")
+            log(f"{r['earlier'].rstrip('/').rsplit('/', 1)[-1]} -> "
+                f"{r['later'].rstrip('/').rsplit('/', 1)[-1]}: {best}, gain over the later "
+                f"checkpoint {r['gain']:+.5f}")
+
+
+def pair_row(result) -> Dict:
+    """A pair's columns of sweep.parquet, from its `TuneMergeResult`."""
+    return dict(status="ok", error=None,
+                earlier_score=result.endpoint_scores[0.0], later_score=result.endpoint_scores[1.0],
+                best_lambda=result.best_lambda, best_score=result.best_score,
+                gain=result.gain_over(1.0), gain_over_earlier=result.gain_over(0.0),
+                evaluations=result.table.num_rows)

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from ckmerge_ray.errors import OutputError
 from ckmerge_ray.merge import weighted_state_dict
 from ckmerge_ray.search import LAMBDA
-from ckmerge_ray.storage import swap_in
+from ckmerge_ray.publish import recover_published, swap_in
 from ckmerge_ray.store import StoredCheckpoint, shard_tensors
 
 # Every file and folder a run writes, named once. A tune run's directory:
@@ -180,8 +180,8 @@ def export_weighted(
     shard of each checkpoint with a nonzero weight. `revert` maps each shard's model-named
     tensors back to the checkpoint's own names and layout (`CheckpointInfo.revert_names`), so
     the directory loads with `from_pretrained`. The directory is built under a temporary name
-    beside `dest` and published with `publish_dir`, so `dest` is replaced only after the new
-    one is complete; what a killed export left behind is first put right by
+    beside `dest` and renamed into place (`publish.swap_in`), so `dest` is replaced only after
+    the new one is complete; what a killed export left behind is first put right by
     `recover_published`.
     """
     from ckmerge_ray.families import check_weights
@@ -214,32 +214,11 @@ def export_weighted(
         (tmp / "config.json").write_bytes(config_json)
         for f in extra_files:
             (tmp / f.name).write_bytes(f.read_bytes())  # a Path or a storage.Location
-        publish_dir(tmp, dest)
+        swap_in(tmp, dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return dest
-
-
-def publish_dir(new: Path, dest: Path) -> None:
-    """Put the complete directory `new` at `dest` (`storage.swap_in`: the old one renamed aside,
-    the new one in, the old removed); `recover_published` puts right a killed swap."""
-    swap_in(new, dest)
-
-
-def recover_published(dest: Path) -> None:
-    """Put right what a killed `export_merged` left beside `dest`: unfinished temporary
-    directories are removed; if `dest` is missing (killed between the two renames of
-    `publish_dir`) the newest old copy is moved back; old copies beside a complete `dest` are
-    removed."""
-    dest = Path(dest)
-    for tmp in dest.parent.glob(f".{dest.name}-tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
-    olds = sorted(dest.parent.glob(f".{dest.name}-old-*"))
-    if olds and not dest.exists():
-        os.replace(olds.pop(), dest)
-    for old in olds:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_file(path: Path) -> None:

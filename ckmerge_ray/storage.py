@@ -3,8 +3,8 @@
 `locate` turns what a user typed into a `Location` (an fsspec filesystem and a path on it) and
 answers a missing bucket or prefix, missing credentials, a 403 or an unreachable endpoint with one
 line that says what to fix. `Location.read_range` is one ranged GET of exactly the bytes asked;
-`Location.open` streams without read-ahead. `publish_dir` puts a finished model directory at a URI
-so that a reader never loads half of it.
+`Location.open` streams without read-ahead. (Writing a finished model to a path or URI:
+`publish.py`.)
 
 Settings come from the filesystem library's usual environment, read when a filesystem is first
 built in a process (fsspec caches instances by their arguments: `clear_instance_caches`). For S3:
@@ -18,15 +18,11 @@ import difflib
 import os
 import posixpath
 import re
-import shutil
-import tempfile
 import threading
-import time
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -50,10 +46,6 @@ _CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "Credenti
 _UNREACHABLE_ERRORS = {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError",
                        "ClientConnectorDNSError", "ServerDisconnectedError", "ConnectionRefusedError"}
 _SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSW|CONNECTION_STRING|ACCOUNT_KEY|SAS", re.I)
-# Files a loader opens first (DCP's .metadata, HF's index and config.json): published last,
-# removed first. Higher rank = later; config.json is the very last file a reader can see.
-_LOAD_ORDER = {"config.json": 3, ".metadata": 2}
-
 _read_bytes: Dict[str, int] = {}
 _read_lock = threading.Lock()
 
@@ -109,28 +101,28 @@ class Location:
         return self.uri
 
     def __repr__(self) -> str:
-        return f"Location({_redact(self.uri)!r})"
+        return f"Location({redact(self.uri)!r})"
 
     def exists(self) -> bool:
-        with _translated(self, "path", missing_ok=True):
+        with translated_errors(self, "path", missing_ok=True):
             return self.fs.exists(self.path)
 
     def isdir(self) -> bool:
-        with _translated(self, "path", missing_ok=True):
+        with translated_errors(self, "path", missing_ok=True):
             return self.fs.isdir(self.path)
 
     def isfile(self) -> bool:
-        with _translated(self, "path", missing_ok=True):
+        with translated_errors(self, "path", missing_ok=True):
             return self.fs.isfile(self.path)
 
     def size(self) -> int:
         """Size in bytes (one HEAD for a remote file); CheckpointError if it is missing."""
-        with _translated(self, "file"):
+        with translated_errors(self, "file"):
             return int(self.fs.size(self.path))
 
     def read_bytes(self) -> bytes:
         """The whole file; CheckpointError if it is missing or unreadable."""
-        with _translated(self, "file"):
+        with translated_errors(self, "file"):
             data = self.fs.cat_file(self.path)
         _count(self.uri, len(data))
         return data
@@ -147,7 +139,7 @@ class Location:
             raise ValueError(f"byte range must satisfy 0 <= start <= end, got [{start}, {end})")
         if start == end:
             return b""
-        with _translated(self, "file"):
+        with translated_errors(self, "file"):
             try:  # keywords: s3fs's cat_file takes version_id as its second positional argument
                 data = self.fs.cat_file(self.path, start=start, end=end)
             except OSError as e:  # a range past the end: S3 answers 416 instead of no bytes
@@ -156,7 +148,7 @@ class Location:
                 data = b""
         _count(self.uri, len(data))
         if len(data) != end - start:
-            raise CheckpointError(f"{_redact(self.uri)}: asked for bytes [{start}, {end}) but the file is "
+            raise CheckpointError(f"{redact(self.uri)}: asked for bytes [{start}, {end}) but the file is "
                                   f"shorter (got {len(data)} bytes): truncated, or replaced while being read?")
         return data
 
@@ -166,7 +158,7 @@ class Location:
         The version is the ETag and modification time of an object (gcs: its generation), or
         the mtime in ns and inode of a local file (an atomic replace changes the inode).
         """
-        with _translated(self, "path"):
+        with translated_errors(self, "path"):
             info = self.fs.info(self.path)
             if info["type"] != "directory":
                 st = os.stat(self.path) if self.is_local else None
@@ -176,11 +168,11 @@ class Location:
 
     def listdir(self) -> List["Location"]:
         """Children (files and directories), sorted by name; CheckpointError if not a directory."""
-        with _translated(self, "directory"):
+        with translated_errors(self, "directory"):
             entries = self.fs.ls(self.path, detail=True)
         own = self.path.rstrip("/")
         if len(entries) == 1 and entries[0]["type"] == "file" and entries[0]["name"].rstrip("/") == own:
-            raise CheckpointError(f"{_redact(self.uri)} is a file, not a directory")
+            raise CheckpointError(f"{redact(self.uri)} is a file, not a directory")
         names = {e["name"].rstrip("/") for e in entries} - {own}  # some stores list the dir itself
         return [Location(self.fs, n) for n in sorted(names, key=posixpath.basename)]
 
@@ -190,7 +182,7 @@ class Location:
         (torch.load, pickle) wants ``cache_type="readahead"`` or bytes from `read_range`."""
         if "r" in mode and not self.is_local:
             kwargs.setdefault("cache_type", "none")
-        with _translated(self, "file"):
+        with translated_errors(self, "file"):
             return self.fs.open(self.path, mode, **kwargs)
 
 
@@ -214,7 +206,7 @@ def locate(location: Union[str, os.PathLike, Location], must_exist: bool = True,
     else:
         loc = _remote(str(location), what, dict(storage_options or {}))
     if must_exist:
-        with _translated(loc, what):
+        with translated_errors(loc, what):
             loc.fs.info(loc.path)
     return loc
 
@@ -223,7 +215,7 @@ def discover_children(location, pattern: re.Pattern) -> List[Tuple[int, Location
     """(step, child) for each child directory whose name matches `pattern` (group 1: the step),
     sorted by step (remote: one HEAD and one listing request)."""
     loc = locate(location, what="run directory")
-    with _translated(loc, "run directory"):
+    with translated_errors(loc, "run directory"):
         entries = loc.fs.ls(loc.path, detail=True)
     found = []
     for e in entries:
@@ -242,97 +234,6 @@ def checkpoint_id(location) -> str:
     if is_uri(location):
         return str(location).rstrip("/")
     return str(Path(os.fspath(location)).expanduser().resolve())
-
-
-def check_destination(dest: Union[str, Location]) -> Location:
-    """Refuse, before any work, an export destination that cannot be written: a remote one
-    whose bucket does not exist (or is not visible with these credentials), a local one
-    whose parent is a file. Returns its Location. Raises CheckpointError."""
-    loc = locate(dest, must_exist=False, what="export destination")
-    if loc.is_local:
-        parent = Path(loc.path).parent
-        while not parent.exists():
-            parent = parent.parent
-        if not parent.is_dir():
-            raise CheckpointError(f"export destination {loc.path}: {parent} is a file")
-        return loc
-    bucket = Location(loc.fs, loc.path.split("/", 1)[0])
-    if bucket == loc:
-        raise CheckpointError(f"export destination {_redact(loc.uri)} must be a prefix inside a "
-                              "bucket")
-    with _translated(bucket, "export destination"):
-        bucket.fs.info(bucket.path)
-    return loc
-
-
-def publish_dir(local_dir: Path, dest: Union[str, Location], log: Optional[Callable[[str], None]] = None
-                ) -> Location:
-    """Put the finished local directory `local_dir` (copied, not moved) at `dest`, a path or a
-    URI, so that a reader never loads a mix of the old and the new model. Returns `dest`.
-
-    Local `dest`: a copy is made beside it (``.NAME-tmp-*``) and fsynced, the old `dest` renamed
-    aside (``.NAME-old-<µs>``, as `results.recover_published` expects), the copy renamed in, the
-    old one removed: a reader sees the old directory, then for a moment none, then the new one.
-
-    Remote `dest` (object stores cannot rename a directory):
-      1. every file is uploaded under the temporary sibling prefix ``.NAME-tmp-<hex>/``;
-      2. the old config.json is deleted, then the old .metadata and ``*.index.json``, then every
-         other old object under `dest`;
-      3. the new files are copied into `dest` on the server: shards (concurrently), then
-         ``*.index.json``, .metadata and config.json, one by one in that order;
-      4. the temporary prefix is deleted (best effort also when a step failed).
-    A reader that starts from config.json (or DCP's .metadata) sees the whole old model, "no
-    model" (steps 2-3), or the whole new one; never config.json beside a mixed set. A reader
-    already streaming shards when step 2 starts may find them gone or replaced: compare
-    config.json's `fingerprint()` before and after reading. Killed in steps 2-3, `dest` has no
-    config.json and the temporary prefix stays; publishing again repairs `dest`. `log` gets one
-    line after each step (a test hook too). Raises CheckpointError.
-    """
-    src = Path(local_dir)
-    if not src.is_dir():
-        raise CheckpointError(f"cannot publish {src}: not a directory")
-    files = sorted((p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()), key=_load_rank)
-    if not files:
-        raise CheckpointError(f"cannot publish {src}: it holds no files")
-    dest = locate(dest, must_exist=False, what="export destination")
-    say = log or (lambda line: None)
-    if dest.is_local:
-        _publish_local(src, Path(dest.path))
-        say(f"published {dest.uri} ({len(files)} files)")
-        return dest
-    bucket = Location(dest.fs, dest.path.split("/", 1)[0])
-    if bucket == dest:
-        raise CheckpointError(f"export destination {_redact(dest.uri)} must be a prefix inside a bucket")
-    with _translated(bucket, "export destination"):
-        bucket.fs.info(bucket.path)  # the bucket must exist; prefixes need not
-    fs, tmp = dest.fs, dest.parent / f".{dest.name}-tmp-{uuid.uuid4().hex[:12]}"
-    shards, loader_files = [r for r in files if _load_rank(r)[0] == 0], [r for r in files if _load_rank(r)[0]]
-    try:
-        with _translated(dest, "export destination"):
-            fs.put([str(src / r) for r in files], [tmp.joinpath(r).path for r in files])  # concurrent
-            say(f"uploaded {len(files)} files to {tmp.uri}")
-            old = sorted((posixpath.relpath(p, dest.path) for p in fs.find(dest.path)), key=_load_rank)
-            old_loader_files = [r for r in old if _load_rank(r)[0]]
-            for rel in reversed(old_loader_files):  # config.json first: from now on, no model
-                fs.rm_file(dest.joinpath(rel).path)
-            if old_loader_files:
-                say(f"removed the old {', '.join(reversed(old_loader_files))} from {dest.uri}")
-            if len(old) > len(old_loader_files):
-                fs.rm([dest.joinpath(r).path for r in old if not _load_rank(r)[0]])
-                say(f"removed the old model's other {len(old) - len(old_loader_files)} files")
-            if shards:
-                fs.copy([tmp.joinpath(r).path for r in shards], [dest.joinpath(r).path for r in shards])
-                say(f"copied {len(shards)} files into {dest.uri}, its loader's files next")
-            for rel in loader_files:  # one by one, in order: config.json last
-                fs.cp_file(tmp.joinpath(rel).path, dest.joinpath(rel).path)
-            say(f"published {dest.uri} ({len(files)} files, {files[-1]} last)")
-    finally:
-        try:
-            fs.rm(tmp.path, recursive=True)
-            say(f"removed {tmp.uri}")
-        except Exception:  # nothing uploaded yet, or the store is unreachable: leave it
-            pass
-    return dest
 
 
 def read_counter(reset: bool = False) -> Dict[str, int]:
@@ -363,7 +264,7 @@ def _remote(uri: str, what: str, options: dict) -> Location:
         except ValueError:
             known = fsspec.available_protocols()
             near = ", ".join(difflib.get_close_matches(proto, known, n=3)) or "s3, gs, az, hf, http"
-            raise CheckpointError(f"{what} {_redact(uri)}: unknown protocol '{proto}://' (did you "
+            raise CheckpointError(f"{what} {redact(uri)}: unknown protocol '{proto}://' (did you "
                                   f"mean {near}? fsspec.available_protocols() lists all "
                                   f"{len(known)})") from None
         except ImportError:
@@ -385,20 +286,20 @@ def _remote(uri: str, what: str, options: dict) -> Location:
         # fsspec's listing cache would answer exists/info/fingerprint from a stale listing
         # after another process rewrote an object; checkpoints are few, so always ask.
         options.setdefault("use_listings_cache", False)
-    with _translated(None, what, uri=uri):
+    with translated_errors(None, what, uri=uri):
         fs, path = fsspec.core.url_to_fs(uri, **options)
     return Location(fs, path.rstrip("/") or path)
 
 
 @contextmanager
-def _translated(loc: Optional[Location], what: str, uri: str = "", missing_ok: bool = False) -> Iterator[None]:
+def translated_errors(loc: Optional[Location], what: str, uri: str = "", missing_ok: bool = False) -> Iterator[None]:
     """Turn what the filesystem library raised into a one-line CheckpointError."""
     try:
         yield
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - re-raised below unless recognised
-        uri = _redact(loc.uri if loc is not None else uri)
+        uri = redact(loc.uri if loc is not None else uri)
         proto = _protocol(loc.fs) if loc is not None else fsspec.core.split_protocol(uri)[0]
         chain, c = [], e
         while c is not None and len(chain) < 8:
@@ -429,22 +330,22 @@ def _translated(loc: Optional[Location], what: str, uri: str = "", missing_ok: b
 def _missing(loc: Location, what: str) -> str:
     """Why `loc` does not exist: its bucket is missing, or nothing is at its prefix."""
     if loc.is_local or _protocol(loc.fs) not in _CREDENTIALS:  # no buckets there
-        return f"{what} {_redact(loc.uri)} does not exist"
+        return f"{what} {redact(loc.uri)} does not exist"
     bucket = loc.path.split("/", 1)[0]
     try:
         loc.fs.info(bucket)
     except FileNotFoundError:
-        return (f"{what} {_redact(loc.uri)}: bucket '{bucket}' does not exist (or is not visible "
+        return (f"{what} {redact(loc.uri)}: bucket '{bucket}' does not exist (or is not visible "
                 f"with these credentials) at {_endpoint(loc)}")
     except Exception:  # noqa: BLE001 - the first error is the one to report
-        return f"{what} {_redact(loc.uri)} does not exist (at {_endpoint(loc)})"
+        return f"{what} {redact(loc.uri)} does not exist (at {_endpoint(loc)})"
     try:
         near = ", ".join(c.name for c in loc.parent.listdir()[:8])
     except Exception:  # noqa: BLE001
         near = ""
-    seen = f"; {_redact(loc.parent.uri)}/ holds: {near}" if near else ""
+    seen = f"; {redact(loc.parent.uri)}/ holds: {near}" if near else ""
     key = loc.path.split("/", 1)[1] if "/" in loc.path else ""
-    return f"{what} {_redact(loc.uri)} does not exist: bucket '{bucket}' has no object or prefix '{key}'{seen}"
+    return f"{what} {redact(loc.uri)} does not exist: bucket '{bucket}' has no object or prefix '{key}'{seen}"
 
 
 def _protocol(fs: fsspec.AbstractFileSystem) -> str:
@@ -465,46 +366,12 @@ def _version(info: dict) -> tuple:
     return (int(info.get("size") or 0), *(str(info[k]) for k in keys if info.get(k) is not None))
 
 
-def _load_rank(rel: str) -> Tuple[int, str]:
-    name = posixpath.basename(rel)
-    return (_LOAD_ORDER.get(name, 1 if name.endswith(".index.json") else 0), rel)
-
-
-def swap_in(new: Path, dest: Path) -> None:
-    """Put the complete local directory `new` at `dest`: an old `dest` is moved aside
-    (``.NAME-old-<µs>``), `new` renamed in, and only then the old copy removed. Killed at any
-    point, one complete copy exists: `dest`, or the old one under its aside name (which
-    `results.recover_published` moves back)."""
-    old = None
-    if dest.exists():
-        old = dest.parent / f".{dest.name}-old-{time.time_ns() // 1000:017d}"
-        os.replace(dest, old)
-    os.replace(new, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _publish_local(src: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-tmp-"))
-    try:
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-        swap_in(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _count(uri: str, n: int) -> None:
     with _read_lock:
         _read_bytes[uri] = _read_bytes.get(uri, 0) + n
 
 
-def _redact(uri: str) -> str:
+def redact(uri: str) -> str:
     """A URI fit for a message: no password in ``user:pw@host``, no query (signed URLs)."""
     uri = re.sub(r"(://[^/@:]*):[^/@]*@", r"\1:***@", uri)
     return uri.split("?", 1)[0]

@@ -14,7 +14,6 @@ time. Every check a pair's `tune_merge` would make runs before anything is store
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import time
@@ -27,14 +26,16 @@ import pyarrow as pa
 from ckmerge_ray.checkpoints import CheckpointInfo
 from ckmerge_ray.cluster import check_object_store, ray_session, trial_slots
 from ckmerge_ray.config import CheckpointConfig, Resources, RunConfig, SearchConfig, split_options
-from ckmerge_ray.errors import CheckpointError, ConfigError, RunError, RunInterrupted, last_line
-from ckmerge_ray.evaluator import start_evaluators
+from ckmerge_ray.errors import ConfigError, RunError, RunInterrupted, last_line
+from ckmerge_ray.evaluator import score_each, start_evaluators
 from ckmerge_ray.inputs import (
-    CHECKPOINT_NAME, Log, WindowStore, code_dir_of, load_window, prepare_objective, printer,
+    Log, WindowStore, code_dir_of, discover_checkpoints, load_window, prepare_objective, printer,
 )
 from ckmerge_ray.model import dtypes_of
 from ckmerge_ray.objectives import Objective
-from ckmerge_ray.pairs import PairPool, pair_concurrency, window_bytes
+from ckmerge_ray.pairs import (
+    PairPool, log_pairs, pair_concurrency, tune_pair, tune_window_at, window_bytes,
+)
 from ckmerge_ray.plots import draw_plots
 from ckmerge_ray.results import (
     renamed_name,
@@ -42,9 +43,8 @@ from ckmerge_ray.results import (
     write_table_atomic, writing,
 )
 from ckmerge_ray.rundir import check_claimable, claim_output_dir
-from ckmerge_ray.storage import check_destination, discover_children, is_uri, locate
-from ckmerge_ray.store import StoredCheckpoint, pair_digest
-
+from ckmerge_ray.publish import check_destination
+from ckmerge_ray.store import StoredCheckpoint
 
 
 @dataclass
@@ -75,82 +75,6 @@ class _Sweep:
     pairs_at_once: int = 1
     span: int = 2  # checkpoints per tuned unit: 2 (pairs, tune_merge) or a window's k
     family: Any = None  # the windows' families.Family when span > 2
-
-
-def discover_checkpoints(source: str | os.PathLike | Sequence[str | os.PathLike],
-                         include_final: bool = False, log: Optional[Log] = None
-                         ) -> List[Tuple[int, Path | str]]:
-    """(step, directory) of each checkpoint, oldest first: a local Path, or a URI string.
-
-    A single directory (or URI prefix, e.g. ``s3://bucket/run``) holding subdirectories named
-    ``checkpoint-<step>``, ``step-<N>``, ``step<N>``, ``step_<N>``, ``iter_<N>`` or
-    ``global_step<N>`` gives those, sorted by the number (so step 900 comes before step 1000).
-    A model saved at its top (Trainer's final ``save_model``) is not one of them: it is
-    reported to `log`, and added as the last point only with `include_final` (its step is
-    ``global_step`` of a ``trainer_state.json`` beside it, which ``trainer.save_state()``
-    writes, else one more than the last checkpoint's). A list of checkpoint directories is
-    taken in the order given; their step is read from the name when it has one, else it is
-    the position in the list.
-    """
-    if isinstance(source, (str, os.PathLike)):
-        source = [source]
-    if len(source) == 1:
-        try:
-            root = locate(source[0], what="checkpoint directory")
-        except CheckpointError as e:
-            raise ConfigError(str(e)) from e
-        found = [(step, loc.local_path or loc.uri) for step, loc in
-                 discover_children(root, CHECKPOINT_NAME)]
-        has_root_model = (root / "config.json").exists()
-        if found and has_root_model:
-            found = _with_root_model(root, found, include_final, log)
-        if found or not has_root_model:
-            if len(found) < 2:
-                seen = [c.name for c in root.listdir()][:8]
-                raise ConfigError(
-                    f"found {len(found)} checkpoint(s) in {root}; a sweep needs at least two "
-                    f"subdirectories named checkpoint-<step>, step-<N> or iter_<N> (saw: "
-                    f"{seen}), or a list of checkpoint directories")
-            steps = [s for s, _ in found]
-            if len(set(steps)) != len(steps):
-                raise ConfigError(f"two checkpoints in {root} have the same step: "
-                                  f"{sorted((s, str(p)) for s, p in found)}")
-            return found
-    out = []
-    for i, p in enumerate(source):
-        m = CHECKPOINT_NAME.match(locate(p, must_exist=False).name)
-        out.append((int(m.group(1)) if m else i, p if is_uri(p) else Path(p)))
-    return out
-
-
-def _with_root_model(root, found: List[Tuple[int, Path | str]], include_final: bool,
-                     log: Optional[Log]) -> List[Tuple[int, Path | str]]:
-    """`found` (the subfolder checkpoints), and the model at `root` last if `include_final`."""
-    step = final_step(root)
-    known = step is not None
-    step = step if known and step > found[-1][0] else found[-1][0] + 1
-    if include_final:
-        if log:
-            log(f"{root} holds a model of its own (Trainer's final save_model): included as the "
-                f"last point, step {step}" + ("" if known else " (no trainer_state.json beside "
-                                               "it: step assumed after the last checkpoint)"))
-        return [*found, (step, root.local_path or root.uri)]
-    if log:
-        log(f"{root} also holds a model of its own (Trainer's final save_model): not part of "
-            f"the trajectory of its {len(found)} checkpoint folder(s); include_final=True "
-            "(CLI: --include-final) adds it as the last point")
-    return found
-
-
-def final_step(root) -> Optional[int]:
-    """``global_step`` of the trainer_state.json in `root` (a Location), or None."""
-    import json
-
-    state = root / "trainer_state.json"
-    try:
-        return int(json.loads(state.read_bytes())["global_step"]) if state.exists() else None
-    except (CheckpointError, ValueError, KeyError, TypeError):
-        return None
 
 
 def sweep_trajectory(
@@ -364,114 +288,6 @@ def sweep_interrupted(ctx: _Sweep, signum: Optional[int], done: int, n: int) -> 
         f"(ckmerge-ray {command} --resume {ctx.out / folder}/<{unit}>)", signum or signal.SIGINT)
 
 
-def pair_run_dir(k: int, earlier: CheckpointInfo, later: CheckpointInfo) -> Path:
-    """Pair k's tune run, relative to the sweep (or watch) directory."""
-    return Path(PAIRS_DIR) / f"{k:02d}-{earlier.name}-{later.name}"
-
-
-def pair_export_to(export_to: Optional[str], run_dir: Path) -> Optional[str]:
-    """Where the pair whose run is `run_dir` publishes its best/, given a sweep's (or watch's)
-    ``export_to`` prefix (a path or URI): ``<export_to>/<run_dir's name>/best``; None without."""
-    if export_to is None:
-        return None
-    return f"{export_to.rstrip('/')}/{run_dir.name}/best"
-
-
-def tune_pair(k: int, infos: Tuple[CheckpointInfo, CheckpointInfo], steps: Tuple[int, int],
-              stored: Tuple[StoredCheckpoint, StoredCheckpoint], out: Path, tuned: Dict[str, Any],
-              resources: Resources, log: Log, resume: bool = False,
-              failures: Tuple[type, ...] = (RunError,)) -> Tuple[Dict, List[str], Any]:
-    """Tune pair k (earlier, later) from its stored shards in ``out/pairs/<k>-<names>``: the
-    row of sweep.parquet, the pair run's plots (relative to `out`) and its `TuneMergeResult`
-    (None when it failed). `tuned`: tune_merge's keywords but the run directory; its run's
-    ``export_to``, if set, is the sweep's prefix (the pair publishes to `pair_export_to`);
-    `resume` continues the pair's own run (no finished evaluation is redone). An error of a
-    kind in `failures` is recorded in the row (status "error") instead of raised: the other
-    pairs may still succeed."""
-    import dataclasses
-
-    from ckmerge_ray.tuner import tune_merge
-
-    earlier, later = infos
-    run_dir = pair_run_dir(k, earlier, later)
-    t0 = time.perf_counter()
-    row = {"pair": k, "earlier": str(earlier.source), "later": str(later.source),
-           "earlier_step": steps[0], "later_step": steps[1],
-           "run_dir": str(run_dir), "store_digest": pair_digest(*stored),
-           "started_at": time.time()}
-    run = dataclasses.replace(tuned["run"], output_dir=str(out / run_dir), resume=resume,
-                              export_to=pair_export_to(tuned["run"].export_to, run_dir))
-    result, plots = None, []
-    try:
-        result = tune_merge((earlier.source, later.source), resources, stored=stored,
-                            **{**tuned, "run": run})
-    except failures as e:  # every trial of this pair failed: the others may not
-        row.update(status="error", error=f"{type(e).__name__}: {e}")
-        log(f"pair {earlier.name} -> {later.name} FAILED: {row['error']}")
-    else:
-        row.update(pair_row(result))
-        plots = [(run_dir / p).as_posix() for p in result.summary.get("plots", [])]
-    row["wall_s"] = time.perf_counter() - t0
-    row["finished_at"] = time.time()
-    return row, plots, result
-
-
-def tune_window_at(k: int, infos: Sequence[CheckpointInfo], steps: Tuple[int, int],
-                   stored: Sequence[StoredCheckpoint], out: Path, tuned: Dict[str, Any],
-                   resources: Resources, log: Log) -> Tuple[Dict, List[str], Any]:
-    """`tune_pair` for window k of a sweep (`tune_window` over `infos`, ``windows/<k>-<first>-
-    <last>``): its row of sweep.parquet, its plots (relative to `out`) and its result."""
-    import dataclasses
-    import json
-
-    from ckmerge_ray.window import tune_window
-
-    run_dir = Path(WINDOWS_DIR) / f"{k:02d}-{infos[0].name}-{infos[-1].name}"
-    t0 = time.perf_counter()
-    row = {"pair": k, "earlier": str(infos[0].source), "later": str(infos[-1].source),
-           "earlier_step": steps[0], "later_step": steps[1], "window": len(infos),
-           "family": tuned["family"].label, "run_dir": str(run_dir), "started_at": time.time()}
-    run = dataclasses.replace(tuned["run"], output_dir=str(out / run_dir),
-                              export_to=pair_export_to(tuned["run"].export_to, run_dir))
-    result, plots = None, []
-    try:
-        result = tune_window([i.source for i in infos], resources, stored=stored,
-                             **{**tuned, "run": run})
-    except RunError as e:
-        row.update(status="error", error=f"{type(e).__name__}: {e}")
-        log(f"window {infos[0].name} -> {infos[-1].name} FAILED: {row['error']}")
-    else:
-        later = result.single_scores.get(infos[-1].name, math.nan)
-        sign = 1.0 if result.mode == "min" else -1.0
-        row.update(status="ok", error=None, later_score=later, best_score=result.best_score,
-                   best_weights=json.dumps([round(x, 6) for x in result.best_weights]),
-                   gain=sign * (later - result.best_score), evaluations=result.table.num_rows)
-        plots = [(run_dir / p).as_posix() for p in result.summary.get("plots", [])]
-    row["wall_s"] = time.perf_counter() - t0
-    row["finished_at"] = time.time()
-    return row, plots, result
-
-
-def log_pairs(rows: Sequence[Dict], log: Log) -> None:
-    """One line per successful pair: best λ and gain over the later checkpoint."""
-    for r in rows:
-        if r["status"] == "ok":
-            best = (f"best λ={r['best_lambda']:.4f}" if "best_lambda" in r
-                    else f"best weights {r['best_weights']}")
-            log(f"{r['earlier'].rstrip('/').rsplit('/', 1)[-1]} -> "
-                f"{r['later'].rstrip('/').rsplit('/', 1)[-1]}: {best}, gain over the later "
-                f"checkpoint {r['gain']:+.5f}")
-
-
-def pair_row(result) -> Dict:
-    """A pair's columns of sweep.parquet, from its `TuneMergeResult`."""
-    return dict(status="ok", error=None,
-                earlier_score=result.endpoint_scores[0.0], later_score=result.endpoint_scores[1.0],
-                best_lambda=result.best_lambda, best_score=result.best_score,
-                gain=result.gain_over(1.0), gain_over_earlier=result.gain_over(0.0),
-                evaluations=result.table.num_rows)
-
-
 def sweep_summary(ctx: _Sweep, rows: List[Dict], store: WindowStore, heatmap: bool,
                   heatmap_lambda: float, seconds: float) -> Dict:
     """summary.json of a sweep (``plots`` is added when they are drawn)."""
@@ -497,7 +313,6 @@ def score_heatmap(ctx: _Sweep, stored: List[StoredCheckpoint], lam: float) -> pa
     A cell whose evaluation fails (a non-finite score, an out-of-memory) is a row with its
     error and no score; the other cells go on."""
     import ray
-    from ray.util import ActorPool
 
     n = len(ctx.infos)
     cells = [(i, j) for i in range(n) for j in range(i, n)]
@@ -506,23 +321,19 @@ def score_heatmap(ctx: _Sweep, stored: List[StoredCheckpoint], lam: float) -> pa
                               dtypes_of(ctx.infos[-1]), stored, ctx.objective,
                               code_dir=code_dir_of(ctx.infos[-1], ctx.checkpoint))
     ctx.log(f"heatmap: {len(cells)} merges on {q} evaluator(s)")
-    rows = []
     try:
-        pool = ActorPool(actors)
-        for cell in cells:
-            pool.submit(lambda a, w: a.score.remote(w), heatmap_weights(n, *cell, lam))
-        for i, j in cells:  # in order: get_next returns each cell's result or raises its error
-            row = {"i": i, "j": j, "step_i": ctx.steps[i], "step_j": ctx.steps[j],
-                   "lam": 1.0 if i == j else lam, "score": None, "error": None}
-            try:
-                row["score"] = float(pool.get_next()["score"])
-            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
-                row["error"] = last_line(e)
-                ctx.log(f"heatmap cell ({ctx.steps[i]}, {ctx.steps[j]}) failed: {row['error']}")
-            rows.append(row)
+        results = score_each(actors, [heatmap_weights(n, *cell, lam) for cell in cells])
     finally:
         for a in actors:
             ray.kill(a)
+    rows = []
+    for (i, j), r in zip(cells, results):
+        failed = isinstance(r, BaseException)
+        rows.append({"i": i, "j": j, "step_i": ctx.steps[i], "step_j": ctx.steps[j],
+                     "lam": 1.0 if i == j else lam, "score": None if failed else float(r["score"]),
+                     "error": last_line(r) if failed else None})
+        if failed:
+            ctx.log(f"heatmap cell ({ctx.steps[i]}, {ctx.steps[j]}) failed: {rows[-1]['error']}")
     with sweep_writing(ctx, f"the heatmap {ctx.out / HEATMAP_TABLE}"):
         return write_table_atomic(ctx.out / HEATMAP_TABLE, rows)
 

@@ -50,7 +50,8 @@ from ckmerge_ray.rundir import (
     RUN_DEFINING, check_unlocked, claim_tune_dir, jsonable, lock_run_dir, read_run_file,
     reclaim_tune_dir,
 )
-from ckmerge_ray.storage import check_destination, checkpoint_id, publish_dir
+from ckmerge_ray.publish import check_destination, publish_dir
+from ckmerge_ray.storage import checkpoint_id
 from ckmerge_ray.search import LAMBDA
 from ckmerge_ray.search.fidelity import ScreeningScheduler
 from ckmerge_ray.store import StoredCheckpoint

@@ -37,19 +37,17 @@ from ckmerge_ray.checkpoints import CheckpointInfo, plan_shards, tokenizer_files
 from ckmerge_ray.cluster import ray_session, trial_slots
 from ckmerge_ray.config import CheckpointConfig, Resources, RunConfig, SearchConfig, split_options
 from ckmerge_ray.errors import CheckpointError, ConfigError, RunError, RunInterrupted
-from ckmerge_ray.inputs import Log, load_window, prepare_objective, printer
-from ckmerge_ray.pairs import PairPool
+from ckmerge_ray.inputs import CHECKPOINT_NAME, Log, load_window, prepare_objective, printer
+from ckmerge_ray.pairs import PairPool, log_pairs, pair_run_dir, tune_pair
 from ckmerge_ray.plots import draw_plots
 from ckmerge_ray.results import (
-    PAIRS_DIR, RUN_FILE, SUMMARY_FILE, SWEEP_GAIN_PLOT, SWEEP_TABLE, read_rows, recover_published,
-    write_json_atomic, write_table_atomic, writing,
+    PAIRS_DIR, RUN_FILE, SUMMARY_FILE, SWEEP_GAIN_PLOT, SWEEP_TABLE, read_rows, write_json_atomic,
+    write_table_atomic, writing,
 )
+from ckmerge_ray.publish import check_destination, publish_dir, recover_published
 from ckmerge_ray.rundir import check_not_a_file, jsonable, remove_outputs
-from ckmerge_ray.storage import (
-    Location, check_destination, checkpoint_id, locate, publish_dir,
-)
+from ckmerge_ray.storage import Location, checkpoint_id, locate
 from ckmerge_ray.store import StoredCheckpoint, put_checkpoint
-from ckmerge_ray.sweep import CHECKPOINT_NAME, log_pairs, pair_run_dir, tune_pair
 from ckmerge_ray.watch_poll import Poller, SeenCheckpoint
 
 WATCH_FILE = "watch.json"  # what defines the watch (a resume must match it)

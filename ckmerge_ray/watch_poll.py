@@ -1,7 +1,7 @@
 """When a checkpoint of a run still training is complete: the polls of `watch_trajectory`.
 
 The watch polls a run directory (local or a URI) for ``checkpoint-<step>/``-style folders (the
-names `sweep.discover_checkpoints` knows). A checkpoint is read only once it is *complete*:
+names `inputs.discover_checkpoints` knows). A checkpoint is read only once it is *complete*:
 
 - with ``marker="NAME"``: the file NAME exists in the folder (the trainer's word that it is
   done; HF Trainer writes ``trainer_state.json`` last, and `integrations.CkmergeCallback`

@@ -32,7 +32,8 @@ from ckmerge_ray.results import (
 from ckmerge_ray.rundir import (
     check_unlocked, claim_tune_dir, jsonable, lock_run_dir, reclaim_tune_dir,
 )
-from ckmerge_ray.storage import check_destination, checkpoint_id, publish_dir
+from ckmerge_ray.publish import check_destination, publish_dir
+from ckmerge_ray.storage import checkpoint_id
 from ckmerge_ray.tuner import evaluation_totals, run_extras
 from ckmerge_ray.window import WindowResult, load_window_result
 from ckmerge_ray.window_trial import WindowPlan, window_trainable

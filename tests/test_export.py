@@ -1,6 +1,6 @@
 """Publishing best/ never leaves the only complete copy under a temporary name.
 
-`results.publish_dir` moves the old best/ aside, renames the new one in, then removes the old
+`publish.swap_in` moves the old best/ aside, renames the new one in, then removes the old
 copy. Each test kills a real process (os._exit, no clean-up runs) at one of those steps, then
 checks that `recover_published` (which every export runs first) leaves exactly one complete
 best/, old or new, and nothing else beside it.
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ckmerge_ray.results import publish_dir, recover_published
+from ckmerge_ray.publish import recover_published, swap_in
 
 def publish_and_die(new: Path, dest: Path, kill_at: int) -> None:
     """In a forked child: publish NEW over DEST, dying at the k-th filesystem step: os.replace
@@ -20,7 +20,7 @@ def publish_and_die(new: Path, dest: Path, kill_at: int) -> None:
     import os
     import shutil
 
-    from ckmerge_ray import results
+    from ckmerge_ray import publish
 
     step = {"n": 0}
     real_replace, real_rmtree = os.replace, shutil.rmtree
@@ -40,9 +40,9 @@ def publish_and_die(new: Path, dest: Path, kill_at: int) -> None:
         tick()
         real_rmtree(path, *args, **kwargs)
 
-    results.os.replace = replace
-    results.shutil.rmtree = rmtree
-    results.publish_dir(new, dest)
+    publish.os.replace = replace
+    publish.shutil.rmtree = rmtree
+    publish.swap_in(new, dest)
 
 
 def run_in_child(fn, *args) -> int:
@@ -98,11 +98,11 @@ def test_killed_publish_leaves_one_complete_best(tmp_path, kill_at, expected):
 
 def test_publish_replaces_and_cleans_up(tmp_path):
     dest = model_dir(tmp_path / "best", "old")
-    publish_dir(model_dir(tmp_path / ".best-tmp-y", "new"), dest)
+    swap_in(model_dir(tmp_path / ".best-tmp-y", "new"), dest)
     assert complete_copy_of(dest) == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
 
 
 def test_publish_into_an_empty_place(tmp_path):
-    publish_dir(model_dir(tmp_path / ".best-tmp-z", "new"), tmp_path / "best")
+    swap_in(model_dir(tmp_path / ".best-tmp-z", "new"), tmp_path / "best")
     assert complete_copy_of(tmp_path / "best") == "new"

@@ -13,11 +13,11 @@ from urllib.parse import urlparse
 
 import pytest
 
-from ckmerge_ray import storage
+from ckmerge_ray import publish, storage
 from ckmerge_ray.errors import CheckpointError
 from tests.s3server import s3_env, s3_server  # noqa: F401 - pytest fixtures
 
-STEP = re.compile(r"^(?:checkpoint-|step-?)(\d+)$")  # the lead passes sweep.CHECKPOINT_NAME
+STEP = re.compile(r"^(?:checkpoint-|step-?)(\d+)$")  # the lead passes inputs.CHECKPOINT_NAME
 SECRET = "s3cr3t-DO-NOT-PRINT-4711"
 
 
@@ -146,7 +146,7 @@ def test_publish_dir_s3_never_shows_config_with_a_mixed_set(s3_env, tmp_path):
         snapshots.append((line, files))
 
     s3_env.start_recording()
-    dest = storage.publish_dir(new_dir, "s3://out/run/best", log=snapshot)
+    dest = publish.publish_dir(new_dir, "s3://out/run/best", log=snapshot)
     s3_env.stop_recording()
     assert dest.uri == "s3://out/run/best"
     assert sorted(fs.find("out/run")) == sorted(["out/run/trials.parquet"] + [f"out/run/best/{n}" for n in NEW])
@@ -173,13 +173,13 @@ def test_publish_dir_s3_never_shows_config_with_a_mixed_set(s3_env, tmp_path):
     assert ops[5] == ("copy", "/out/run/best/config.json")  # shards are copied concurrently, config.json after
     assert {op for op, _ in ops[6:]} == {"delete"}  # the temporary prefix
     # a first publish, under a prefix that does not exist yet
-    storage.publish_dir(new_dir, "s3://out/elsewhere/run/best")
+    publish.publish_dir(new_dir, "s3://out/elsewhere/run/best")
     assert sorted(fs.find("out/elsewhere")) == [f"out/elsewhere/run/best/{n}" for n in sorted(NEW)]
 
 
 def test_publish_dir_local(tmp_path):
     dest = make_model(tmp_path / "out" / "best", OLD)
-    storage.publish_dir(make_model(tmp_path / "new", NEW), dest)
+    publish.publish_dir(make_model(tmp_path / "new", NEW), dest)
     assert sorted(p.name for p in dest.iterdir()) == sorted(NEW)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["best"]  # no tmp or old copy
     assert (tmp_path / "new" / "config.json").exists()  # the source is copied, not moved
@@ -192,7 +192,7 @@ def test_missing_bucket(s3_env, tmp_path):
                             f"does not exist (or is not visible with these credentials) at endpoint "
                             f"{s3_env.endpoint}")
     with pytest.raises(CheckpointError, match="bucket 'no-such-bucket' does not exist"):
-        storage.publish_dir(make_model(tmp_path / "m", NEW), "s3://no-such-bucket/best")
+        publish.publish_dir(make_model(tmp_path / "m", NEW), "s3://no-such-bucket/best")
 
 
 def test_missing_prefix(s3_env, tmp_path):

@@ -155,7 +155,8 @@ def test_a_diverged_checkpoint_fails_its_heatmap_cells_and_greedy_not_the_run(
     """The heatmap records each cell that cannot be scored with its error and scores the rest
     (before, the first such cell ended the sweep with a raw RayTaskError after every pair was
     tuned, writing no summary); a comparison records the checkpoint that cannot be scored
-    alone, fails greedy (which needs its score) by name, and goes on (before, it ended)."""
+    alone, fails greedy (which needs its score) by name, and goes on (before, it ended), and
+    its grid search keeps the λ it could score (before, one failed λ failed the method)."""
     from ckmerge_ray import compare_merges
 
     heldout, options = diverged[0].parent / "heldout.jsonl", {"seq_len": 64, "max_tokens": 1024}
@@ -172,11 +173,13 @@ def test_a_diverged_checkpoint_fails_its_heatmap_cells_and_greedy_not_the_run(
     assert (tmp_path / "sweep" / "summary.json").exists()
     assert "sweep_heatmap.png" in result.summary["plots"]
 
-    compared = compare_merges(diverged, {"cpu": 1}, objective=f"loss:{heldout}",
-                              objective_options=options, methods=("greedy", "sma"), last_n=2,
-                              output_dir=tmp_path / "compare", progress=False)
+    # the diverged checkpoint and the next: the grid's λ = 0.5 cannot be scored, λ = 1 can
+    compared = compare_merges(diverged[:2], {"cpu": 1}, objective=f"loss:{heldout}",
+                              objective_options=options, methods=("greedy", "grid"),
+                              num_trials=2, output_dir=tmp_path / "compare", progress=False)
     rows = {r["key"]: r for r in compared.table.to_pylist()}
     assert rows["checkpoint:0"]["status"] != "ok" and "non-finite" in rows["checkpoint:0"]["error"]
-    assert rows["checkpoint:1"]["status"] == "ok" and rows["endpoint"]["status"] == "ok"
+    assert rows["endpoint"]["status"] == "ok"
     assert "greedy needs every checkpoint's own score; checkpoint-40" in rows["greedy"]["error"]
-    assert rows["sma"]["status"] == "ok"  # the last 2: checkpoint-80 and -120
+    assert rows["grid"]["status"] == "ok" and rows["grid"]["lam"] == 1.0, rows["grid"]
+    assert rows["grid"]["extra_cost"] == "1 of the λ could not be scored"
