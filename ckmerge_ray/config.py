@@ -293,10 +293,24 @@ RESUMED_RUN_FIELDS = ("max_concurrent", "allow_spilling", "export_to", "gpu_shar
 
 
 def launch_record(run: RunConfig, checkpoint: CheckpointConfig, max_concurrent: int) -> Dict:
-    """run.json's record of how a run was started, which `resumed_settings` reads back."""
-    return {"run": {**{k: getattr(run, k) for k in RESUMED_RUN_FIELDS},
-                    "max_concurrent": max_concurrent},
-            "checkpoint": checkpoint.to_dict()}
+    """run.json's record of how a run was started, which `resumed_settings` reads back. Local
+    paths (``export_to``, ``model_config``) are made absolute: a resume may start elsewhere."""
+    run_fields = {k: getattr(run, k) for k in RESUMED_RUN_FIELDS}
+    read = checkpoint.to_dict()
+    run_fields["export_to"] = _absolute(run_fields["export_to"])
+    read["model_config"] = _absolute(read["model_config"])
+    return {"run": {**run_fields, "max_concurrent": max_concurrent}, "checkpoint": read}
+
+
+def _absolute(location: Optional[str]) -> Optional[str]:
+    """A local path made absolute; a URI or None as it is."""
+    from pathlib import Path
+
+    from ckmerge_ray.storage import is_uri
+
+    if location is None or is_uri(location):
+        return location
+    return str(Path(location).expanduser().resolve())
 
 
 def resumed_settings(stored: Mapping, output_dir: str, **overrides) -> Tuple[RunConfig,

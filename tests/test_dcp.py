@@ -205,6 +205,23 @@ def test_resume_reads_the_checkpoints_as_the_run_did(ray_session, trajectory, tm
     assert (published / "config.json").exists()
 
 
+def test_the_record_of_a_run_keeps_local_paths_absolute(tmp_path, monkeypatch):
+    """A run started with relative --export-to / --model-config is resumed from anywhere: the
+    record holds them absolute (a URI as given)."""
+    from ckmerge_ray.config import RunConfig, launch_record, resumed_settings
+
+    monkeypatch.chdir(tmp_path)
+    record = launch_record(RunConfig(export_to="pub"),
+                           CheckpointConfig(model_config="m/config.json"), 1)
+    assert record["run"]["export_to"] == str(tmp_path / "pub")
+    assert record["checkpoint"]["model_config"] == str(tmp_path / "m" / "config.json")
+    monkeypatch.chdir("/")
+    run, checkpoint = resumed_settings(record, str(tmp_path / "run"))
+    assert run.export_to == str(tmp_path / "pub")
+    assert launch_record(RunConfig(export_to="s3://b/run/best"), CheckpointConfig(), 1)[
+        "run"]["export_to"] == "s3://b/run/best"
+
+
 def test_a_python_callable_name_map_is_not_stored_and_resume_says_so(tmp_path):
     import json
 
