@@ -303,14 +303,10 @@ def launch_record(run: RunConfig, checkpoint: CheckpointConfig, max_concurrent: 
 
 
 def _absolute(location: Optional[str]) -> Optional[str]:
-    """A local path made absolute; a URI or None as it is."""
-    from pathlib import Path
+    """A local path made absolute, a URI as it is (`storage.checkpoint_id`); None stays None."""
+    from ckmerge_ray.storage import checkpoint_id
 
-    from ckmerge_ray.storage import is_uri
-
-    if location is None or is_uri(location):
-        return location
-    return str(Path(location).expanduser().resolve())
+    return None if location is None else checkpoint_id(location)
 
 
 def resumed_settings(stored: Mapping, output_dir: str, **overrides) -> Tuple[RunConfig,
