@@ -20,8 +20,6 @@ far by the objective), each replaced atomically. Example::
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import signal
 import threading
@@ -39,23 +37,15 @@ from ckmerge_ray.config import CheckpointConfig, Resources, RunConfig, SearchCon
 from ckmerge_ray.errors import CheckpointError, ConfigError, RunError, RunInterrupted
 from ckmerge_ray.inputs import CHECKPOINT_NAME, Log, load_window, prepare_objective, printer
 from ckmerge_ray.pairs import PairPool, log_pairs, pair_run_dir, tune_pair
-from ckmerge_ray.plots import draw_plots
-from ckmerge_ray.results import (
-    PAIRS_DIR, RUN_FILE, SUMMARY_FILE, SWEEP_GAIN_PLOT, SWEEP_TABLE, read_rows, write_json_atomic,
-    write_table_atomic, writing,
-)
-from ckmerge_ray.publish import check_destination, publish_dir, recover_published
-from ckmerge_ray.rundir import check_not_a_file, jsonable, remove_outputs
+from ckmerge_ray.results import PAIRS_DIR, RUN_FILE, SWEEP_TABLE, write_table_atomic, writing
+from ckmerge_ray.publish import check_destination
+from ckmerge_ray.rundir import jsonable
 from ckmerge_ray.storage import Location, checkpoint_id, locate
 from ckmerge_ray.store import StoredCheckpoint, put_checkpoint
+from ckmerge_ray.watch_outputs import (
+    AGAIN, BEST_OVERALL_DIR, LATEST_DIR, WatchOutputs, claim_watch_dir,
+)
 from ckmerge_ray.watch_poll import Poller, SeenCheckpoint
-
-WATCH_FILE = "watch.json"  # what defines the watch (a resume must match it)
-LATEST_DIR = "latest"  # the newest pair's best merged model
-BEST_OVERALL_DIR = "best_overall"  # the best merged model of any pair so far
-# What to do once a full disk has space again (each finished pair's run is complete on disk).
-AGAIN = "continue the watch: the same arguments and --resume"
-
 
 @dataclass
 class WatchResult:
@@ -156,8 +146,8 @@ def watch_trajectory(
     log_pairs(w.rows, log)
     with writing(f"the pairs' table {out / SWEEP_TABLE}", out, AGAIN):
         table = write_table_atomic(out / SWEEP_TABLE, w.rows)
-    return WatchResult(table, w.mode, out,
-                       _if_dir(out / LATEST_DIR), _if_dir(out / BEST_OVERALL_DIR), w.summary())
+    return WatchResult(table, w.outputs.mode, out, _if_dir(out / LATEST_DIR),
+                       _if_dir(out / BEST_OVERALL_DIR), w.outputs.summary(w.header()))
 
 
 def watch_concurrency(run: RunConfig, resources: Resources, num_trials: int) -> int:
@@ -186,36 +176,6 @@ def _check_settings(objective, marker, until, max_pairs, poll_seconds, idle_time
         raise ConfigError(f"idle_timeout must be positive, got {idle_timeout}")
 
 
-def claim_watch_dir(out: Path, record: Dict, overwrite: bool, resume: bool) -> List[Dict]:
-    """Claim `out` for a watch defined by `record`; returns the rows of the pairs done so far
-    (resume) or []. Refuses a directory holding a watch or sweep unless `overwrite`/`resume`,
-    and a resume with a different definition, naming the differing values."""
-    check_not_a_file(out)
-    if resume:
-        if not (out / WATCH_FILE).exists():
-            raise ConfigError(f"nothing to resume in {out}: no {WATCH_FILE} (start it without "
-                              "resume)")
-        stored = json.loads((out / WATCH_FILE).read_text())
-        diffs = [f"{k}={v!r} (the watch has {stored.get(k)!r})" for k, v in record.items()
-                 if jsonable(v) != stored.get(k)]
-        if diffs:
-            raise ConfigError(f"cannot resume {out} with different arguments: " + "; ".join(diffs))
-        for name in (LATEST_DIR, BEST_OVERALL_DIR):  # a publish killed midway
-            recover_published(out / name)
-        return read_rows(out / SWEEP_TABLE)
-    if (out / WATCH_FILE).exists() or (out / SWEEP_TABLE).exists():
-        if not overwrite:
-            raise ConfigError(f"{out} already holds a watch or sweep; pass resume=True (CLI: "
-                              "--resume) to continue it, overwrite=True (CLI: --overwrite) to "
-                              "replace it, or choose another directory")
-        remove_outputs(out, (SWEEP_TABLE, SUMMARY_FILE, WATCH_FILE, SWEEP_GAIN_PLOT, PAIRS_DIR,
-                             LATEST_DIR, BEST_OVERALL_DIR))
-    with writing(f"the watch's settings {out / WATCH_FILE}", out, "start the watch again"):
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / WATCH_FILE, record)
-    return []
-
-
 class _Watch:
     """The watch's state between polls: checkpoints seen, the pair rows, the models published."""
 
@@ -225,9 +185,8 @@ class _Watch:
         self.root, self.out, self.log, self.resources = root, out, log, resources
         self.checkpoint, self.search, self.tuned = checkpoint, search, tuned
         self.objective_spec, self.objective_options = objective, objective_options
-        self.marker, self.rows = marker, rows
-        self.mode: Optional[str] = None
-        self.objective_repr: Optional[str] = None
+        self.outputs = WatchOutputs(out, rows, log)  # sweep.parquet, latest/, best_overall/
+        self.marker, self.rows = marker, self.outputs.rows
         self.prev: Optional[SeenCheckpoint] = None
         # Pairs run together may finish out of order: a killed watch resumes after the last
         # pair of the table's gap-free start, and passes over the pairs recorded after it.
@@ -237,19 +196,14 @@ class _Watch:
         self.frontier = self.resumed_from["later_step"] if self.resumed_from else None
         self.reference: Dict = {}  # non-float tensors, equal along the run (store.put_checkpoint)
         self.puts: Dict[str, int] = {}
-        previous = _read_json(out / SUMMARY_FILE)
-        self.latency: List[Dict] = previous.get("latency", []) if rows else []
         self.poller = Poller(root, CHECKPOINT_NAME, marker, checkpoint, log,
-                             previous.get("checkpoints", {}) if rows else {})
-        self.pair_plots: List[str] = _pair_plots(out, rows)
+                             self.outputs.previous.get("checkpoints", {}))
         self.resuming = self.resumed_from is not None  # the next pair's earlier end: the table's
         self.pairs_at_once = 1
         self.pool: Optional[PairPool] = None
         self.inflight: Dict[int, Dict] = {}  # pair -> its checkpoints and times, while it runs
         self.interrupted: Optional[BaseException] = None  # a pair's RunInterrupted
         if rows:
-            self.mode = previous.get("mode")
-            self.objective_repr = previous.get("objective")
             self.log(f"resuming the watch in {out}: {len(rows)} pair(s) done, up to step "
                      f"{self.frontier}")
 
@@ -317,11 +271,11 @@ class _Watch:
             self.frontier = c.step
             return
         self.poller.required = [f.name for f in tokenizer_files(c.location)]
-        if self.mode is None:
+        if self.outputs.mode is None:
             objective = prepare_objective(self.objective_spec, self.objective_options, c.info,
                                           self.search, self.log,
                                           self.checkpoint.trust_remote_code)
-            self.mode, self.objective_repr = objective.mode, repr(objective)
+            self.outputs.mode, self.outputs.objective_repr = objective.mode, repr(objective)
         if self.resuming:  # c is the first checkpoint after the table's last pair
             self.resuming = False
             self.prev = self._resume_earlier()
@@ -396,7 +350,7 @@ class _Watch:
                 self.log(f"pair {prev.location.name} -> {c.location.name} FAILED: {e}")
                 result = None
             else:
-                self.pair_plots += plots
+                self.outputs.pair_plots += plots
         self.record(row, result, c, f["t_detect"], f["store_s"])
         if self.prev is c and not c.intact():  # no pair started from c yet: fall back
             c.stored = None
@@ -407,14 +361,10 @@ class _Watch:
     def record(self, row: Dict, result, c: SeenCheckpoint, t_detect: float, store_s: float) -> None:
         """A pair's row in sweep.parquet (in pair order), its latency, the published models."""
         t_tuned = time.time()
-        with writing(f"pair {row['pair']}'s results in {self.out}", self.out, AGAIN):
-            publish_s = self.publish(row, result) if result is not None else 0.0
-            self.rows.append(row)
-            self.rows.sort(key=lambda r: r["pair"])
-            write_table_atomic(self.out / SWEEP_TABLE, self.rows)
+        publish_s = self.outputs.add(row, result)
         if result is not None:
             seconds = result.summary.get("seconds", {})
-            self.latency.append({
+            self.outputs.latency.append({
                 "pair": row["pair"], "later": c.location.name, "first_whole_at": c.first_whole,
                 "complete_at": c.complete_at, "pair_started_at": t_detect,
                 "detect_s": (c.complete_at or t_detect) - (c.first_whole or t_detect),
@@ -423,7 +373,7 @@ class _Watch:
                 "publish_s": publish_s, "published_at": time.time(),
                 "complete_to_published_s": time.time() - (c.first_whole or t_detect),
                 "tuned_s": t_tuned - t_detect})
-        self.write_summary()
+        self.outputs.write_summary(self.header())
 
     def store_pair(self, prev: SeenCheckpoint, c: SeenCheckpoint):
         """Both checkpoints validated together and in the object store (prev usually is
@@ -458,90 +408,16 @@ class _Watch:
 
     # --- output --------------------------------------------------------------------------------
 
-    def publish(self, row: Dict, result) -> float:
-        """latest/ := this pair's best/; best_overall/ too when its score is the best so far."""
-        t0 = time.perf_counter()
-        best = Path(result.best_model_path) if result.best_model_path else None
-        if best is None or not best.is_dir():
-            self.log(f"pair {row['pair']} has no best/ to publish")
-            return 0.0
-        newest = max((r["pair"] for r in self.rows if r["status"] == "ok"), default=-1)
-        if row["pair"] > newest:  # pairs in flight together may finish out of order
-            publish_dir(best, self.out / LATEST_DIR)
-            self.log(f"latest/ <- pair {row['pair']} (λ={row['best_lambda']:.4f}, score "
-                     f"{row['best_score']:.6g})")
-        leader = self.best_row()
-        if leader is None or _better(row["best_score"], leader["best_score"], self.mode):
-            publish_dir(best, self.out / BEST_OVERALL_DIR)
-            self.log(f"best_overall/ <- pair {row['pair']}")
-        return time.perf_counter() - t0
-
-    def best_row(self) -> Optional[Dict]:
-        """The finished pair whose best merged model scores best (the first of equals)."""
-        ok = [r for r in self.rows if r["status"] == "ok" and _finite(r.get("best_score"))]
-        best = None
-        for r in ok:
-            if best is None or _better(r["best_score"], best["best_score"], self.mode):
-                best = r
-        return best
-
-    def summary(self) -> Dict:
-        leader = self.best_row()
-        newest = next((r for r in reversed(self.rows) if r["status"] == "ok"), None)
-        return {
-            "kind": "watch", "source": self.root.uri, "objective": self.objective_repr,
-            "mode": self.mode, "marker": self.marker,
-            "alpha": self.search.alpha, "num_trials": self.search.num_trials,
-            "seed": self.search.seed,
-            "steps": sorted({s for r in self.rows for s in (r["earlier_step"], r["later_step"])}),
-            "pairs": len(self.rows), "pairs_ok": sum(r["status"] == "ok" for r in self.rows),
-            "latest": newest and {"pair": newest["pair"], "later": newest["later"],
-                                  "best_lambda": newest["best_lambda"],
-                                  "best_score": newest["best_score"], "path": LATEST_DIR},
-            "best_overall": leader and {"pair": leader["pair"], "later": leader["later"],
-                                        "best_lambda": leader["best_lambda"],
-                                        "best_score": leader["best_score"],
-                                        "path": BEST_OVERALL_DIR},
-            "object_store": {"puts_per_checkpoint": self.puts},
-            "checkpoints": self.poller.completed,
-            "latency": self.latency,
-            "plots": [],
-        }
-
-    def write_summary(self) -> None:
-        summary = self.summary()
-        summary["plots"] = draw_plots(self.out, "sweep", self.rows, summary, self.log,
-                                      extra=self.pair_plots)
-        with writing(f"the summary {self.out / SUMMARY_FILE}", self.out, AGAIN):
-            write_json_atomic(self.out / SUMMARY_FILE, summary)
-
-
-def _better(a: float, b: float, mode: Optional[str]) -> bool:
-    return a > b if mode == "max" else a < b
-
-
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
+    def header(self) -> Dict:
+        """summary.json's description of the watch (`WatchOutputs.summary`)."""
+        return {"source": self.root.uri, "marker": self.marker, "alpha": self.search.alpha,
+                "num_trials": self.search.num_trials, "seed": self.search.seed,
+                "object_store": {"puts_per_checkpoint": self.puts},
+                "checkpoints": self.poller.completed}
 
 
 def _if_dir(p: Path) -> Optional[Path]:
     return p if p.is_dir() else None
-
-
-def _read_json(path: Path) -> Dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _pair_plots(out: Path, rows: List[Dict]) -> List[str]:
-    plots = []
-    for r in rows:
-        if r["status"] == "ok":
-            plots += [(Path(r["run_dir"]) / p).as_posix() for p in
-                      _read_json(out / r["run_dir"] / SUMMARY_FILE).get("plots", [])]
-    return plots
 
 
 @contextmanager

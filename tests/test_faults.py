@@ -330,7 +330,7 @@ def test_a_full_disk_under_a_comparison_or_a_watch_is_one_error_that_says_what_t
     (the CLI's exit 2 with one line), not a raw OSError traceback as before."""
     from ckmerge_ray.compare import Table
     from ckmerge_ray.errors import OutputError
-    from ckmerge_ray.watch import claim_watch_dir
+    from ckmerge_ray.watch_outputs import claim_watch_dir
 
     (small_disk / "compare").mkdir()
     faulty.fill(small_disk / "ballast", 0)

@@ -20,7 +20,7 @@ import torch
 from ckmerge_ray import discover_checkpoints, watch_trajectory
 from ckmerge_ray.config import CheckpointConfig
 from ckmerge_ray.objectives import HeldoutLoss
-from ckmerge_ray.watch import BEST_OVERALL_DIR, LATEST_DIR
+from ckmerge_ray.watch_outputs import BEST_OVERALL_DIR, LATEST_DIR
 from ckmerge_ray.watch_poll import checkpoint_state
 from tests.test_tune import model_at
 
