@@ -16,7 +16,6 @@ window (`tune_window`) with the tuned pair's evaluation budget.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -31,6 +30,7 @@ import ray
 from ckmerge_ray import baselines
 from ckmerge_ray.checkpoints import CheckpointInfo
 from ckmerge_ray.cluster import check_object_store, ray_session, trial_slots
+from ckmerge_ray.compare_table import AGAIN, Table, markdown_table
 from ckmerge_ray.config import (
     BaselineConfig, CheckpointConfig, Resources, RunConfig, SearchConfig, split_options,
 )
@@ -46,10 +46,7 @@ from ckmerge_ray.model import dtypes_of
 from ckmerge_ray.objectives import HeldoutLoss, Objective
 from ckmerge_ray.plots import draw_plots
 from ckmerge_ray.results import (
-    renamed_name,
-    COMPARE_MD, COMPARE_TABLE, SUMMARY_FILE, TUNED_DIR, write_bytes_atomic, write_json_atomic,
-    writing,
-    write_table_atomic,
+    COMPARE_MD, COMPARE_TABLE, SUMMARY_FILE, TUNED_DIR, renamed_name, write_json_atomic, writing,
 )
 from ckmerge_ray.rundir import check_claimable, claim_output_dir
 from ckmerge_ray.store import StoredCheckpoint
@@ -203,7 +200,7 @@ def check_compare(checkpoints, objective, objective_options, resources, tune_opt
                     windows, tuned, out)
 
 
-def score_baselines(ctx: _Compare, stored: List[StoredCheckpoint], q: int, table: "Table") -> None:
+def score_baselines(ctx: _Compare, stored: List[StoredCheckpoint], q: int, table: Table) -> None:
     """The later checkpoint alone (every gain is over it), then each baseline method, on
     evaluator actors (λ methods spread over `q` of them). A method that fails is recorded with
     its error; the later checkpoint failing ends the comparison (RunError)."""
@@ -235,7 +232,7 @@ def score_baselines(ctx: _Compare, stored: List[StoredCheckpoint], q: int, table
             ray.kill(a)
 
 
-def score_singles(ctx: _Compare, score, table: "Table", which: List[int]) -> Dict[int, float]:
+def score_singles(ctx: _Compare, score, table: Table, which: List[int]) -> Dict[int, float]:
     """Each listed checkpoint alone, the later one first: its failure ends the comparison
     (RunError); an earlier one's is recorded as its row's error, and greedy, which needs it,
     fails for it."""
@@ -293,7 +290,7 @@ def singles_of_all(ctx: _Compare, singles: Dict[int, float]) -> List[float]:
     return [singles[i] for i in range(len(ctx.infos))]
 
 
-def run_tuned(ctx: _Compare, stored: List[StoredCheckpoint], table: "Table") -> Optional[Dict]:
+def run_tuned(ctx: _Compare, stored: List[StoredCheckpoint], table: Table) -> Optional[Dict]:
     """`tune_merge` on the last pair, on the shards already stored; returns its summary.
     A failed run is a failed method; bad input (any other CkmergeError) propagates."""
     from ckmerge_ray.tuner import tune_merge
@@ -313,7 +310,7 @@ def run_tuned(ctx: _Compare, stored: List[StoredCheckpoint], table: "Table") -> 
     return result.summary
 
 
-def run_tuned_window(ctx: _Compare, stored: List[StoredCheckpoint], table: "Table") -> None:
+def run_tuned_window(ctx: _Compare, stored: List[StoredCheckpoint], table: Table) -> None:
     """`tune_window` on the whole window, on the shards already stored, with the tuned pair's
     evaluation budget (``num_trials``, + 1 when the pair also scores λ = 0). A failed run, or a
     budget below the family's initial design, is a failed method."""
@@ -339,7 +336,7 @@ def run_tuned_window(ctx: _Compare, stored: List[StoredCheckpoint], table: "Tabl
               result.best_weights, "Ray Tune start-up and a model build per trial worker")
 
 
-def compare_summary(ctx: _Compare, table: "Table", tuned: Optional[Dict], window: WindowStore,
+def compare_summary(ctx: _Compare, table: Table, tuned: Optional[Dict], window: WindowStore,
                     q: int, seconds: float) -> Dict:
     """summary.json of a comparison (``plots`` is added when they are drawn)."""
     b = ctx.baselines
@@ -362,76 +359,6 @@ def compare_summary(ctx: _Compare, table: "Table", tuned: Optional[Dict], window
         "object_store": {"puts_per_checkpoint": 1, "object_ids": window.object_ids},
         "seconds": seconds,
     }
-
-
-# What to do once a full disk has space again: a comparison has no resume (its methods are
-# cheap next to a pretraining run; the tuned run under tuned/ can be resumed alone).
-AGAIN = "run the comparison again with --overwrite"
-
-
-# --- the table -----------------------------------------------------------------------------------
-
-
-class Table:
-    """compare.parquet and compare.md, rewritten after every method so nothing is lost."""
-
-    def __init__(self, out: Path, mode: str, rows: List[Dict]):
-        self.out, self.mode, self.rows = out, mode, rows
-        self.later_score = math.nan
-
-    def add(self, key: str, label: str, score: Optional[float], evaluations: int, wall_s: float,
-            weights: Optional[List[float]], extra_cost: str, lam: Optional[float] = None,
-            error: Optional[str] = None, checkpoint: Optional[str] = None) -> None:
-        sign = 1.0 if self.mode == "min" else -1.0
-        ok = score is not None and math.isfinite(score)
-        self.rows.append({
-            "method": label, "key": key, "status": "ok" if ok else "error",
-            "score": float(score) if ok else None,
-            "gain": sign * (self.later_score - score) if ok and key != "endpoint" else (
-                0.0 if ok else None),
-            "evaluations": int(evaluations), "wall_s": float(wall_s),
-            "lam": lam, "weights": json.dumps([round(w, 6) for w in weights]) if weights else None,
-            "extra_cost": extra_cost, "checkpoint": checkpoint, "error": error,
-        })
-        self.write()
-
-    def add_error(self, key: str, label: str, wall_s: float, error: BaseException) -> None:
-        self.add(key, label, None, 0, wall_s, None, "",
-                 error=f"{type(error).__name__}: {last_line(error)}")
-
-    def first_error(self) -> Optional[str]:
-        return next((r["error"] for r in self.rows if r.get("error")), None)
-
-    def best_key(self) -> Optional[str]:
-        ok = [r for r in self.rows if r["status"] == "ok"]
-        if not ok:
-            return None
-        pick = min if self.mode == "min" else max
-        return pick(ok, key=lambda r: r["score"])["key"]
-
-    def write(self) -> pa.Table:
-        with writing(f"the comparison's table {self.out / COMPARE_TABLE}", self.out, AGAIN):
-            table = write_table_atomic(self.out / COMPARE_TABLE, self.rows)
-            write_bytes_atomic(self.out / COMPARE_MD,
-                               (markdown_table(self.rows, self.mode) + "\n").encode())
-        return table
-
-
-def markdown_table(rows: List[Dict], mode: str) -> str:
-    """The comparison as a Markdown table; gains are over the later checkpoint alone."""
-    better = "lower" if mode == "min" else "higher"
-    lines = [f"| method | score ({better} is better) | gain over later checkpoint | evaluations "
-             "| wall time (s) | weights / λ |",
-             "|---|---:|---:|---:|---:|---|"]
-    for r in rows:
-        if r["status"] != "ok":
-            lines.append(f"| {r['method']} | failed: {r['error']} | | {r['evaluations']} "
-                         f"| {r['wall_s']:.1f} | |")
-            continue
-        what = f"λ={r['lam']:.4f}" if r.get("lam") is not None else (r.get("weights") or "")
-        lines.append(f"| {r['method']} | {r['score']:.5f} | {r['gain']:+.5f} | "
-                     f"{r['evaluations']} | {r['wall_s']:.1f} | {what} |")
-    return "\n".join(lines)
 
 
 # --- calibration tokens for Fisher and RegMean -------------------------------------------
@@ -458,7 +385,6 @@ def calibration_windows(objective: Objective, calibration: Optional[str | os.Pat
 
 # Names of earlier versions, kept working: every output file is now named once, in results.py.
 _RENAMED = {'COMPARE_FILE': 'COMPARE_TABLE'}
-
 
 
 def __getattr__(name: str):

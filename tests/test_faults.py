@@ -328,7 +328,7 @@ def test_a_full_disk_under_a_comparison_or_a_watch_is_one_error_that_says_what_t
     """compare's table (rewritten after every method) and a watch's settings on a disk that is
     full for real: an OutputError naming the file, the cause and what to do once there is space
     (the CLI's exit 2 with one line), not a raw OSError traceback as before."""
-    from ckmerge_ray.compare import Table
+    from ckmerge_ray.compare_table import Table
     from ckmerge_ray.errors import OutputError
     from ckmerge_ray.watch_outputs import claim_watch_dir
 
