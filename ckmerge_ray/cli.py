@@ -201,13 +201,17 @@ def _compare(args) -> int:
 
 
 def _sweep(args) -> int:
+    import dataclasses
+
     from ckmerge_ray.sweep import sweep_trajectory
 
     checkpoints = args.checkpoints[0] if len(args.checkpoints) == 1 else args.checkpoints
+    settings = _settings(args)
+    settings["run"] = dataclasses.replace(settings["run"], resume=args.resume)
     result = sweep_trajectory(checkpoints, _resources(args), args.objective, heatmap=args.heatmap,
                               heatmap_lambda=args.heatmap_lambda,
                               include_final=args.include_final, window=args.window,
-                              family=args.family, **_settings(args))
+                              family=args.family, **settings)
     for r in result.table.to_pylist():
         best = (f"best λ={r['best_lambda']:.4f}" if r.get("best_lambda") is not None
                 else f"best weights {r.get('best_weights')}")

@@ -141,6 +141,10 @@ def _add_sweep_parser(sub) -> None:
                    "+length; default simplex)")
     _add_pairs_argument(w, "as many as the trial slots and the object store fit; each pair "
                         "then runs the slots / pairs trials at a time unless --max-concurrent")
+    w.add_argument("--resume", action="store_true",
+                   help="continue the sweep in --output (the same arguments): finished pairs "
+                   "are not redone, a pair that was running resumes without redoing a finished "
+                   "evaluation")
     _add_run_arguments(w, default_output="ckmerge_runs/sweep")
 
 

@@ -30,7 +30,7 @@ from ckmerge_ray.cluster import STORE_BUDGET, smallest_store, trial_slots
 from ckmerge_ray.config import Resources
 from ckmerge_ray.errors import RunError
 from ckmerge_ray.interrupts import RunGuard, stop_all_runs
-from ckmerge_ray.results import PAIRS_DIR, WINDOWS_DIR
+from ckmerge_ray.results import PAIRS_DIR, SUMMARY_FILE, WINDOWS_DIR
 from ckmerge_ray.store import StoredCheckpoint, pair_digest
 
 Log = Callable[[str], None]
@@ -159,6 +159,25 @@ def pair_run_dir(k: int, earlier: CheckpointInfo, later: CheckpointInfo) -> Path
     return Path(PAIRS_DIR) / f"{k:02d}-{earlier.name}-{later.name}"
 
 
+def window_run_dir(k: int, infos: Sequence[CheckpointInfo]) -> Path:
+    """Window k's tune_window run, relative to the sweep directory."""
+    return Path(WINDOWS_DIR) / f"{k:02d}-{infos[0].name}-{infos[-1].name}"
+
+
+def pair_plots(out: Path, rows: Sequence[Dict]) -> List[str]:
+    """The plots of the finished pairs (or windows) in `rows`, relative to `out`, as their
+    runs' summary.json list them (a resumed sweep or watch draws them again)."""
+    plots = []
+    for r in rows:
+        if r["status"] == "ok":
+            try:
+                summary = json.loads((out / r["run_dir"] / SUMMARY_FILE).read_text())
+            except (OSError, ValueError):
+                continue
+            plots += [(Path(r["run_dir"]) / p).as_posix() for p in summary.get("plots", [])]
+    return plots
+
+
 def pair_export_to(export_to: Optional[str], run_dir: Path) -> Optional[str]:
     """Where the pair whose run is `run_dir` publishes its best/, given a sweep's (or watch's)
     ``export_to`` prefix (a path or URI): ``<export_to>/<run_dir's name>/best``; None without."""
@@ -206,17 +225,18 @@ def tune_pair(k: int, infos: Tuple[CheckpointInfo, CheckpointInfo], steps: Tuple
 
 def tune_window_at(k: int, infos: Sequence[CheckpointInfo], steps: Tuple[int, int],
                    stored: Sequence[StoredCheckpoint], out: Path, tuned: Dict[str, Any],
-                   resources: Resources, log: Log) -> Tuple[Dict, List[str], Any]:
+                   resources: Resources, log: Log, resume: bool = False
+                   ) -> Tuple[Dict, List[str], Any]:
     """`tune_pair` for window k of a sweep (`tune_window` over `infos`, ``windows/<k>-<first>-
     <last>``): its row of sweep.parquet, its plots (relative to `out`) and its result."""
     from ckmerge_ray.window import tune_window
 
-    run_dir = Path(WINDOWS_DIR) / f"{k:02d}-{infos[0].name}-{infos[-1].name}"
+    run_dir = window_run_dir(k, infos)
     t0 = time.perf_counter()
     row = {"pair": k, "earlier": str(infos[0].source), "later": str(infos[-1].source),
            "earlier_step": steps[0], "later_step": steps[1], "window": len(infos),
            "family": tuned["family"].label, "run_dir": str(run_dir), "started_at": time.time()}
-    run = dataclasses.replace(tuned["run"], output_dir=str(out / run_dir),
+    run = dataclasses.replace(tuned["run"], output_dir=str(out / run_dir), resume=resume,
                               export_to=pair_export_to(tuned["run"].export_to, run_dir))
     result, plots = None, []
     try:

@@ -47,6 +47,11 @@ SWEEP_GAIN_PLOT = "sweep_gain.png"
 SWEEP_HEATMAP_PLOT = "sweep_heatmap.png"
 PAIRS_DIR = "pairs"  # each pair's own tune run
 WINDOWS_DIR = "windows"  # each window's own tune_window run (a sweep with window > 2)
+SWEEP_FILE = "sweep.json"  # what defines the sweep (a resume must match it)
+# A watch's directory (watch_trajectory): a sweep's files, and
+WATCH_FILE = "watch.json"  # what defines the watch (a resume must match it)
+LATEST_DIR = "latest"  # the newest pair's best merged model
+BEST_OVERALL_DIR = "best_overall"  # the best merged model of any pair so far
 
 
 def renamed_name(module: str, renamed: Dict[str, str], name: str):

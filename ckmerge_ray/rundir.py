@@ -19,11 +19,12 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ckmerge_ray.errors import ConfigError, OutputError, RunError
 from ckmerge_ray.results import (
-    JOURNAL_DIR, LOCK_FILE, RUN_FILE, SUMMARY_FILE, TRIALS_FILE, write_json_atomic,
+    JOURNAL_DIR, LOCK_FILE, RUN_FILE, SUMMARY_FILE, SWEEP_FILE, SWEEP_TABLE, TRIALS_FILE,
+    WATCH_FILE, read_rows, write_json_atomic, writing,
 )
 
 # The fields of run.json that define a run, besides every `SearchConfig` field (run.json is
@@ -104,6 +105,49 @@ def claim_output_dir(out: Path, table_file: str, overwrite: bool, extra: Sequenc
         remove_outputs(out, (table_file, SUMMARY_FILE, *extra))
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+# The files that mark a directory as a sweep's or a watch's (neither may start in the other's).
+SERIES_FILES = (SWEEP_FILE, WATCH_FILE, SWEEP_TABLE)
+
+
+def claim_series_dir(out: Path, definition: str, record: Dict, run, outputs: Sequence[str],
+                     prepare: bool = True) -> List[Dict]:
+    """Claim `out` for a sweep or watch defined by `record`, kept in the file `definition`
+    (``sweep.json``, ``watch.json``); `run` is its `RunConfig` (``overwrite``, ``resume``).
+
+    Returns the rows of ``sweep.parquet`` so far when resuming, after checking that `record`
+    matches the stored one; else []. Raises ConfigError for a directory already holding a
+    sweep or watch without overwrite or resume (with overwrite, `outputs` are removed), for a
+    resume with nothing to resume, and for one with different arguments, naming each.
+    ``prepare=False`` only checks (an early refusal, before expensive work): nothing is
+    written, and the record is not compared yet."""
+    check_not_a_file(out)
+    kind = Path(definition).stem
+    if run.resume:
+        if not (out / definition).exists():
+            raise ConfigError(f"nothing to resume in {out}: no {definition} (start the {kind} "
+                              "without resume)")
+        if not prepare:
+            return []
+        stored = json.loads((out / definition).read_text())
+        diffs = [f"{k}={v!r} (the {kind} has {stored.get(k)!r})" for k, v in record.items()
+                 if jsonable(v) != stored.get(k)]
+        if diffs:
+            raise ConfigError(f"cannot resume {out} with different arguments: " + "; ".join(diffs))
+        return read_rows(out / SWEEP_TABLE)
+    held = [name for name in SERIES_FILES if (out / name).exists()]
+    if held and not run.overwrite:
+        raise ConfigError(f"{out} already holds a sweep or watch ({', '.join(held)}); pass "
+                          "resume=True (CLI: --resume) to continue it, overwrite=True (CLI: "
+                          "--overwrite) to replace it, or choose another directory")
+    if prepare:
+        if held:
+            remove_outputs(out, (*SERIES_FILES, SUMMARY_FILE, *outputs))
+        with writing(f"the {kind}'s settings {out / definition}", out, f"start the {kind} again"):
+            out.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(out / definition, record)
+    return []
 
 
 def remove_outputs(out: Path, names: Sequence[str]) -> None:

@@ -5,7 +5,8 @@ Each checkpoint is read from disk and put into the object store once, although i
 two pairs: pair k reuses checkpoint k+1's shards as pair k+1's earlier checkpoint. Up to
 ``max_concurrent_pairs`` pairs are tuned at once, sharing the cluster's trial slots (see
 `ckmerge_ray.pairs`); without the heatmap at most that many + 1 checkpoints are in the store at a
-time. Every check a pair's `tune_merge` would make runs before anything is stored. Example::
+time. Every check a pair's `tune_merge` would make runs before anything is stored. A sweep
+stopped midway (a signal, a lost node, a full disk) continues with ``resume=True``. Example::
 
     from ckmerge_ray import sweep_trajectory
     result = sweep_trajectory("ckpts/", {"cpu": 1}, objective="loss:heldout.jsonl",
@@ -34,17 +35,22 @@ from ckmerge_ray.inputs import (
 from ckmerge_ray.model import dtypes_of
 from ckmerge_ray.objectives import Objective
 from ckmerge_ray.pairs import (
-    PairPool, log_pairs, pair_concurrency, tune_pair, tune_window_at, window_bytes,
+    PairPool, log_pairs, pair_concurrency, pair_plots, pair_run_dir, tune_pair, tune_window_at,
+    window_bytes, window_run_dir,
 )
 from ckmerge_ray.plots import draw_plots
 from ckmerge_ray.results import (
-    renamed_name,
-    HEATMAP_TABLE, PAIRS_DIR, SUMMARY_FILE, SWEEP_TABLE, WINDOWS_DIR, write_json_atomic,
-    write_table_atomic, writing,
+    HEATMAP_TABLE, PAIRS_DIR, RUN_FILE, SUMMARY_FILE, SWEEP_FILE, SWEEP_TABLE, WINDOWS_DIR,
+    renamed_name, write_json_atomic, write_table_atomic, writing,
 )
-from ckmerge_ray.rundir import check_claimable, claim_output_dir
+from ckmerge_ray.rundir import claim_series_dir, jsonable
+from ckmerge_ray.storage import checkpoint_id
 from ckmerge_ray.publish import check_destination
 from ckmerge_ray.store import StoredCheckpoint
+
+
+# What to do once a full disk has space again, or after a signal.
+AGAIN = "continue the sweep: the same arguments and --resume"
 
 
 @dataclass
@@ -75,6 +81,7 @@ class _Sweep:
     pairs_at_once: int = 1
     span: int = 2  # checkpoints per tuned unit: 2 (pairs, tune_merge) or a window's k
     family: Any = None  # the windows' families.Family when span > 2
+    done: Dict[int, Dict] = field(default_factory=dict)  # resumed: the rows already in the table
 
 
 def sweep_trajectory(
@@ -105,6 +112,10 @@ def sweep_trajectory(
             ``run.export_to`` (a path or URI prefix) is given: then each pair writes its
             ``best/`` in its run directory and publishes it to
             ``<export_to>/<pair run directory name>/best`` (see `pair_export_to`).
+            ``run.resume=True`` continues a sweep stopped midway in ``output_dir`` (the same
+            checkpoints, objective, search settings and window, kept in sweep.json; a
+            difference is refused, named): no pair in its table is tuned again, and a pair
+            that was running resumes its own run (no finished evaluation is redone).
         heatmap: also score heatmap_lambda·Θ(j) + (1-heatmap_lambda)·Θ(i) for every pair
             i < j, and every checkpoint alone (n(n+1)/2 evaluations; all checkpoints are then
             held in the object store together).
@@ -127,16 +138,15 @@ def sweep_trajectory(
 
     Raises:
         CkmergeError for bad input, before anything is stored (also when it would only show in
-        a pair's run); RunError when every pair failed; RunInterrupted on SIGINT/SIGTERM (each
-        pair's run can be resumed from its directory).
+        a pair's run); RunError when every pair failed; RunInterrupted on SIGINT/SIGTERM (the
+        table holds every finished pair: resume the sweep with ``resume=True``).
     """
     settings = split_options(options, {"num_trials": 8, "output_dir": "ckmerge_runs/sweep"},
                              search=search, run=run, checkpoint=checkpoint)
     ctx = check_sweep(checkpoints, objective, objective_options, resources, tune_options,
                       heatmap_lambda, include_final=include_final, **settings)
     set_window(ctx, window, family)
-    ctx.out = claim_output_dir(ctx.out, SWEEP_TABLE, ctx.run.overwrite,
-                               extra=(HEATMAP_TABLE, PAIRS_DIR, WINDOWS_DIR))
+    claim_sweep_dir(ctx)
     started = time.perf_counter()
     with ray_session(ctx.log):
         sizes = [i.nbytes for i in ctx.infos]
@@ -163,12 +173,33 @@ def sweep_trajectory(
     return SweepResult(table, heat, ctx.objective.mode, ctx.out, summary)
 
 
+def sweep_record(ctx: _Sweep) -> Dict[str, Any]:
+    """What defines a sweep (sweep.json; a resume must match it): its checkpoints, objective,
+    search settings and windows."""
+    objective = ctx.tuned["objective"]
+    return {"checkpoints": [checkpoint_id(i.source) for i in ctx.infos],
+            "objective": objective if isinstance(objective, str) else repr(objective),
+            "objective_options": jsonable(dict(ctx.tuned["objective_options"] or {})),
+            **jsonable(ctx.search.to_dict()), "window": ctx.span,
+            "family": ctx.family.label if ctx.family is not None else None}
+
+
+def claim_sweep_dir(ctx: _Sweep) -> None:
+    """Claim the output directory (`rundir.claim_series_dir`); on resume, the rows of the
+    pairs (or windows) already done go into ``ctx.done``: they are not tuned again."""
+    rows = claim_series_dir(ctx.out, SWEEP_FILE, sweep_record(ctx), ctx.run,
+                            (HEATMAP_TABLE, PAIRS_DIR, WINDOWS_DIR))
+    ctx.done = {r["pair"]: r for r in rows}
+    if ctx.run.resume:
+        unit = "pair" if ctx.span == 2 else "window"
+        ctx.log(f"resuming the sweep in {ctx.out}: {len(rows)} of "
+                f"{len(ctx.infos) - ctx.span + 1} {unit}(s) done")
+
+
 def sweep_writing(ctx: _Sweep, what: str):
     """Around a write of the sweep's own files: a full disk is an `OutputError` that says what
-    to do (the pairs' runs are complete runs of their own)."""
-    unit, command = ("pair", "tune") if ctx.span == 2 else ("window", "tune-window")
-    return writing(what, ctx.out, f"run the sweep again with --overwrite (a {unit}'s own run in "
-                                  f"it can be resumed alone: ckmerge-ray {command} --resume DIR)")
+    to do (every finished pair's run is complete on disk)."""
+    return writing(what, ctx.out, AGAIN)
 
 
 def check_sweep(checkpoints, objective, objective_options, resources, tune_options,
@@ -182,7 +213,7 @@ def check_sweep(checkpoints, objective, objective_options, resources, tune_optio
     if len(found) < 2:
         raise ConfigError(f"a sweep needs at least two checkpoints, got {len(found)}")
     out = Path(run.output_dir).resolve()
-    check_claimable(out, SWEEP_TABLE, run.overwrite)
+    claim_series_dir(out, SWEEP_FILE, {}, run, (), prepare=False)  # refused before any work
     if run.export_to is not None:
         check_destination(run.export_to)
     # export_to here is the sweep's prefix; `tune_pair` gives each pair its own destination
@@ -239,8 +270,8 @@ def tune_pairs(ctx: _Sweep, store: WindowStore, keep: bool) -> Tuple[List[Dict],
     pairs' plots (relative to the sweep). Without `keep`, the sweep drops checkpoint k once pair
     k is submitted: the pairs in flight hold what they use, and Ray frees it after them.
     Raises `RunInterrupted` after SIGINT/SIGTERM, once the pairs in flight have stopped."""
-    rows: Dict[int, Dict] = {}
-    plots: Dict[int, List[str]] = {}
+    rows: Dict[int, Dict] = dict(ctx.done)
+    plots: Dict[int, List[str]] = {k: pair_plots(ctx.out, [r]) for k, r in ctx.done.items()}
     n, w = len(ctx.infos) - ctx.span + 1, ctx.span
 
     def record(done) -> None:
@@ -256,20 +287,25 @@ def tune_pairs(ctx: _Sweep, store: WindowStore, keep: bool) -> Tuple[List[Dict],
 
     with PairPool(ctx.pairs_at_once, ctx.log) as pool:
         for k in range(n):
+            if k in ctx.done:  # a resumed sweep's finished pair
+                continue
             record(pool.wait_for_room())
             if pool.stop_requested:
                 break
-            ctx.log(f"{'pair' if w == 2 else 'window'} {k + 1}/{n}: {ctx.infos[k].name} -> "
-                    f"{ctx.infos[k + w - 1].name}")
+            infos = ctx.infos[k:k + w]
+            run_dir = pair_run_dir(k, *infos) if w == 2 else window_run_dir(k, infos)
+            resume = (ctx.out / run_dir / RUN_FILE).exists()  # it was running when stopped
+            ctx.log(f"{'pair' if w == 2 else 'window'} {k + 1}/{n}: {infos[0].name} -> "
+                    f"{infos[-1].name}" + (" (resuming its run)" if resume else ""))
+            stored = [store.get(j) for j in range(k, k + w)]
+            steps = (ctx.steps[k], ctx.steps[k + w - 1])
             if w == 2:
-                pool.submit(k, tune_pair, k, (ctx.infos[k], ctx.infos[k + 1]),
-                            (ctx.steps[k], ctx.steps[k + 1]), (store.get(k), store.get(k + 1)),
-                            ctx.out, ctx.tuned, ctx.resources, ctx.log)
+                pool.submit(k, tune_pair, k, tuple(infos), steps, tuple(stored), ctx.out,
+                            ctx.tuned, ctx.resources, ctx.log, resume=resume)
             else:
-                pool.submit(k, tune_window_at, k, ctx.infos[k:k + w],
-                            (ctx.steps[k], ctx.steps[k + w - 1]),
-                            [store.get(j) for j in range(k, k + w)], ctx.out,
-                            {**ctx.tuned, "family": ctx.family}, ctx.resources, ctx.log)
+                pool.submit(k, tune_window_at, k, infos, steps, stored, ctx.out,
+                            {**ctx.tuned, "family": ctx.family}, ctx.resources, ctx.log,
+                            resume=resume)
             if not keep:
                 store.release(k)  # later pairs or windows need only checkpoints after k
         record(pool.drain())
@@ -280,12 +316,11 @@ def tune_pairs(ctx: _Sweep, store: WindowStore, keep: bool) -> Tuple[List[Dict],
 
 def sweep_interrupted(ctx: _Sweep, signum: Optional[int], done: int, n: int) -> RunInterrupted:
     name = signal.Signals(signum or signal.SIGINT).name
-    unit, command, folder = (("pair", "tune", PAIRS_DIR) if ctx.span == 2 else
-                             ("window", "tune-window", WINDOWS_DIR))
+    unit = "pair" if ctx.span == 2 else "window"
     return RunInterrupted(
         f"interrupted by {name}: {done} of {n} {unit}s finished and in "
-        f"{ctx.out / SWEEP_TABLE}; the {unit}s in flight stopped and can be resumed one by one "
-        f"(ckmerge-ray {command} --resume {ctx.out / folder}/<{unit}>)", signum or signal.SIGINT)
+        f"{ctx.out / SWEEP_TABLE}; the {unit}s in flight stopped: {AGAIN} (Python: "
+        "resume=True) tunes the rest, and redoes no finished evaluation", signum or signal.SIGINT)
 
 
 def sweep_summary(ctx: _Sweep, rows: List[Dict], store: WindowStore, heatmap: bool,
@@ -300,7 +335,8 @@ def sweep_summary(ctx: _Sweep, rows: List[Dict], store: WindowStore, heatmap: bo
         "alpha": ctx.search.alpha, "num_trials": ctx.search.num_trials, "seed": ctx.search.seed,
         "heatmap": {"enabled": heatmap, "lambda": heatmap_lambda},
         "window": ctx.span, "family": ctx.family.label if ctx.family else "pair",
-        "pairs_ok": sum(r["status"] == "ok" for r in rows),
+        "pairs": len(rows), "pairs_ok": sum(r["status"] == "ok" for r in rows),
+        "pairs_resumed": len(ctx.done),  # in the table already when a resume started
         "pairs_at_once": ctx.pairs_at_once,
         "trials_at_once_per_pair": ctx.tuned["run"].max_concurrent,
         "object_store": {"puts_per_checkpoint": store.puts, "object_ids": store.object_ids},

@@ -37,14 +37,14 @@ from ckmerge_ray.config import CheckpointConfig, Resources, RunConfig, SearchCon
 from ckmerge_ray.errors import CheckpointError, ConfigError, RunError, RunInterrupted
 from ckmerge_ray.inputs import CHECKPOINT_NAME, Log, load_window, prepare_objective, printer
 from ckmerge_ray.pairs import PairPool, log_pairs, pair_run_dir, tune_pair
-from ckmerge_ray.results import PAIRS_DIR, RUN_FILE, SWEEP_TABLE, write_table_atomic, writing
+from ckmerge_ray.results import (
+    BEST_OVERALL_DIR, LATEST_DIR, PAIRS_DIR, RUN_FILE, SWEEP_TABLE, write_table_atomic, writing,
+)
 from ckmerge_ray.publish import check_destination
 from ckmerge_ray.rundir import jsonable
 from ckmerge_ray.storage import Location, checkpoint_id, locate
 from ckmerge_ray.store import StoredCheckpoint, put_checkpoint
-from ckmerge_ray.watch_outputs import (
-    AGAIN, BEST_OVERALL_DIR, LATEST_DIR, WatchOutputs, claim_watch_dir,
-)
+from ckmerge_ray.watch_outputs import AGAIN, WatchOutputs, claim_watch_dir
 from ckmerge_ray.watch_poll import Poller, SeenCheckpoint
 
 @dataclass
@@ -125,7 +125,7 @@ def watch_trajectory(
     record = {"source": checkpoint_id(source), "objective": objective,
               "objective_options": jsonable(dict(objective_options or {})),
               **jsonable(search.to_dict())}
-    rows = claim_watch_dir(out, record, run.overwrite, run.resume)
+    rows = claim_watch_dir(out, record, run)
     tuned = split_options(dict(tune_options or {}), search=search,
                           run=RunConfig(progress=run.progress, export_best=True,
                                         export_to=run.export_to,  # a prefix: see tune_pair

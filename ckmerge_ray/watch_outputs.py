@@ -14,50 +14,29 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from ckmerge_ray.errors import ConfigError
+from ckmerge_ray.pairs import pair_plots
 from ckmerge_ray.plots import draw_plots
 from ckmerge_ray.publish import publish_dir, recover_published
-from ckmerge_ray.results import (
-    PAIRS_DIR, SUMMARY_FILE, SWEEP_GAIN_PLOT, SWEEP_TABLE, read_rows, write_json_atomic,
-    write_table_atomic, writing,
+from ckmerge_ray.results import (  # noqa: F401 (WATCH_FILE re-exported)
+    BEST_OVERALL_DIR, LATEST_DIR, PAIRS_DIR, SUMMARY_FILE, SWEEP_GAIN_PLOT, SWEEP_TABLE,
+    WATCH_FILE, write_json_atomic, write_table_atomic, writing,
 )
-from ckmerge_ray.rundir import check_not_a_file, jsonable, remove_outputs
+from ckmerge_ray.rundir import claim_series_dir
 
-WATCH_FILE = "watch.json"  # what defines the watch (a resume must match it)
-LATEST_DIR = "latest"  # the newest pair's best merged model
-BEST_OVERALL_DIR = "best_overall"  # the best merged model of any pair so far
 # What to do once a full disk has space again (each finished pair's run is complete on disk).
 AGAIN = "continue the watch: the same arguments and --resume"
 
 
-def claim_watch_dir(out: Path, record: Dict, overwrite: bool, resume: bool) -> List[Dict]:
-    """Claim `out` for a watch defined by `record`; returns the rows of the pairs done so far
-    (resume) or []. Refuses a directory holding a watch or sweep unless `overwrite`/`resume`,
-    and a resume with a different definition, naming the differing values."""
-    check_not_a_file(out)
-    if resume:
-        if not (out / WATCH_FILE).exists():
-            raise ConfigError(f"nothing to resume in {out}: no {WATCH_FILE} (start it without "
-                              "resume)")
-        stored = json.loads((out / WATCH_FILE).read_text())
-        diffs = [f"{k}={v!r} (the watch has {stored.get(k)!r})" for k, v in record.items()
-                 if jsonable(v) != stored.get(k)]
-        if diffs:
-            raise ConfigError(f"cannot resume {out} with different arguments: " + "; ".join(diffs))
-        for name in (LATEST_DIR, BEST_OVERALL_DIR):  # a publish killed midway
+def claim_watch_dir(out: Path, record: Dict, run) -> List[Dict]:
+    """Claim `out` for a watch defined by `record` (`rundir.claim_series_dir`; `run` is its
+    `RunConfig`); returns the rows of the pairs done so far (resume) or []. A resume first
+    finishes a publish of ``latest/`` or ``best_overall/`` that was killed midway."""
+    rows = claim_series_dir(out, WATCH_FILE, record, run, (PAIRS_DIR, SWEEP_GAIN_PLOT,
+                                                           LATEST_DIR, BEST_OVERALL_DIR))
+    if run.resume:
+        for name in (LATEST_DIR, BEST_OVERALL_DIR):
             recover_published(out / name)
-        return read_rows(out / SWEEP_TABLE)
-    if (out / WATCH_FILE).exists() or (out / SWEEP_TABLE).exists():
-        if not overwrite:
-            raise ConfigError(f"{out} already holds a watch or sweep; pass resume=True (CLI: "
-                              "--resume) to continue it, overwrite=True (CLI: --overwrite) to "
-                              "replace it, or choose another directory")
-        remove_outputs(out, (SWEEP_TABLE, SUMMARY_FILE, WATCH_FILE, SWEEP_GAIN_PLOT, PAIRS_DIR,
-                             LATEST_DIR, BEST_OVERALL_DIR))
-    with writing(f"the watch's settings {out / WATCH_FILE}", out, "start the watch again"):
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / WATCH_FILE, record)
-    return []
+    return rows
 
 
 class WatchOutputs:
@@ -71,7 +50,7 @@ class WatchOutputs:
         self.mode: Optional[str] = previous.get("mode")
         self.objective_repr: Optional[str] = previous.get("objective")
         self.latency: List[Dict] = previous.get("latency", [])
-        self.pair_plots: List[str] = _pair_plots(out, rows)
+        self.pair_plots: List[str] = pair_plots(out, rows)
 
     def add(self, row: Dict, result) -> float:
         """Publish pair ``row["pair"]``'s best model (when `result`, its `TuneResult`, is not
@@ -152,12 +131,3 @@ def _better(a: float, b: float, mode: Optional[str]) -> bool:
 
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
-
-
-def _pair_plots(out: Path, rows: List[Dict]) -> List[str]:
-    plots = []
-    for r in rows:
-        if r["status"] == "ok":
-            plots += [(Path(r["run_dir"]) / p).as_posix() for p in
-                      read_json(out / r["run_dir"] / SUMMARY_FILE).get("plots", [])]
-    return plots

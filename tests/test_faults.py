@@ -330,6 +330,7 @@ def test_a_full_disk_under_a_comparison_or_a_watch_is_one_error_that_says_what_t
     (the CLI's exit 2 with one line), not a raw OSError traceback as before."""
     from ckmerge_ray.compare_table import Table
     from ckmerge_ray.errors import OutputError
+    from ckmerge_ray.config import RunConfig
     from ckmerge_ray.watch_outputs import claim_watch_dir
 
     (small_disk / "compare").mkdir()
@@ -342,4 +343,4 @@ def test_a_full_disk_under_a_comparison_or_a_watch_is_one_error_that_says_what_t
     assert not [p.name for p in (small_disk / "compare").iterdir()], "a partial file was left"
     with pytest.raises(OutputError, match=r"cannot write the watch's settings .*watch\.json .*"
                                           r"No space left on device.*start the watch again"):
-        claim_watch_dir(small_disk / "watch", {"source": "x"}, overwrite=False, resume=False)
+        claim_watch_dir(small_disk / "watch", {"source": "x"}, RunConfig())

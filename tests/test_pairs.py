@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from safetensors.torch import load_file, save_file
 
-from ckmerge_ray.tuner import resume_run
+from ckmerge_ray.errors import ConfigError
 from ckmerge_ray.pairs import window_bytes
 from tests.test_cluster import _run_script
 
@@ -168,30 +168,54 @@ def _signal_with_two_pairs_in_flight(args, out: Path, trajectory, sig) -> tuple:
     return driver.returncode, log, runs
 
 
-def test_ctrl_c_stops_every_pair_in_flight_and_each_resumes(ray_session, trajectory, tmp_path):
+def test_ctrl_c_stops_every_pair_in_flight_and_a_sweep_resume_finishes_them(
+        ray_session, trajectory, tmp_path):
     """SIGINT to `ckmerge-ray sweep` while two pairs run at once: exit 130, no row for a pair
-    that did not finish; each pair's run then resumes alone and redoes no journaled evaluation."""
+    that did not finish. `sweep --resume` with other search arguments is refused, naming them;
+    with the same ones it finishes both pairs and redoes no journaled evaluation."""
+    from ckmerge_ray.sweep import sweep_trajectory
+
     out = tmp_path / "sweep"
     heldout = trajectory[0].parent / "heldout.jsonl"
     address = ray_session.get_runtime_context().gcs_address  # join this cluster: one Ray
-    code, log, runs = _signal_with_two_pairs_in_flight(
-        [CLI, "sweep", str(trajectory[0].parent), "--objective", f"loss:{heldout}",
-         "--seq-len", "64", "--max-tokens", "1024", "--trials", "4", "--max-concurrent", "1",
-         "--max-concurrent-pairs", "2", "--output", str(out), "--address", address],
-        out, trajectory, signal.SIGINT)
+    args = [CLI, "sweep", str(trajectory[0].parent), "--objective", f"loss:{heldout}",
+            "--seq-len", "64", "--max-tokens", "1024", "--trials", "4", "--max-concurrent", "1",
+            "--max-concurrent-pairs", "2", "--output", str(out), "--address", address]
+    code, log, runs = _signal_with_two_pairs_in_flight(args, out, trajectory, signal.SIGINT)
     assert code == 130, log
     assert "interrupted by SIGINT" in log and "pairs in flight stopped" in log, log
+    assert "the same arguments and --resume" in log, log
     before = {r: _journal(r) for r in runs}
     done = pq.read_table(out / "sweep.parquet").num_rows if (out / "sweep.parquet").exists() else 0
     assert done < 2  # a pair interrupted mid-run has no row
+
+    changed = [a if a != "4" else "5" for a in args]  # --trials 5
+    refused = subprocess.run(changed + ["--resume"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "cannot resume" in refused.stderr and "num_trials=5" in refused.stderr, refused.stderr
+    with pytest.raises(ConfigError, match="nothing to resume in .*: no sweep.json"):
+        sweep_trajectory(trajectory, objective=f"loss:{heldout}", resume=True,
+                         output_dir=str(tmp_path / "empty"))
+
+    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resuming the sweep in {out}: {done} of 2 pair(s) done" in resumed.stdout
+    rows = pq.read_table(out / "sweep.parquet").to_pylist()
+    assert [(r["pair"], r["status"]) for r in rows] == [(0, "ok"), (1, "ok")]
     for run in runs:
-        if (run / "summary.json").exists():
-            continue  # this pair finished before the signal reached it
-        result = resume_run(run, progress=False, export_best=False)
-        assert result.table.num_rows == 5  # λ = 0, the 4 trials
         now = _journal(run)
         assert all(now[name] == mtime for name, mtime in before[run].items())  # not redone
-        assert len(now) == 5
+        assert len(now) == 5  # λ = 0 and the 4 trials, each evaluated once
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["pairs"], summary["pairs_ok"], summary["pairs_resumed"]) == (2, 2, done)
+    assert summary["plots"] and all((out / p).exists() for p in summary["plots"])
+
+    tables = {r: (r / "trials.parquet").stat().st_mtime_ns for r in runs}
+    again = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"resuming the sweep in {out}: 2 of 2 pair(s) done" in again.stdout, again.stdout
+    assert pq.read_table(out / "sweep.parquet").to_pylist() == rows  # nothing tuned again
+    assert all((r / "trials.parquet").stat().st_mtime_ns == t for r, t in tables.items())
 
 
 def test_a_watch_resumes_after_the_gap_free_start_of_its_table(tmp_path):

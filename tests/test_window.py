@@ -328,11 +328,14 @@ def test_k4_window_resumes_after_a_killed_driver_without_redoing_evaluations(
 # --- a sweep that slides a window ---------------------------------------------------------------
 
 def test_sweep_slides_a_window_of_three_along_four_checkpoints(ray_session, trajectory4, tmp_path):
+    """Windows of 3 along 4 checkpoints; then `--resume` of the sweep as if it had been killed
+    while window 1's run was ending."""
     out = tmp_path / "sweep"
-    code = cli(["sweep", *map(str, trajectory4), "--window", "3", "--family", "ema",
-                "--objective", f"loss:{trajectory4[-1].parent / 'heldout.jsonl'}", "--seq-len",
-                "64", "--max-tokens", "2048", "--trials", "3", "--output", str(out), "--quiet",
-                "--export-to", str(tmp_path / "exported")])
+    args = ["sweep", *map(str, trajectory4), "--window", "3", "--family", "ema",
+            "--objective", f"loss:{trajectory4[-1].parent / 'heldout.jsonl'}", "--seq-len",
+            "64", "--max-tokens", "2048", "--trials", "3", "--output", str(out), "--quiet",
+            "--export-to", str(tmp_path / "exported")]
+    code = cli(args)
     assert code == 0
     rows = pq.read_table(out / "sweep.parquet").to_pylist()
     assert [(r["earlier_step"], r["later_step"], r["window"]) for r in rows] == [
@@ -353,3 +356,17 @@ def test_sweep_slides_a_window_of_three_along_four_checkpoints(ray_session, traj
         # --export-to: each window's best/ published under the prefix, named by its run dir
         published = read_safetensors(tmp_path / "exported" / Path(r["run_dir"]).name / "best")
         assert published.keys() == read_safetensors(out / r["run_dir"] / "best").keys()
+
+    # A sweep killed as window 1's run was ending (its trials done, no summary or row yet):
+    # --resume keeps window 0's row and resumes window 1's own run, redoing no evaluation.
+    pq.write_table(pq.read_table(out / "sweep.parquet").slice(0, 1), out / "sweep.parquet")
+    (out / rows[1]["run_dir"] / "summary.json").unlink()
+    journal = out / rows[1]["run_dir"] / "evaluations"
+    before = {p.name: p.stat().st_mtime_ns for p in journal.iterdir()}
+    assert cli(args + ["--resume"]) == 0
+    again = pq.read_table(out / "sweep.parquet").to_pylist()
+    assert again[0] == rows[0] and len(again) == 2
+    assert {k: again[1][k] for k in ("status", "best_weights", "best_score", "evaluations")} == {
+        k: rows[1][k] for k in ("status", "best_weights", "best_score", "evaluations")}
+    assert {p.name: p.stat().st_mtime_ns for p in journal.iterdir()} == before
+    assert json.loads((out / rows[1]["run_dir"] / "summary.json").read_text())["resumed"]
