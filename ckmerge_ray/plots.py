@@ -334,8 +334,9 @@ def draw_plots(out: Path, kind: str, rows: Sequence[Dict], summary: Dict, log=No
 
 
 def plot_run(run_dir: PathLike) -> List[Path]:
-    """Redraw every plot of a finished tune, sweep or compare directory from its saved tables
-    (and those of its tune runs in subfolders), and record them in its summary.json."""
+    """Redraw every plot of a finished tune, tune_window, sweep or compare directory from its
+    saved tables (and those of its tune and tune_window runs in subfolders: a sweep's pairs, a
+    comparison's ``tuned/`` and ``tuned_window/``), and record them in its summary.json."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} does not exist")
@@ -357,8 +358,10 @@ def plot_run(run_dir: PathLike) -> List[Path]:
         paths = plot_sweep(rows, read_rows(run_dir / HEATMAP_TABLE), summary, run_dir)
         subruns = [run_dir / str(r["run_dir"]) for r in rows if r.get("run_dir")]
     elif (run_dir / COMPARE_TABLE).exists():
+        from ckmerge_ray.compare import WINDOW_DIR  # here: compare imports this module
+
         paths = plot_compare(read_rows(run_dir / COMPARE_TABLE), summary, run_dir)
-        subruns = [run_dir / TUNED_DIR]
+        subruns = [run_dir / TUNED_DIR, run_dir / WINDOW_DIR]  # the tuned and tuned-window runs
     else:
         paths = [plot_landscape(read_rows(run_dir / TRIALS_FILE), summary,
                                 run_dir / LANDSCAPE_PLOT)]

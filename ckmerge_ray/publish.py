@@ -2,10 +2,16 @@
 path (`swap_in`: renamed into place; `recover_published` puts right a swap that was killed) or
 at a URI (`publish_dir`: uploaded beside it, then copied in with config.json last), and the
 check, before any work, that a destination can be written (`check_destination`).
+
+What is renamed into place locally gets the modes a plain open() / mkdir() would have given it
+under the process umask (`give_default_modes`), as the Trainer's own files have: tempfile
+creates 0o600 / 0o700, so without it other users (or a server running as another user) could
+not read a model or table the run published.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 import shutil
@@ -21,6 +27,33 @@ from ckmerge_ray.storage import Location, redact, translated_errors, locate
 # Files a loader opens first (DCP's .metadata, HF's index and config.json): published last,
 # removed first. Higher rank = later; config.json is the very last file a reader can see.
 _LOAD_ORDER = {"config.json": 3, ".metadata": 2}
+
+
+@functools.lru_cache(maxsize=None)
+def process_umask() -> int:
+    """The process umask. `os.umask` reads it only by setting it, and the umask is process-wide:
+    a file another thread created between the set and the restore would get the value set. So
+    it is read once, at import (below), and cached; the value set for that instant is 0o077,
+    never 0, so such a file would be owner-only, not world-writable. A program that changes its
+    umask later calls ``process_umask.cache_clear()``."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+process_umask()
+
+
+def give_default_modes(path: Union[str, os.PathLike]) -> None:
+    """Give `path`, and everything under it when it is a directory, the mode a plain open() or
+    mkdir() would have given it: files 0o666 & ~umask, directories 0o777 & ~umask. For what
+    was written under a temporary name by tempfile.mkstemp / mkdtemp (0o600 / 0o700; also
+    safetensors >= 0.8's save_file, which writes through its own 0o600 temporary file), before
+    it is renamed into place. Symbolic links are left alone."""
+    path, mask = Path(path), process_umask()
+    for p in [path, *(path.rglob("*") if path.is_dir() and not path.is_symlink() else ())]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def check_destination(dest: Union[str, Location]) -> Location:
@@ -142,6 +175,7 @@ def _publish_local(src: Path, dest: Path) -> None:
             if p.is_file():
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
+        give_default_modes(tmp)  # a new copy: mkdtemp's 0o700, copytree kept the source's modes
         swap_in(tmp, dest)
     finally:
         if tmp.exists():

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from ckmerge_ray.errors import OutputError
 from ckmerge_ray.merge import weighted_state_dict
 from ckmerge_ray.search import LAMBDA
-from ckmerge_ray.publish import recover_published, swap_in
+from ckmerge_ray.publish import give_default_modes, recover_published, swap_in
 from ckmerge_ray.store import StoredCheckpoint, shard_tensors
 
 # Every file and folder a run writes, named once. A tune run's directory:
@@ -67,7 +67,8 @@ def renamed_name(module: str, renamed: Dict[str, str], name: str):
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file, fsync and rename."""
+    """Write `data` to `path` through a temporary file, fsync and rename. The file gets the mode
+    a plain open() would give it (mkstemp's is 0o600: `give_default_modes`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -75,6 +76,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        give_default_modes(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -185,9 +187,9 @@ def export_weighted(
     shard of each checkpoint with a nonzero weight. `revert` maps each shard's model-named
     tensors back to the checkpoint's own names and layout (`CheckpointInfo.revert_names`), so
     the directory loads with `from_pretrained`. The directory is built under a temporary name
-    beside `dest` and renamed into place (`publish.swap_in`), so `dest` is replaced only after
-    the new one is complete; what a killed export left behind is first put right by
-    `recover_published`.
+    beside `dest`, given the modes a plain mkdir / open would have (`give_default_modes`) and
+    renamed into place (`publish.swap_in`), so `dest` is replaced only after the new one is
+    complete; what a killed export left behind is first put right by `recover_published`.
     """
     from ckmerge_ray.families import check_weights
 
@@ -219,6 +221,7 @@ def export_weighted(
         (tmp / "config.json").write_bytes(config_json)
         for f in extra_files:
             (tmp / f.name).write_bytes(f.read_bytes())  # a Path or a storage.Location
+        give_default_modes(tmp)  # mkdtemp's 0o700, and save_file's 0o600 shards
         swap_in(tmp, dest)
     finally:
         if tmp.exists():

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from ckmerge_ray import ConfigError, HeldoutLoss, compare_merges
 from ckmerge_ray.cli import main as cli_main
+from ckmerge_ray.plots import plot_run
 
 OPTIONS = {"seq_len": 64, "max_tokens": 2048}
 STATS_TOKENS = 512
@@ -90,6 +91,11 @@ def test_table_lists_every_method_with_gain_over_the_later_checkpoint(comparison
     w = json.loads((result.output_dir / "tuned_window" / "summary.json").read_text())
     assert w["family"]["name"] == "simplex" and w["object_store"] is None  # nothing stored again
     assert w["single_scores"][trajectory[2].name] == pytest.approx(later, abs=1e-6)
+    # `ckmerge-ray plot` on the comparison redraws both tuned runs' plots too
+    (result.output_dir / "tuned_window" / "window.png").unlink()
+    paths = [p.relative_to(result.output_dir).as_posix() for p in plot_run(result.output_dir)]
+    assert paths == ["compare.png", "tuned/landscape.png", "tuned_window/window.png"]
+    assert (result.output_dir / "tuned_window" / "window.png").stat().st_size > 0
 
 
 def test_checkpoint_averages_equal_independent_merges(comparison):
