@@ -158,7 +158,8 @@ def _checkpoint_config(args):
 
     return CheckpointConfig(allow_pickle=args.allow_pickle,
                             trust_remote_code=args.trust_remote_code, format=args.format,
-                            name_map=args.name_map, model_config=args.model_config)
+                            name_map=args.name_map, model_config=args.model_config,
+                            tokenizer=args.tokenizer)
 
 
 def _resources(args) -> dict:
@@ -237,8 +238,13 @@ def _watch(args) -> int:
         what = (f"best λ={r['best_lambda']:.4f} gain {r['gain']:+.5f}" if r["status"] == "ok"
                 else f"FAILED: {r['error']}")
         print(f"[ckmerge] step {r['earlier_step']} -> {r['later_step']}: {what}", flush=True)
-    print(f"[ckmerge] results: {result.output_dir} (sweep.parquet, latest/, best_overall/, "
-          "summary.json)", flush=True)
+    if result.table.num_rows == 0:
+        print(f"[ckmerge] no pair was tuned: {args.source} never held two complete checkpoints "
+              "while watched", flush=True)
+        return 0
+    made = [n for n in ("sweep.parquet", "latest/", "best_overall/", "summary.json")
+            if (result.output_dir / n).exists()]
+    print(f"[ckmerge] results: {result.output_dir} ({', '.join(made)})", flush=True)
     return 0
 
 

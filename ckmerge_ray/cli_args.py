@@ -116,7 +116,9 @@ def _add_compare_parser(sub) -> None:
                    help="text file for Fisher/RegMean statistics (needed with lmeval objectives)")
     c.add_argument("--regmean-alpha", type=float, default=0.9,
                    help="RegMean off-diagonal scaling (default 0.9)")
-    _add_run_arguments(c, default_output="ckmerge_runs/compare")
+    _add_run_arguments(c, default_output="ckmerge_runs/compare",
+                       trials_help="λ evaluations in [alpha, 1] for the tuned pair, and for "
+                       "grid and random search (default 8)")
 
 
 def _add_sweep_parser(sub) -> None:
@@ -140,22 +142,25 @@ def _add_sweep_parser(sub) -> None:
                    help="with --window K > 2: the weights' family (simplex, ema, decay, "
                    "+length; default simplex)")
     _add_pairs_argument(w, "as many as the trial slots and the object store fit; each pair "
-                        "then runs the slots / pairs trials at a time unless --max-concurrent")
+                        "then runs the slots / pairs trials at a time unless --max-concurrent",
+                        "each pair's (or window's)", "pairs write no best/")
     w.add_argument("--resume", action="store_true",
                    help="continue the sweep in --output (the same arguments): finished pairs "
                    "are not redone, a pair that was running resumes without redoing a finished "
                    "evaluation")
-    _add_run_arguments(w, default_output="ckmerge_runs/sweep")
+    _add_run_arguments(w, default_output="ckmerge_runs/sweep",
+                       trials_help="evaluations per tuned pair or window (default 8)")
 
 
-def _add_pairs_argument(p: argparse.ArgumentParser, default: str) -> None:
+def _add_pairs_argument(p: argparse.ArgumentParser, default: str, units: str,
+                       export_default: str) -> None:
     """The options sweep and watch share for their pairs: how many at once, where they publish."""
     p.add_argument("--max-concurrent-pairs", type=int, default=None, metavar="N",
                    help=f"adjacent pairs tuned at once, sharing the cluster's trial slots "
                    f"(default: {default})")
     p.add_argument("--export-to", default=None, metavar="PATH_OR_URI",
-                   help="publish each pair's (or window's) best/ to PATH_OR_URI/<its run "
-                   "directory>/best, atomically (default: pairs write no best/)")
+                   help=f"also publish {units} best/ to PATH_OR_URI/<its run directory>/best, "
+                   f"atomically (default: {export_default})")
 
 
 def _add_watch_parser(sub) -> None:
@@ -171,7 +176,8 @@ def _add_watch_parser(sub) -> None:
                    "ckmerge_complete); default: its files all there and unchanged between two "
                    "polls")
     _add_pairs_argument(w, "the trial slots over --max-concurrent, so one pair at a time "
-                        "unless --max-concurrent leaves room")
+                        "unless --max-concurrent leaves room", "each pair's",
+                        "each pair's best/ stays in its run directory under pairs/")
     w.add_argument("--until", type=int, default=None, metavar="STEP",
                    help="stop after the pair whose later checkpoint is at step >= STEP")
     w.add_argument("--max-pairs", type=int, default=None,
@@ -195,7 +201,8 @@ def _add_objective_arguments(p: argparse.ArgumentParser, required: bool) -> None
     p.add_argument("--seq-len", type=int, default=None,
                    help="tokens per window (default 512, or the model's context if shorter)")
     p.add_argument("--max-tokens", type=int, default=65536,
-                   help="held-out tokens scored per evaluation (default 65536)")
+                   help="held-out tokens scored per evaluation, in whole windows of "
+                   "--seq-len (default 65536)")
     p.add_argument("--eval-batch-size", type=int, default=None,
                    help="windows (loss) or requests (lmeval) per forward pass (default: sized to "
                    "the device; see README)")
@@ -209,11 +216,12 @@ def _add_objective_arguments(p: argparse.ArgumentParser, required: bool) -> None
     p.add_argument("--num-fewshot", type=int, default=None, help="lmeval: few-shot examples")
 
 
-def _add_run_arguments(c: argparse.ArgumentParser, default_output: str) -> None:
-    """Options compare and sweep share with tune, with their own defaults."""
+def _add_run_arguments(c: argparse.ArgumentParser, default_output: str,
+                       trials_help: str = "λ evaluations in [alpha, 1] per tuned pair (default "
+                       "8)") -> None:
+    """Options compare, sweep and watch share with tune, with their own defaults."""
     _add_objective_arguments(c, required=True)
-    _add_shared_arguments(c, default_output, 8, "λ evaluations in [alpha, 1] per tuned pair "
-                          "(and for grid/random; default 8)",
+    _add_shared_arguments(c, default_output, 8, trials_help,
                           "evaluations at once (default: what the cluster fits)")
 
 
@@ -241,6 +249,9 @@ def _add_shared_arguments(p: argparse.ArgumentParser, default_output: str, trial
     p.add_argument("--model-config", default=None, metavar="PATH",
                    help="config.json (or its folder, path or URI) for DCP checkpoints with none "
                    "beside or above them")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="the run's tokenizer (a folder tokenizer.save_pretrained wrote, path or "
+                   "URI) for checkpoints saved without one; default: the later checkpoint's own")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run the modeling code a checkpoint ships (config.json auto_map), on the "
                    "driver and every trial worker; off by default: such checkpoints are refused")

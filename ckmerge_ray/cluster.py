@@ -28,7 +28,7 @@ def ray_session(log=None) -> Iterator[bool]:
         yield started
     finally:
         if started:
-            ray.shutdown()
+            disconnect()
 
 
 def connect(log=None) -> bool:
@@ -53,7 +53,37 @@ def connect(log=None) -> bool:
             log(f"joined the Ray cluster at {address}: {describe_cluster()}")
     else:  # "local": a bare ray.init() would join whatever cluster this machine last started
         ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+        _LOCAL["started"] = True
     return True
+
+
+def disconnect() -> None:
+    """Shut down the Ray that `connect` started (its processes then end by our hand, not a
+    fault: `local_ray_alive` stops answering)."""
+    _LOCAL["started"] = False
+    ray.shutdown()
+
+
+_LOCAL = {"started": False}  # whether this process started a local Ray instance (`connect`)
+
+
+def local_ray_alive() -> Optional[bool]:
+    """Whether the local Ray instance this process started still runs (its GCS server and
+    raylet processes); None when it started none (it joined a cluster) or cannot tell.
+
+    Ray has no public call for the processes of its own local instance: this reads its node's
+    process table (``ray._private.worker._global_node.all_processes``), defensively."""
+    if not _LOCAL["started"]:
+        return None
+    from ray._private import ray_constants, worker
+
+    table = getattr(getattr(worker, "_global_node", None), "all_processes", None)
+    kinds = (ray_constants.PROCESS_TYPE_GCS_SERVER, ray_constants.PROCESS_TYPE_RAYLET)
+    try:
+        heads = [info.process for kind in kinds for info in (table or {}).get(kind, [])]
+        return all(p.poll() is None for p in heads) if heads else None
+    except (AttributeError, TypeError):
+        return None
 
 
 def describe_cluster() -> str:

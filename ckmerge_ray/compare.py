@@ -46,7 +46,8 @@ from ckmerge_ray.model import dtypes_of
 from ckmerge_ray.objectives import HeldoutLoss, Objective
 from ckmerge_ray.plots import draw_plots
 from ckmerge_ray.results import (
-    COMPARE_MD, COMPARE_TABLE, SUMMARY_FILE, TUNED_DIR, renamed_name, write_json_atomic, writing,
+    COMPARE_MD, COMPARE_TABLE, SUMMARY_FILE, TUNED_DIR, WINDOW_DIR, renamed_name,
+    write_json_atomic, writing,
 )
 from ckmerge_ray.rundir import check_claimable, claim_output_dir
 from ckmerge_ray.store import StoredCheckpoint
@@ -59,7 +60,6 @@ _LABELS = {
     "random": "random search λ", "tuned": "tuned λ (GP-Hedge)",
     "tuned-window": "tuned window weights (GP-Hedge)",
 }
-WINDOW_DIR = "tuned_window"  # the tuned-window method's own tune_window run
 
 
 @dataclass
@@ -151,14 +151,15 @@ def compare_merges(
         table = Table(ctx.out, ctx.objective.mode, [])
         score_baselines(ctx, stored, q, table)
         tuned = run_tuned(ctx, stored, table) if "tuned" in ctx.baselines.methods else None
-        if "tuned-window" in ctx.baselines.methods:
-            run_tuned_window(ctx, stored, table)
+        windowed = (run_tuned_window(ctx, stored, table)
+                    if "tuned-window" in ctx.baselines.methods else None)
         summary = compare_summary(ctx, table, tuned, window, q, time.perf_counter() - started)
         result = CompareResult(table.write(), ctx.objective.mode, table.later_score, ctx.out,
                                summary)
         summary["plots"] = draw_plots(ctx.out, "compare", table.rows, summary, ctx.log,
-                                      extra=[f"{TUNED_DIR}/{p}" for p in (tuned or {}).get(
-                                          "plots", [])])
+                                      extra=[f"{d}/{p}" for d, run in ((TUNED_DIR, tuned),
+                                                                        (WINDOW_DIR, windowed))
+                                             for p in (run or {}).get("plots", [])])
         with writing(f"the summary {ctx.out / SUMMARY_FILE}", ctx.out, AGAIN):
             write_json_atomic(ctx.out / SUMMARY_FILE, summary)
     ctx.log("\n" + result.markdown())
@@ -189,11 +190,11 @@ def check_compare(checkpoints, objective, objective_options, resources, tune_opt
     infos = load_window(checkpoints, checkpoint, log)
     objective_arg = objective
     objective = prepare_objective(objective, objective_options, infos[-1], search, log,
-                                  checkpoint.trust_remote_code)
+                                  checkpoint)
     windows = None
     if {"fisher", "regmean"} & set(baselines.methods):
         windows = calibration_windows(objective, baselines.calibration, baselines.stats_tokens,
-                                      tokenizer_dir(infos[-1]))
+                                      tokenizer_dir(infos[-1], checkpoint.tokenizer))
     log(f"{len(infos)} checkpoints, methods: {', '.join(baselines.methods)}")
     tuned.update(objective=objective_arg, objective_options=objective_options)
     return _Compare(search, run, checkpoint, baselines, resources, log, infos, objective,
@@ -310,10 +311,12 @@ def run_tuned(ctx: _Compare, stored: List[StoredCheckpoint], table: Table) -> Op
     return result.summary
 
 
-def run_tuned_window(ctx: _Compare, stored: List[StoredCheckpoint], table: Table) -> None:
+def run_tuned_window(ctx: _Compare, stored: List[StoredCheckpoint], table: Table
+                     ) -> Optional[Dict]:
     """`tune_window` on the whole window, on the shards already stored, with the tuned pair's
-    evaluation budget (``num_trials``, + 1 when the pair also scores λ = 0). A failed run, or a
-    budget below the family's initial design, is a failed method."""
+    evaluation budget (``num_trials``, + 1 when the pair also scores λ = 0); returns its
+    summary. A failed run, or a budget below the family's initial design, is a failed method
+    (None)."""
     import dataclasses
 
     from ckmerge_ray.window import tune_window
@@ -330,10 +333,11 @@ def run_tuned_window(ctx: _Compare, stored: List[StoredCheckpoint], table: Table
     except (RunError, ConfigError) as e:
         table.add_error("tuned-window", _LABELS["tuned-window"], time.perf_counter() - t0, e)
         ctx.log(f"tuned-window: FAILED: {e}")
-        return
+        return None
     table.add("tuned-window", f"{_LABELS['tuned-window']}, {result.family.label}",
               result.best_score, result.table.num_rows, time.perf_counter() - t0,
               result.best_weights, "Ray Tune start-up and a model build per trial worker")
+    return result.summary
 
 
 def compare_summary(ctx: _Compare, table: Table, tuned: Optional[Dict], window: WindowStore,

@@ -195,6 +195,9 @@ class CheckpointConfig(_Settings):
     name_map: Any = None
     # config.json (or its directory) for DCP checkpoints with none beside or above them.
     model_config: Optional[str] = None
+    # A directory (or URI) holding the run's tokenizer, for checkpoints saved without one
+    # (a Trainer given no processing_class, most pretraining frameworks). Default: Θ(t)'s own.
+    tokenizer: Optional[str] = None
 
     def __post_init__(self):
         if not isinstance(self.max_shard_bytes, int) or self.max_shard_bytes <= 0:
@@ -205,8 +208,9 @@ class CheckpointConfig(_Settings):
         from ckmerge_ray.checkpoints.names import NameMap
 
         object.__setattr__(self, "name_map", NameMap.of(self.name_map))
-        if self.model_config is not None:
-            object.__setattr__(self, "model_config", str(self.model_config))
+        for key in ("model_config", "tokenizer"):
+            if getattr(self, key) is not None:
+                object.__setattr__(self, key, str(getattr(self, key)))
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-ready, the name map as its rules (`NameMap.to_dict`): run.json keeps it so that
@@ -294,11 +298,13 @@ RESUMED_RUN_FIELDS = ("max_concurrent", "allow_spilling", "export_to", "gpu_shar
 
 def launch_record(run: RunConfig, checkpoint: CheckpointConfig, max_concurrent: int) -> Dict:
     """run.json's record of how a run was started, which `resumed_settings` reads back. Local
-    paths (``export_to``, ``model_config``) are made absolute: a resume may start elsewhere."""
+    paths (``export_to``, ``model_config``, ``tokenizer``) are made absolute: a resume may start
+    elsewhere."""
     run_fields = {k: getattr(run, k) for k in RESUMED_RUN_FIELDS}
     read = checkpoint.to_dict()
     run_fields["export_to"] = _absolute(run_fields["export_to"])
     read["model_config"] = _absolute(read["model_config"])
+    read["tokenizer"] = _absolute(read["tokenizer"])
     return {"run": {**run_fields, "max_concurrent": max_concurrent}, "checkpoint": read}
 
 

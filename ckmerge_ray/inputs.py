@@ -11,6 +11,7 @@ checkpoint's shard plan, so shard i of every checkpoint holds the same tensors.
 
 from __future__ import annotations
 
+import filecmp
 import inspect
 import json
 import os
@@ -21,6 +22,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from ckmerge_ray.checkpoints import (
     CheckpointInfo, check_remote_code, load_checkpoint_info, plan_shards, tokenizer_files,
     validate_pair,
+)
+from ckmerge_ray.checkpoints.hf import (
+    PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, SAFE_SINGLE, read_index,
 )
 from ckmerge_ray.config import CheckpointConfig, SearchConfig
 from ckmerge_ray.errors import CheckpointError, ConfigError, ObjectiveError
@@ -46,9 +50,11 @@ def discover_checkpoints(source: str | os.PathLike | Sequence[str | os.PathLike]
     ``checkpoint-<step>``, ``step-<N>``, ``step<N>``, ``step_<N>``, ``iter_<N>`` or
     ``global_step<N>`` gives those, sorted by the number (so step 900 comes before step 1000).
     A model saved at its top (Trainer's final ``save_model``) is not one of them: it is
-    reported to `log`, and added as the last point only with `include_final` (its step is
-    ``global_step`` of a ``trainer_state.json`` beside it, which ``trainer.save_state()``
-    writes, else one more than the last checkpoint's). A list of checkpoint directories is
+    reported to `log`, and added as the last point only with `include_final` and only when its
+    weight files differ from the last checkpoint's (transformers saves the last step as a
+    checkpoint too). Its step is ``global_step`` of a ``trainer_state.json`` beside it (which
+    ``trainer.save_state()`` writes), else ``max_steps`` of the last checkpoint's, else one
+    more than the last checkpoint's. A list of checkpoint directories is
     taken in the order given; their step is read from the name when it has one, else it is
     the position in the list.
     """
@@ -85,15 +91,26 @@ def discover_checkpoints(source: str | os.PathLike | Sequence[str | os.PathLike]
 
 def _with_root_model(root, found: List[Tuple[int, Path | str]], include_final: bool,
                      log: Optional[Log]) -> List[Tuple[int, Path | str]]:
-    """`found` (the subfolder checkpoints), and the model at `root` last if `include_final`."""
-    step = final_step(root)
-    known = step is not None
-    step = step if known and step > found[-1][0] else found[-1][0] + 1
+    """`found` (the subfolder checkpoints), and the model at `root` last if `include_final`
+    and it is not the last checkpoint's weights again."""
+    last_step, last = found[-1]
+    if include_final and same_weights(root, locate(last, what="checkpoint directory")):
+        if log:
+            log(f"{root} holds a model of its own (Trainer's final save_model) with the same "
+                f"weight files as {Path(str(last)).name}: not a new point, left out")
+        return found
+    step, known = final_step(root), True
+    if step is None or step <= last_step:
+        step = final_step(locate(last, what="checkpoint directory"), "max_steps")
+        known = False
+    if step is None or step <= last_step:
+        step = last_step + 1
     if include_final:
         if log:
             log(f"{root} holds a model of its own (Trainer's final save_model): included as the "
                 f"last point, step {step}" + ("" if known else " (no trainer_state.json beside "
-                                               "it: step assumed after the last checkpoint)"))
+                                               "it: step taken from the last checkpoint's "
+                                               "max_steps, or assumed just after it)"))
         return [*found, (step, root.local_path or root.uri)]
     if log:
         log(f"{root} also holds a model of its own (Trainer's final save_model): not part of "
@@ -102,13 +119,34 @@ def _with_root_model(root, found: List[Tuple[int, Path | str]], include_final: b
     return found
 
 
-def final_step(root) -> Optional[int]:
-    """``global_step`` of the trainer_state.json in `root` (a Location), or None."""
+def final_step(root, key: str = "global_step") -> Optional[int]:
+    """`key` (``global_step``, ``max_steps``) of the trainer_state.json in `root` (a
+    Location), or None."""
     state = root / "trainer_state.json"
     try:
-        return int(json.loads(state.read_bytes())["global_step"]) if state.exists() else None
+        return int(json.loads(state.read_bytes())[key]) if state.exists() else None
     except (CheckpointError, ValueError, KeyError, TypeError):
         return None
+
+
+def same_weights(a, b) -> bool:
+    """Whether model directories `a` and `b` (Locations) hold the same weight files, byte for
+    byte: the safetensors or pickle files `a`'s index or single file names. Local folders
+    only (False for URIs: reading two remote checkpoints whole to find out is not worth it)."""
+    if not (a.is_local and b.is_local):
+        return False
+    first = next((n for n in (SAFE_INDEX, SAFE_SINGLE, PICKLE_INDEX, PICKLE_SINGLE)
+                  if (a / n).exists()), None)  # the file transformers would load (weight_files)
+    if first is None:
+        return False
+    names = [first]
+    if first.endswith(".index.json"):
+        try:
+            names += sorted(set(read_index(a, first).values()))
+        except CheckpointError:
+            return False
+    return all((b.local_path / n).is_file() and
+               filecmp.cmp(a.local_path / n, b.local_path / n, shallow=False) for n in names)
 
 
 def printer(enabled: bool) -> Log:
@@ -135,10 +173,10 @@ def load_window(paths: Sequence[str | os.PathLike], checkpoint: CheckpointConfig
     if len({i.name for i in infos}) != len(infos):
         raise ConfigError(f"two checkpoints share the name {_first_repeat([i.name for i in infos])!r}"
                           ": tables and logs tell checkpoints apart by their folder names")
-    check_order([i.name for i in infos])
     code_dir = check_remote_code(infos[-1], checkpoint.trust_remote_code)
     for info in infos[:-1]:
         validate_pair(info, infos[-1])  # the stored names first: the clearest message
+    check_order([i.name for i in infos])  # after: two runs' checkpoints are not "out of order"
     convert_to_model(infos, code_dir, checkpoint.name_map)
     for info in infos[:-1]:
         validate_pair(info, infos[-1])
@@ -181,36 +219,61 @@ def code_dir_of(info: CheckpointInfo, checkpoint: CheckpointConfig) -> Optional[
 
 def prepare_objective(spec: str | Objective, options: Optional[Mapping[str, Any]],
                       later: CheckpointInfo, search: SearchConfig, log: Log,
-                      trust_remote_code: bool = False) -> Objective:
-    """The objective, parsed and prepared (data read and tokenized) on the later checkpoint's
-    tokenizer (its own tokenizer code only with `trust_remote_code`), checked against the model
-    (`fit_to_model`) and the screening stage. Raises ObjectiveError or ConfigError."""
+                      checkpoint: Optional[CheckpointConfig] = None) -> Objective:
+    """The objective, parsed and prepared (data read and tokenized) on the run's tokenizer
+    (`tokenizer_dir`; its own code only with ``checkpoint.trust_remote_code``), checked against
+    the model (`fit_to_model`) and the screening stage. Raises ObjectiveError, ConfigError or
+    CheckpointError (a ``checkpoint.tokenizer`` that holds no tokenizer)."""
+    checkpoint = checkpoint or CheckpointConfig()
     options = dict(options or {})
     objective = fit_to_model(parse_objective(spec, **options), spec, options, later.config, log)
     if search.screen_limit is not None:
         check_screen_limit(objective, search.screen_limit)
-    objective.trust_remote_code = trust_remote_code
-    objective.prepare(tokenizer_dir(later))
+    objective.trust_remote_code = checkpoint.trust_remote_code
+    objective.prepare(tokenizer_dir(later, checkpoint.tokenizer))
     check_vocabulary(objective, later)
     log(f"objective {objective!r} ready ({objective.mode}imize)")
     return objective
 
 
-def tokenizer_dir(info: CheckpointInfo) -> Path:
-    """A local directory with the checkpoint's config.json and tokenizer files: its own when
-    local; for a remote checkpoint these few small files are copied to a temporary directory
-    (removed at exit; the weights are never staged)."""
-    if info.model_dir.is_local:
-        return info.model_dir.local_path
+def tokenizer_dir(info: CheckpointInfo, tokenizer: Optional[str] = None) -> Path:
+    """A local directory with the run's tokenizer files: `tokenizer` (a directory or URI,
+    ``CheckpointConfig.tokenizer``) when given, else the checkpoint's own folder. A local one is
+    used as it is; from a URI, its few small files (and the checkpoint's config.json) are copied
+    to a temporary directory, removed at exit (the weights are never staged). Raises
+    CheckpointError for a `tokenizer` that is missing or holds no tokenizer files."""
+    source = info.model_dir if tokenizer is None else tokenizer_location(tokenizer)
+    if source.is_local:
+        return source.local_path
     import atexit
     import shutil
     import tempfile
 
     local = Path(tempfile.mkdtemp(prefix="ckmerge-tokenizer-"))
     atexit.register(shutil.rmtree, local, ignore_errors=True)
-    for f in [info.model_dir / "config.json", *tokenizer_files(info.model_dir)]:
+    for f in [info.model_dir / "config.json", *tokenizer_files(source)]:
         (local / f.name).write_bytes(f.read_bytes())
     return local
+
+
+def tokenizer_location(tokenizer: str):
+    """The Location of a tokenizer given apart from the checkpoints; CheckpointError when it
+    does not exist or holds none of the files ``tokenizer.save_pretrained`` writes."""
+    loc = locate(tokenizer, what="tokenizer directory")
+    if not any(f.name != "generation_config.json" for f in tokenizer_files(loc)):
+        raise CheckpointError(f"tokenizer directory {loc.uri} holds no tokenizer files "
+                              "(tokenizer.json, tokenizer_config.json, ...: what "
+                              "tokenizer.save_pretrained writes)")
+    return loc
+
+
+def run_tokenizer_files(info: CheckpointInfo, checkpoint: CheckpointConfig) -> List:
+    """The tokenizer and generation files to ship beside a merged model of `info`'s run: the
+    checkpoint's own, and those of ``checkpoint.tokenizer`` (which win by name) when given."""
+    files = {f.name: f for f in tokenizer_files(info.model_dir)}
+    if checkpoint.tokenizer is not None:
+        files.update({f.name: f for f in tokenizer_files(tokenizer_location(checkpoint.tokenizer))})
+    return list(files.values())
 
 
 # Config fields that bound a model's positions, in the order transformers' own code reads them.

@@ -18,6 +18,12 @@ raising SIGUSR1, on which Tune always stops gracefully (``ray/tune/tune.py``,
 writing the results), stops at once: the run is then as a killed driver leaves it (Tune's last
 periodic snapshot, the journal, the table), which a resume also continues.
 
+A signal sent to the whole process group or cgroup (Slurm's ``scancel``, systemd's stop) also
+ends the local Ray instance the driver started; Tune can then save nothing, and Ray's driver
+would wait 60 s for its GCS and exit 1. `watch_local_ray`, started by the first signal, sees
+those processes end: it notes the interruption in each run's run.json, prints how to resume,
+and exits with 128 + the signal at once (the journal and Tune's last snapshot are on disk).
+
 Runs in other threads (the pairs a sweep or watch tunes concurrently) have guards too, one per
 thread. Python delivers signals to the main thread only: its guard passes a signal on to every
 guard of the process, and `StopForwarder` ends a loop in another thread (where Tune has no
@@ -30,13 +36,16 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from ray import tune
 
+from ckmerge_ray.cluster import local_ray_alive
 from ckmerge_ray.errors import CkmergeError, RunInterrupted
 from ckmerge_ray.results import RUN_FILE, TRIALS_FILE, read_rows, resume_hint
 from ckmerge_ray.rundir import mark_interrupted
@@ -123,6 +132,7 @@ class RunGuard:
         self.error: Optional[CkmergeError] = None
         self.in_tune_loop = False
         self.forwarded = False
+        self.run: Optional[tuple] = None  # (run directory, trials requested) once it is locked
         self._previous: Dict[int, Any] = {}  # handlers to put back at the end
         self._outer: Optional[RunGuard] = None
 
@@ -158,6 +168,7 @@ class RunGuard:
         # Records only: printing here could re-enter a print the main thread was in.
         with _ALL_LOCK:
             others = [g for g in _ALL if g is not self]
+        start_watching(signum)
         for guard in others:  # the runs of other threads stop at their loop's next step
             guard.signum = guard.signum or signum
         if self.signum is not None or not self.in_tune_loop:
@@ -226,6 +237,54 @@ class RunGuard:
             f"interrupted by {name}: {recorded} of {requested} trials recorded, {how}; no best "
             f"model or summary was written. Continue with: {resume_hint(out, python=True)}; "
             "finished evaluations are not redone", signum)
+
+
+_WATCHING = threading.Event()  # a signal started `watch_local_ray`
+_CONTINUE: List[str] = []  # what continues the sweep or watch in progress (`continue_with`)
+
+
+@contextmanager
+def continue_with(hint: str) -> Iterator[None]:
+    """While a sweep or watch runs: `hint` says how to continue it, for `watch_local_ray`."""
+    _CONTINUE.append(hint)
+    try:
+        yield
+    finally:
+        _CONTINUE.remove(hint)
+
+
+def start_watching(signum: int) -> None:
+    """On the process's first signal: `watch_local_ray` in a thread of its own."""
+    if not _WATCHING.is_set():
+        _WATCHING.set()
+        threading.Thread(target=watch_local_ray, args=(signum,), daemon=True,
+                         name="ckmerge-ray-watch").start()
+
+
+def watch_local_ray(signum: int, poll: float = 0.2) -> None:
+    """After a signal: if the local Ray this process started ends too (the signal went to
+    the whole process group), note the interruption of every run in progress, print how to
+    continue, and exit with 128 + `signum`. Returns when Ray was joined, not started, or when
+    it is shut down by this process."""
+    while (alive := local_ray_alive()) is not False:
+        if alive is None:
+            return
+        time.sleep(poll)
+    with _ALL_LOCK:
+        runs = [g for g in _ALL if g.run is not None]
+    name = signal.Signals(signum).name
+    lines = [f"{name} reached Ray's local processes too: Ray Tune could not save the experiment"]
+    for guard in runs:
+        guard.signum = guard.signum or signum
+        try:
+            lines.append(str(guard.interrupted(*guard.run, saved=False)))
+        except Exception as e:  # noqa: BLE001 - the exit below must happen
+            lines.append(f"{guard.run[0]}: {e}")
+    lines += list(_CONTINUE)
+    try:
+        print("\n".join(f"ckmerge-ray: {line}" for line in lines), file=sys.stderr, flush=True)
+    finally:
+        os._exit(128 + signum)
 
 
 def request_stop(error: CkmergeError, log: Optional[Callable[[str], None]] = None) -> bool:

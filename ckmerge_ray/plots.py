@@ -28,7 +28,7 @@ import numpy as np
 from ckmerge_ray.errors import ConfigError
 from ckmerge_ray.results import (
     COMPARE_PLOT, COMPARE_TABLE, HEATMAP_TABLE, LANDSCAPE_PLOT, SUMMARY_FILE, SWEEP_GAIN_PLOT,
-    SWEEP_HEATMAP_PLOT, SWEEP_TABLE, TRIALS_FILE, TUNED_DIR, read_rows, write_bytes_atomic,
+    SWEEP_HEATMAP_PLOT, SWEEP_TABLE, TRIALS_FILE, TUNED_DIR, WINDOW_DIR, read_rows, write_bytes_atomic,
     write_json_atomic,
 )
 
@@ -358,8 +358,6 @@ def plot_run(run_dir: PathLike) -> List[Path]:
         paths = plot_sweep(rows, read_rows(run_dir / HEATMAP_TABLE), summary, run_dir)
         subruns = [run_dir / str(r["run_dir"]) for r in rows if r.get("run_dir")]
     elif (run_dir / COMPARE_TABLE).exists():
-        from ckmerge_ray.compare import WINDOW_DIR  # here: compare imports this module
-
         paths = plot_compare(read_rows(run_dir / COMPARE_TABLE), summary, run_dir)
         subruns = [run_dir / TUNED_DIR, run_dir / WINDOW_DIR]  # the tuned and tuned-window runs
     else:

@@ -40,6 +40,7 @@ COMPARE_TABLE = "compare.parquet"
 COMPARE_MD = "compare.md"
 COMPARE_PLOT = "compare.png"
 TUNED_DIR = "tuned"  # the tuned merge's own tune run
+WINDOW_DIR = "tuned_window"  # the tuned-window method's own tune_window run
 # A trajectory sweep's directory (sweep_trajectory):
 SWEEP_TABLE = "sweep.parquet"
 HEATMAP_TABLE = "heatmap.parquet"

@@ -32,6 +32,7 @@ from ckmerge_ray.evaluator import score_each, start_evaluators
 from ckmerge_ray.inputs import (
     Log, WindowStore, code_dir_of, discover_checkpoints, load_window, prepare_objective, printer,
 )
+from ckmerge_ray.interrupts import continue_with
 from ckmerge_ray.model import dtypes_of
 from ckmerge_ray.objectives import Objective
 from ckmerge_ray.pairs import (
@@ -148,7 +149,7 @@ def sweep_trajectory(
     set_window(ctx, window, family)
     claim_sweep_dir(ctx)
     started = time.perf_counter()
-    with ray_session(ctx.log):
+    with ray_session(ctx.log), continue_with(f"{AGAIN} ({ctx.out})"):
         sizes = [i.nbytes for i in ctx.infos]
         ctx.pairs_at_once = set_pair_concurrency(ctx, sizes)
         need = sum(sizes) if heatmap else window_bytes(sizes, ctx.pairs_at_once, ctx.span)
@@ -226,7 +227,7 @@ def check_sweep(checkpoints, objective, objective_options, resources, tune_optio
     infos = load_window([p for _, p in found], checkpoint, log)
     objective_arg = objective
     objective = prepare_objective(objective, objective_options, infos[-1], search, log,
-                                  checkpoint.trust_remote_code)
+                                  checkpoint)
     log(f"sweep of {len(infos)} checkpoints ({', '.join(i.name for i in infos)}), "
         f"{len(infos) - 1} adjacent pair(s)")
     tuned.update(objective=objective_arg, objective_options=objective_options)
@@ -278,9 +279,9 @@ def tune_pairs(ctx: _Sweep, store: WindowStore, keep: bool) -> Tuple[List[Dict],
         for k, future in done:
             try:
                 rows[k], plots[k], _ = future.result()
-            except RunInterrupted:
+            except RunInterrupted as e:
                 if not pool.stop_requested:  # one pair at a time: it had the signal itself
-                    raise
+                    raise sweep_interrupted(ctx, e.signum, len(rows), n) from None
                 continue  # stopped by the signal the pool passed on: no row
             with sweep_writing(ctx, f"the sweep's table {ctx.out / SWEEP_TABLE}"):
                 write_table_atomic(ctx.out / SWEEP_TABLE, [rows[j] for j in sorted(rows)])

@@ -27,8 +27,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import ray
 from ray import tune
 
-from ckmerge_ray.checkpoints import CheckpointInfo, tokenizer_files
-from ckmerge_ray.cluster import check_object_store, connect, trial_slots
+from ckmerge_ray.checkpoints import CheckpointInfo
+from ckmerge_ray.cluster import check_object_store, connect, disconnect, trial_slots
 from ckmerge_ray.config import (
     CheckpointConfig, Resources, RunConfig, SearchConfig, launch_record, resumed_settings,
     split_options,
@@ -36,7 +36,7 @@ from ckmerge_ray.config import (
 from ckmerge_ray.errors import ConfigError, RunError
 from ckmerge_ray.experiment import build_tuner, fit, start_plan_holder
 from ckmerge_ray.inputs import (
-    Log, WindowStore, code_dir_of, load_window, prepare_objective, printer,
+    Log, WindowStore, code_dir_of, load_window, prepare_objective, printer, run_tokenizer_files,
 )
 from ckmerge_ray.interrupts import RunGuard
 from ckmerge_ray.model import dtypes_of
@@ -137,6 +137,7 @@ def tune_merge(
             ctx = check_inputs(pair, objective, objective_options, stored, resources, **settings)
             ctx.out = out
             with lock_run_dir(out, ctx.log):
+                guard.run = (out, total)
                 try:
                     return run_locked(ctx, guard, record, objective, stored)
                 except KeyboardInterrupt:  # a second signal, or one outside Tune's loop
@@ -184,7 +185,7 @@ def run_locked(ctx: _Run, guard: RunGuard, record: Dict, objective, stored) -> T
         if holder is not None:
             ray.kill(holder)  # releases the shards (see PlanHolder)
         if started_ray:
-            ray.shutdown()
+            disconnect()
 
 
 # --- 1. inputs ---------------------------------------------------------------------------------
@@ -202,7 +203,7 @@ def check_inputs(pair, objective, objective_options, stored, resources, search: 
     if stored is not None:
         check_stored(stored, later)
     objective = prepare_objective(objective, objective_options, later, search, log,
-                                  checkpoint.trust_remote_code)
+                                  checkpoint)
     return _Run(search, run, checkpoint, resources, log, earlier, later, objective)
 
 
@@ -317,7 +318,8 @@ def write_results(ctx: _Run, rows: List[Dict], best: Dict, best_observed: Dict, 
         try:
             best_path = export_merged(
                 *ctx.stored, best[LAMBDA], ctx.later.config_bytes,
-                tokenizer_files(ctx.later.model_dir), ctx.out / BEST_DIR, progress=None,
+                run_tokenizer_files(ctx.later, ctx.checkpoint), ctx.out / BEST_DIR,
+                progress=None,
                 revert=ctx.later.revert_names,
             )
         except WRITE_ERRORS as e:  # the previous best/, if any, is intact (see export_merged)

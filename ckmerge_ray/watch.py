@@ -36,6 +36,7 @@ from ckmerge_ray.cluster import ray_session, trial_slots
 from ckmerge_ray.config import CheckpointConfig, Resources, RunConfig, SearchConfig, split_options
 from ckmerge_ray.errors import CheckpointError, ConfigError, RunError, RunInterrupted
 from ckmerge_ray.inputs import CHECKPOINT_NAME, Log, load_window, prepare_objective, printer
+from ckmerge_ray.interrupts import continue_with, start_watching
 from ckmerge_ray.pairs import PairPool, log_pairs, pair_run_dir, tune_pair
 from ckmerge_ray.results import (
     BEST_OVERALL_DIR, LATEST_DIR, PAIRS_DIR, RUN_FILE, SWEEP_TABLE, write_table_atomic, writing,
@@ -115,10 +116,7 @@ def watch_trajectory(
     search, run, checkpoint = settings["search"], settings["run"], settings["checkpoint"]
     _check_settings(objective, marker, until, max_pairs, poll_seconds, idle_timeout)
     log = printer(run.progress)
-    try:
-        root = locate(source, what="run directory")
-    except CheckpointError as e:
-        raise ConfigError(str(e)) from e
+    root = _run_directory(source, log)
     if run.export_to is not None:
         check_destination(run.export_to)
     out = Path(run.output_dir).resolve()
@@ -134,15 +132,16 @@ def watch_trajectory(
     tuned.update(objective=objective, objective_options=objective_options)
     w = _Watch(root, out, log, Resources.of(resources), checkpoint, search, tuned, objective,
                objective_options, marker, rows)
-    with ray_session(log), _signals():
+    with ray_session(log), _signals(), continue_with(f"{AGAIN} ({out})"):
         try:
             w.pairs_at_once = watch_concurrency(run, w.resources, search.num_trials)
             w.follow(until, max_pairs, poll_seconds, idle_timeout)
-        except KeyboardInterrupt as e:
-            raise RunInterrupted(f"watch stopped by {e or 'SIGINT'}; {len(w.rows)} pair(s) in "
-                                 f"{out / SWEEP_TABLE}: resume with resume=True (CLI: --resume)",
-                                 signal.SIGTERM if str(e) == "SIGTERM" else signal.SIGINT
-                                 ) from None
+        except (KeyboardInterrupt, RunInterrupted) as e:  # the latter: a pair run alone had it
+            signum = getattr(e, "signum", None) or (
+                signal.SIGTERM if str(e) == "SIGTERM" else signal.SIGINT)
+            raise RunInterrupted(f"watch stopped by {signal.Signals(signum).name}; "
+                                 f"{len(w.rows)} pair(s) in {out / SWEEP_TABLE}: {AGAIN} "
+                                 "(Python: resume=True)", signum) from None
     log_pairs(w.rows, log)
     with writing(f"the pairs' table {out / SWEEP_TABLE}", out, AGAIN):
         table = write_table_atomic(out / SWEEP_TABLE, w.rows)
@@ -157,6 +156,27 @@ def watch_concurrency(run: RunConfig, resources: Resources, num_trials: int) -> 
         return run.max_concurrent_pairs
     slots = trial_slots(resources, None, 1 << 30)
     return max(1, slots // (run.max_concurrent or slots))
+
+
+def _run_directory(source, log: Log) -> Location:
+    """The run directory to follow. A local one may not exist yet (the watch is started
+    before the trainer): its parent must (a typo then fails now, not after a night of
+    polling). Raises ConfigError for a file, a missing parent, or a URI that cannot be read."""
+    try:
+        root = locate(source, what="run directory", must_exist=False)
+        if not root.is_local:
+            return locate(root, what="run directory")
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from e
+    path = root.local_path
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"run directory {path} is a file, not a directory")
+    if not path.exists():
+        if not path.parent.is_dir():
+            raise ConfigError(f"run directory {path} does not exist, nor does its parent "
+                              f"{path.parent}: check the path")
+        log(f"{path} does not exist yet: waiting for the trainer to create it")
+    return root
 
 
 def _check_settings(objective, marker, until, max_pairs, poll_seconds, idle_timeout) -> None:
@@ -270,11 +290,10 @@ class _Watch:
             self.log(f"{c.location.name} cannot be read ({e}); waiting for the next checkpoint")
             self.frontier = c.step
             return
-        self.poller.required = [f.name for f in tokenizer_files(c.location)]
+        self.poller.required = self._required(c)
         if self.outputs.mode is None:
             objective = prepare_objective(self.objective_spec, self.objective_options, c.info,
-                                          self.search, self.log,
-                                          self.checkpoint.trust_remote_code)
+                                          self.search, self.log, self.checkpoint)
             self.outputs.mode, self.outputs.objective_repr = objective.mode, repr(objective)
         if self.resuming:  # c is the first checkpoint after the table's last pair
             self.resuming = False
@@ -282,6 +301,13 @@ class _Watch:
             if self.prev is not None:
                 return self.tune_next(c)
         self.prev, self.frontier = c, c.step
+
+    def _required(self, c: SeenCheckpoint) -> List[str]:
+        """The tokenizer files a later checkpoint must hold, as `c` does (none when the run's
+        tokenizer is given apart, ``CheckpointConfig.tokenizer``)."""
+        if self.checkpoint.tokenizer is not None:
+            return []
+        return [f.name for f in tokenizer_files(c.location)]
 
     def _resume_earlier(self) -> Optional[SeenCheckpoint]:
         """The earlier end of the first pair after a resume: the table's last later checkpoint
@@ -388,7 +414,7 @@ class _Watch:
             prev.stored, prev.plan = self._put(infos[0], plan), plan
             prev.info = infos[0]
         c.stored, c.plan, c.info = self._put(infos[1], plan), plan, infos[1]
-        self.poller.required = [f.name for f in tokenizer_files(c.location)]
+        self.poller.required = self._required(c)
         return [prev.info, c.info], (prev.stored, c.stored), time.perf_counter() - t0
 
     def _put(self, info: CheckpointInfo, plan) -> StoredCheckpoint:
@@ -430,6 +456,7 @@ def _signals() -> Iterator[None]:
         return
 
     def stop(signum, frame):
+        start_watching(signum)  # a signal to the process group ends the local Ray too
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}

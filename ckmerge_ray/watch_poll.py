@@ -101,6 +101,8 @@ class Poller:
         written holds up later ones until it has not changed for `STALLED_POLLS` polls
         (abandoned: skipped)."""
         after = lambda step: frontier is None or step > frontier  # noqa: E731
+        if self.root.is_local and not self.root.local_path.is_dir():
+            return []  # not created yet (or gone): nothing to poll
         for step, loc in discover_children(self.root, self.pattern):
             if loc.uri not in self.seen and after(step):
                 self.seen[loc.uri] = SeenCheckpoint(step, loc)

@@ -16,13 +16,15 @@ import numpy as np
 import ray
 from ray import tune
 
-from ckmerge_ray.checkpoints import CheckpointInfo, tokenizer_files
-from ckmerge_ray.cluster import check_object_store, connect, trial_slots
+from ckmerge_ray.checkpoints import CheckpointInfo
+from ckmerge_ray.cluster import check_object_store, connect, disconnect, trial_slots
 from ckmerge_ray.config import CheckpointConfig, Resources, RunConfig, SearchConfig
 from ckmerge_ray.errors import ConfigError, RunError
 from ckmerge_ray.experiment import build_tuner, fit, start_plan_holder
 from ckmerge_ray.families import Family, WeightsOf
-from ckmerge_ray.inputs import Log, WindowStore, code_dir_of, load_window, prepare_objective, printer
+from ckmerge_ray.inputs import (
+    Log, WindowStore, code_dir_of, load_window, prepare_objective, printer, run_tokenizer_files,
+)
 from ckmerge_ray.interrupts import RunGuard
 from ckmerge_ray.model import dtypes_of
 from ckmerge_ray.results import (
@@ -76,10 +78,11 @@ def run_window(paths: List[str], resources, objective, objective_options, stored
                 check_destination(run.export_to)
             infos = load_window(paths, checkpoint, log)
             objective_ = prepare_objective(objective, objective_options, infos[-1], search, log,
-                                           checkpoint.trust_remote_code)
+                                           checkpoint)
             ctx = _WindowRun(search, run, checkpoint, Resources.of(resources), family, log,
                              infos, objective_, out)
             with lock_run_dir(out, log):
+                guard.run = (out, search.num_trials)
                 try:
                     return run_locked(ctx, guard, record, objective, stored)
                 except KeyboardInterrupt:
@@ -126,7 +129,7 @@ def run_locked(ctx: _WindowRun, guard: RunGuard, record: Dict, objective, stored
         if holder is not None:
             ray.kill(holder)
         if started_ray:
-            ray.shutdown()
+            disconnect()
 
 
 def store_window(ctx: _WindowRun, stored) -> None:
@@ -208,7 +211,8 @@ def write_results(ctx: _WindowRun, rows: List[Dict], best: Dict, searcher) -> Wi
         later = ctx.infos[-1]
         try:
             best_path = export_weighted(ctx.stored, weights, later.config_bytes,
-                                        tokenizer_files(later.model_dir), ctx.out / BEST_DIR,
+                                        run_tokenizer_files(later, ctx.checkpoint),
+                                        ctx.out / BEST_DIR,
                                         revert=later.revert_names)
         except WRITE_ERRORS as e:
             raise output_error(e, f"the best model {ctx.out / BEST_DIR}", ctx.out) from e

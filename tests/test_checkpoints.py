@@ -278,3 +278,42 @@ def test_checkpoints_named_by_step_must_come_oldest_first(trajectory, tmp_path):
         check_order(["step-80", "checkpoint-80"])
     check_order(["checkpoint-40", "checkpoint-80", "global_step120"])
     check_order(["final", "checkpoint-40"])  # not every name has a step: no judgement
+
+
+def test_a_trainer_run_saved_without_its_tokenizer_tunes_with_the_tokenizer_given_apart(
+        ray_session, trajectory, tmp_path):
+    """transformers' Trainer given no processing_class saves checkpoints without tokenizer
+    files (as most pretraining frameworks do): the objective refuses them, naming
+    tokenizer=/--tokenizer; with the run's tokenizer given apart the pair tunes, and best/
+    holds that tokenizer beside the merged weights."""
+    from transformers import Trainer, TrainingArguments
+
+    from ckmerge_ray import tune_merge
+    from ckmerge_ray.errors import ObjectiveError
+    from tests.test_watch import _Tokens
+
+    run = tmp_path / "run"
+    args = TrainingArguments(output_dir=str(run), max_steps=20, save_steps=10,
+                             per_device_train_batch_size=4, learning_rate=1e-3, report_to=[],
+                             use_cpu=True, logging_steps=100, disable_tqdm=True, seed=0)
+    model = tiny_llama(0, vocab_size=512, max_position_embeddings=64)
+    Trainer(model=model, args=args, train_dataset=_Tokens(vocab=512)).train()
+    pair = (run / "checkpoint-10", run / "checkpoint-20")
+    assert not (pair[1] / "tokenizer.json").exists()
+    heldout = f"loss:{trajectory[-1].parent / 'heldout.jsonl'}"
+    options = dict(objective_options={"seq_len": 64, "max_tokens": 512}, num_trials=2,
+                   progress=False)
+    with pytest.raises(ObjectiveError, match=r"holds no tokenizer files .* --tokenizer DIR"):
+        tune_merge(pair, {"cpu": 1}, heldout, output_dir=tmp_path / "refused", **options)
+    with pytest.raises(CheckpointError, match="tokenizer directory .* holds no tokenizer files"):
+        tune_merge(pair, {"cpu": 1}, heldout, output_dir=tmp_path / "refused", tokenizer=run,
+                   **options)
+    assert not (tmp_path / "refused").exists()
+
+    result = tune_merge(pair, {"cpu": 1}, heldout, output_dir=tmp_path / "tuned",
+                        tokenizer=trajectory[-1], **options)
+    assert result.table.num_rows == 3
+    best = tmp_path / "tuned" / "best"
+    assert (best / "tokenizer.json").read_bytes() == (trajectory[-1] / "tokenizer.json").read_bytes()
+    run_json = json.loads((tmp_path / "tuned" / "run.json").read_text())
+    assert run_json["checkpoint"]["tokenizer"] == str(trajectory[-1])  # a resume reads it again

@@ -181,3 +181,17 @@ def test_a_tokenizer_that_turns_the_text_into_nothing_is_refused():
                                              r"tokens"):
         make_windows(["one training trajectory " * 50, "x" * 1000], empty, seq_len=8,
                      max_tokens=64)
+
+
+def test_max_tokens_below_one_window_is_refused_not_rounded_up(trajectory):
+    """max_tokens=100 with 256-token windows used to score one whole window (255 tokens),
+    silently; now it is refused, saying what to change. At or above one window it rounds up to
+    whole windows, as documented."""
+    obj = HeldoutLoss(trajectory[-1].parent / "heldout.jsonl", seq_len=256, max_tokens=100)
+    with pytest.raises(ObjectiveError, match=r"max_tokens=100 is less than one window of "
+                                             r"seq_len=256 \(255 scored tokens\): raise "
+                                             r"max_tokens to at least 255, or lower seq_len"):
+        obj.prepare(trajectory[-1])
+    obj = HeldoutLoss(trajectory[-1].parent / "heldout.jsonl", seq_len=64, max_tokens=100)
+    obj.prepare(trajectory[-1])
+    assert obj.windows.shape == (2, 64)  # ceil(100 / 63) windows

@@ -235,6 +235,49 @@ def _signal_after_rows(proc: subprocess.Popen, out: Path, rows: int, send, timeo
     return output
 
 
+def test_sigterm_to_the_process_group_ends_local_ray_too_and_the_run_still_resumes(
+        ray_session, trajectory, tmp_path, capsys):
+    """SIGTERM to the whole process group of a `ckmerge-ray tune` that started its own local Ray
+    (as Slurm's scancel or systemd's stop send it): Ray's processes end with the signal, so Ray
+    Tune can save nothing. The driver still exits 143 at once, having noted the interruption in
+    run.json and printed the resume command; before, it waited 60 s for Ray's GCS and exited 1
+    with neither. The resume then finishes the run, redoing no journaled evaluation."""
+    from tests.test_cluster import _group_alive, _stop_group
+
+    out = tmp_path / "run"
+    heldout = trajectory[-1].parent / "heldout.jsonl"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
+    first = subprocess.Popen(
+        [CLI, "tune", str(trajectory[-2]), str(trajectory[-1]), "--objective", f"loss:{heldout}",
+         "--seq-len", "64", "--max-tokens", "4096", "--trials", "7", "--max-concurrent", "1",
+         "--output", str(out)], env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        sent = []
+        log = _signal_after_rows(first, out, 2, lambda: sent.append(time.monotonic()) or
+                                 os.killpg(first.pid, signal.SIGTERM), timeout=180)
+        waited = time.monotonic() - sent[0]
+        assert first.returncode == 143, log
+        assert waited < 45, f"the driver waited {waited:.0f}s for the Ray it had lost:\n{log}"
+        assert "SIGTERM reached Ray's local processes too" in log, log
+        assert f"ckmerge-ray tune --resume {out}" in log, log
+        assert json.loads((out / "run.json").read_text())["interrupted"]["signal"] == "SIGTERM"
+        deadline = time.monotonic() + 30
+        while _group_alive(first.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _group_alive(first.pid), "a process of the stopped run outlived it"
+    finally:
+        _stop_group(first)
+    rows1, journal1 = _rows(out), _journal(out)
+    assert 2 <= len(rows1) < 8
+    assert cli(["tune", "--resume", str(out)]) == 0  # the lock of the dead driver is taken over
+    assert "resuming a run interrupted by SIGTERM" in capsys.readouterr().out
+    rows = _rows(out)
+    assert len(rows) == 8 and all(r["status"] == "ok" for r in rows), rows
+    journal = _journal(out)
+    assert all(journal[name] == mtime for name, mtime in journal1.items())  # not redone
+
+
 def test_sigint_and_sigterm_leave_a_resumable_run_that_resume_finishes(ray_session, trajectory,
                                                                       tmp_path, capsys):
     """Ctrl-C (SIGINT to the process group, as a terminal sends it) and then SIGTERM (to the

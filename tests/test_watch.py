@@ -19,6 +19,7 @@ import torch
 
 from ckmerge_ray import discover_checkpoints, watch_trajectory
 from ckmerge_ray.config import CheckpointConfig
+from ckmerge_ray.errors import ConfigError
 from ckmerge_ray.objectives import HeldoutLoss
 from ckmerge_ray.watch_outputs import BEST_OVERALL_DIR, LATEST_DIR
 from ckmerge_ray.watch_poll import checkpoint_state
@@ -40,6 +41,8 @@ from pathlib import Path
 srcs, dest, log, chunked = [Path(p) for p in json.loads(sys.argv[1])], Path(sys.argv[2]), \
     open(sys.argv[3], "a"), sys.argv[4]
 wait_for = Path(sys.argv[5])
+while not (wait_for.parent / "watch.json").exists():  # the watch started before the run
+    time.sleep(0.05)
 def note(**kw):
     log.write(json.dumps({**kw, "t": time.time()}) + "\n"); log.flush()
 for src in srcs:
@@ -47,7 +50,7 @@ for src in srcs:
         time.sleep(0.1)
     time.sleep(1.0)
     d = dest / src.name
-    d.mkdir()
+    d.mkdir(parents=True)
     first = [f for f in ("config.json", "generation_config.json", "model.safetensors")
              if (src / f).exists()]
     for name in first + sorted(p.name for p in src.iterdir() if p.name not in first):
@@ -80,9 +83,21 @@ def _journal(run: Path) -> dict:
     return {p.name: p.stat().st_mtime_ns for p in (run / "evaluations").glob("lam=*.json")}
 
 
+def test_watch_refuses_a_file_or_a_path_that_cannot_become_a_run_directory(tmp_path):
+    """Before anything starts: a file as the run directory, and a path whose parent is
+    missing (a typo, which would otherwise poll all night); the run directory itself may be
+    missing (the watch started before the trainer: the next test)."""
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text("text")
+    for source, message in ((heldout, "is a file, not a directory"),
+                            (tmp_path / "no" / "run", "does not exist, nor does its parent")):
+        with pytest.raises(ConfigError, match=message):
+            watch_trajectory(source, {"cpu": 1}, f"loss:{heldout}", output_dir=tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
 def test_watch_tunes_each_pair_once_as_checkpoints_land(ray_session, trajectory, tmp_path, capsys):
     watched, out, notes = tmp_path / "run", tmp_path / "watch", tmp_path / "writer.jsonl"
-    watched.mkdir()
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
     writer = subprocess.Popen([sys.executable, str(script), json.dumps([str(p) for p in trajectory]),
@@ -98,6 +113,7 @@ def test_watch_tunes_each_pair_once_as_checkpoints_land(ray_session, trajectory,
         if writer.poll() is None:
             os.kill(writer.pid, signal.SIGKILL)
     log = capsys.readouterr().out
+    assert f"{watched} does not exist yet: waiting for the trainer to create it" in log, log
     rows = result.table.to_pylist()
     assert [(r["earlier_step"], r["later_step"], r["status"]) for r in rows] == \
         [(40, 80, "ok"), (80, 120, "ok")]
@@ -248,6 +264,13 @@ def test_trainer_callback_marks_complete_saves_and_discovery_reads_the_layout(tm
     found = discover_checkpoints(run, log=lines.append)
     assert [s for s, _ in found] == [10, 20, 30, 40]
     assert any("model of its own" in line and "not part of" in line for line in lines)
+    # transformers saved the last step as checkpoint-40 too: the top model is that, not a point
+    found = discover_checkpoints(run, include_final=True, log=lines.append)
+    assert [s for s, _ in found] == [10, 20, 30, 40]
+    assert "the same weight files as checkpoint-40: not a new point" in lines[-1], lines
+    with torch.no_grad():  # a final model of its own (say, trained on after the last save)
+        next(trainer.model.parameters()).add_(1e-3)
+    trainer.save_model()
     found = discover_checkpoints(run, include_final=True, log=lines.append)
     assert [s for s, _ in found] == [10, 20, 30, 40, 41] and found[-1][1] == run
 

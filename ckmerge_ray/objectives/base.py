@@ -61,8 +61,9 @@ def load_tokenizer(tokenizer_dir: Path, trust_remote_code: bool = False,
     if not any((d / name).exists() for name in TOKENIZER_FILES):
         raise ObjectiveError(
             f"{purpose} needs the later checkpoint's tokenizer, but {d} holds no "
-            f"tokenizer files (none of {', '.join(TOKENIZER_FILES)}); save the training run's "
-            f"tokenizer there, e.g. tokenizer.save_pretrained({str(d)!r})")
+            f"tokenizer files (none of {', '.join(TOKENIZER_FILES)}); give the training run's "
+            "tokenizer with tokenizer=DIR (CLI: --tokenizer DIR), a folder "
+            "tokenizer.save_pretrained wrote, or save it beside the checkpoint")
     try:
         return AutoTokenizer.from_pretrained(str(d), trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - any failure means: no usable tokenizer

@@ -119,8 +119,9 @@ class HeldoutLoss(Objective):
         text_field: the JSON field or parquet column holding the text (default "text").
         seq_len: tokens per window (default 512); windows do not overlap and do not see each
             other, so the first token of each window is not scored.
-        max_tokens: at most this many tokens are scored (default 65536), taken from the start of
-            the file, so that each trial costs the same.
+        max_tokens: about this many tokens are scored (default 65536; whole windows of
+            seq_len - 1 scored tokens, rounded up), taken from the start of the file, so that
+            each trial costs the same. Less than one window is refused.
         batch_size: windows per forward pass. Default None: on a GPU, as many as the free memory
             holds, measured on the worker's first trial and kept for the run; on CPU,
             4096 tokens' worth (8 windows of 512). Either way, a pass that runs out of memory
@@ -245,7 +246,13 @@ class HeldoutLoss(Objective):
 
 
 def make_windows(texts: List[str], tokenizer, seq_len: int, max_tokens: int) -> np.ndarray:
-    """Token ids of the documents, joined by EOS, cut into (n, seq_len) windows; deterministic."""
+    """Token ids of the documents, joined by EOS, cut into (n, seq_len) windows; deterministic.
+    n covers `max_tokens` scored tokens, rounded up to whole windows."""
+    if max_tokens < seq_len - 1:
+        raise ObjectiveError(
+            f"max_tokens={max_tokens} is less than one window of seq_len={seq_len} "
+            f"({seq_len - 1} scored tokens): raise max_tokens to at least {seq_len - 1}, or "
+            f"lower seq_len to at most {max_tokens + 1}")
     eos = tokenizer.eos_token_id
     stream: List[int] = []
     # +1 per window because the first token of a window is context, not scored.
