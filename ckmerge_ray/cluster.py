@@ -59,7 +59,7 @@ def connect(log=None) -> bool:
 
 def disconnect() -> None:
     """Shut down the Ray that `connect` started (its processes then end by our hand, not a
-    fault: `local_ray_alive` stops answering)."""
+    fault: `local_ray_alive` answers None from before the first one is stopped)."""
     _LOCAL["started"] = False
     ray.shutdown()
 

@@ -52,7 +52,7 @@ def discover_checkpoints(source: str | os.PathLike | Sequence[str | os.PathLike]
     A model saved at its top (Trainer's final ``save_model``) is not one of them: it is
     reported to `log`, and added as the last point only with `include_final` and only when its
     weight files differ from the last checkpoint's (transformers saves the last step as a
-    checkpoint too). Its step is ``global_step`` of a ``trainer_state.json`` beside it (which
+    checkpoint too; compared for local folders only, `same_weights`). Its step is ``global_step`` of a ``trainer_state.json`` beside it (which
     ``trainer.save_state()`` writes), else ``max_steps`` of the last checkpoint's, else one
     more than the last checkpoint's. A list of checkpoint directories is
     taken in the order given; their step is read from the name when it has one, else it is
@@ -239,12 +239,13 @@ def prepare_objective(spec: str | Objective, options: Optional[Mapping[str, Any]
 def tokenizer_dir(info: CheckpointInfo, tokenizer: Optional[str] = None) -> Path:
     """A local directory with the run's tokenizer files: `tokenizer` (a directory or URI,
     ``CheckpointConfig.tokenizer``) when given, else the checkpoint's own folder. A local one is
-    used as it is; from a URI, its few small files (and the checkpoint's config.json) are copied
-    to a temporary directory, removed at exit (the weights are never staged). Raises
+    used as it is; from a URI (or a given folder without tokenizer_config.json), its few small
+    files and the checkpoint's config.json are copied to a temporary directory, removed at exit
+    (the weights are never staged). Raises
     CheckpointError for a `tokenizer` that is missing or holds no tokenizer files."""
     source = info.model_dir if tokenizer is None else tokenizer_location(tokenizer)
-    if source.is_local:
-        return source.local_path
+    if source.is_local and (tokenizer is None or (source / "tokenizer_config.json").exists()):
+        return source.local_path  # else AutoTokenizer needs config.json beside it: staged
     import atexit
     import shutil
     import tempfile

@@ -268,8 +268,12 @@ def watch_local_ray(signum: int, poll: float = 0.2) -> None:
     it is shut down by this process."""
     while (alive := local_ray_alive()) is not False:
         if alive is None:
+            _WATCHING.clear()  # a later run of this process watches again on its signal
             return
         time.sleep(poll)
+    if local_ray_alive() is None:  # shut down by `disconnect` while we looked: not a fault
+        _WATCHING.clear()
+        return
     with _ALL_LOCK:
         runs = [g for g in _ALL if g.run is not None]
     name = signal.Signals(signum).name

@@ -48,7 +48,7 @@ SWEEP_GAIN_PLOT = "sweep_gain.png"
 SWEEP_HEATMAP_PLOT = "sweep_heatmap.png"
 PAIRS_DIR = "pairs"  # each pair's own tune run
 WINDOWS_DIR = "windows"  # each window's own tune_window run (a sweep with window > 2)
-SWEEP_FILE = "sweep.json"  # what defines the sweep (a resume must match it)
+SWEEP_RECORD = "sweep.json"  # what defines the sweep (a resume must match it)
 # A watch's directory (watch_trajectory): a sweep's files, and
 WATCH_FILE = "watch.json"  # what defines the watch (a resume must match it)
 LATEST_DIR = "latest"  # the newest pair's best merged model

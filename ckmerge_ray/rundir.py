@@ -23,8 +23,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ckmerge_ray.errors import ConfigError, OutputError, RunError
 from ckmerge_ray.results import (
-    JOURNAL_DIR, LOCK_FILE, RUN_FILE, SUMMARY_FILE, SWEEP_FILE, SWEEP_TABLE, TRIALS_FILE,
-    WATCH_FILE, read_rows, write_json_atomic, writing,
+    BEST_OVERALL_DIR, HEATMAP_TABLE, JOURNAL_DIR, LATEST_DIR, LOCK_FILE, PAIRS_DIR, RUN_FILE,
+    SUMMARY_FILE, SWEEP_GAIN_PLOT, SWEEP_HEATMAP_PLOT, SWEEP_RECORD, SWEEP_TABLE, TRIALS_FILE,
+    WATCH_FILE, WINDOWS_DIR, read_rows, write_json_atomic, writing,
 )
 
 # The fields of run.json that define a run, besides every `SearchConfig` field (run.json is
@@ -107,27 +108,29 @@ def claim_output_dir(out: Path, table_file: str, overwrite: bool, extra: Sequenc
     return out
 
 
-# The files that mark a directory as a sweep's or a watch's (neither may start in the other's).
-SERIES_FILES = (SWEEP_FILE, WATCH_FILE, SWEEP_TABLE)
+# The files that mark a directory as a sweep's or a watch's (neither may start in the other's),
+# and what else either writes (an overwrite removes all of it, whichever kind wrote it).
+SERIES_FILES = (SWEEP_RECORD, WATCH_FILE, SWEEP_TABLE)
+SERIES_OUTPUTS = (SUMMARY_FILE, HEATMAP_TABLE, PAIRS_DIR, WINDOWS_DIR, SWEEP_GAIN_PLOT,
+                  SWEEP_HEATMAP_PLOT, LATEST_DIR, BEST_OVERALL_DIR)
 
 
-def claim_series_dir(out: Path, definition: str, record: Dict, run, outputs: Sequence[str],
+def claim_series_dir(out: Path, definition: str, record: Dict, run,
                      prepare: bool = True) -> List[Dict]:
     """Claim `out` for a sweep or watch defined by `record`, kept in the file `definition`
     (``sweep.json``, ``watch.json``); `run` is its `RunConfig` (``overwrite``, ``resume``).
 
     Returns the rows of ``sweep.parquet`` so far when resuming, after checking that `record`
     matches the stored one; else []. Raises ConfigError for a directory already holding a
-    sweep or watch without overwrite or resume (with overwrite, `outputs` are removed), for a
-    resume with nothing to resume, and for one with different arguments, naming each.
-    ``prepare=False`` only checks (an early refusal, before expensive work): nothing is
-    written, and the record is not compared yet."""
+    sweep or watch without overwrite or resume (with overwrite, what either kind writes is
+    removed), for a resume with nothing to resume, and for one with different arguments,
+    naming each. ``prepare=False`` only checks (an early refusal, before expensive work):
+    nothing is written, and the record is not compared yet."""
     check_not_a_file(out)
     kind = Path(definition).stem
     if run.resume:
         if not (out / definition).exists():
-            raise ConfigError(f"nothing to resume in {out}: no {definition} (start the {kind} "
-                              "without resume)")
+            raise ConfigError(_nothing_to_resume(out, definition, kind))
         if not prepare:
             return []
         stored = json.loads((out / definition).read_text())
@@ -143,11 +146,20 @@ def claim_series_dir(out: Path, definition: str, record: Dict, run, outputs: Seq
                           "--overwrite) to replace it, or choose another directory")
     if prepare:
         if held:
-            remove_outputs(out, (*SERIES_FILES, SUMMARY_FILE, *outputs))
+            remove_outputs(out, (*SERIES_FILES, *SERIES_OUTPUTS))
         with writing(f"the {kind}'s settings {out / definition}", out, f"start the {kind} again"):
             out.mkdir(parents=True, exist_ok=True)
             write_json_atomic(out / definition, record)
     return []
+
+
+def _nothing_to_resume(out: Path, definition: str, kind: str) -> str:
+    if (out / SWEEP_TABLE).exists():  # a sweep written before sweep.json was recorded
+        return (f"{out} holds a {kind} without its {definition} (one started before resumes "
+                "of a whole sweep existed): it cannot be resumed as a whole; pass overwrite=True "
+                "(CLI: --overwrite) to start it again, or resume each unfinished pair's own "
+                f"run under {out / PAIRS_DIR} (ckmerge-ray tune --resume DIR)")
+    return f"nothing to resume in {out}: no {definition} (start the {kind} without resume)"
 
 
 def remove_outputs(out: Path, names: Sequence[str]) -> None:

@@ -41,8 +41,7 @@ from ckmerge_ray.pairs import (
 )
 from ckmerge_ray.plots import draw_plots
 from ckmerge_ray.results import (
-    HEATMAP_TABLE, PAIRS_DIR, RUN_FILE, SUMMARY_FILE, SWEEP_FILE, SWEEP_TABLE, WINDOWS_DIR,
-    renamed_name, write_json_atomic, write_table_atomic, writing,
+    HEATMAP_TABLE, RUN_FILE, SUMMARY_FILE, SWEEP_RECORD, SWEEP_TABLE, renamed_name, write_json_atomic, write_table_atomic, writing,
 )
 from ckmerge_ray.rundir import claim_series_dir, jsonable
 from ckmerge_ray.storage import checkpoint_id
@@ -147,7 +146,6 @@ def sweep_trajectory(
     ctx = check_sweep(checkpoints, objective, objective_options, resources, tune_options,
                       heatmap_lambda, include_final=include_final, **settings)
     set_window(ctx, window, family)
-    claim_sweep_dir(ctx)
     started = time.perf_counter()
     with ray_session(ctx.log), continue_with(f"{AGAIN} ({ctx.out})"):
         sizes = [i.nbytes for i in ctx.infos]
@@ -156,6 +154,7 @@ def sweep_trajectory(
         check_object_store(need, ctx.resources, False, ctx.log,
                            "the checkpoints held at once" if not heatmap else
                            f"the {len(ctx.infos)} checkpoints")
+        claim_sweep_dir(ctx)  # after every check: a refused sweep leaves no sweep.json
         store = WindowStore(ctx.infos, ctx.checkpoint, ctx.log)
         rows, plots = tune_pairs(ctx, store, keep=heatmap)
         heat = (score_heatmap(ctx, store.all(), heatmap_lambda) if heatmap else None)
@@ -188,8 +187,7 @@ def sweep_record(ctx: _Sweep) -> Dict[str, Any]:
 def claim_sweep_dir(ctx: _Sweep) -> None:
     """Claim the output directory (`rundir.claim_series_dir`); on resume, the rows of the
     pairs (or windows) already done go into ``ctx.done``: they are not tuned again."""
-    rows = claim_series_dir(ctx.out, SWEEP_FILE, sweep_record(ctx), ctx.run,
-                            (HEATMAP_TABLE, PAIRS_DIR, WINDOWS_DIR))
+    rows = claim_series_dir(ctx.out, SWEEP_RECORD, sweep_record(ctx), ctx.run)
     ctx.done = {r["pair"]: r for r in rows}
     if ctx.run.resume:
         unit = "pair" if ctx.span == 2 else "window"
@@ -214,7 +212,7 @@ def check_sweep(checkpoints, objective, objective_options, resources, tune_optio
     if len(found) < 2:
         raise ConfigError(f"a sweep needs at least two checkpoints, got {len(found)}")
     out = Path(run.output_dir).resolve()
-    claim_series_dir(out, SWEEP_FILE, {}, run, (), prepare=False)  # refused before any work
+    claim_series_dir(out, SWEEP_RECORD, {}, run, prepare=False)  # refused before any work
     if run.export_to is not None:
         check_destination(run.export_to)
     # export_to here is the sweep's prefix; `tune_pair` gives each pair its own destination
@@ -289,6 +287,8 @@ def tune_pairs(ctx: _Sweep, store: WindowStore, keep: bool) -> Tuple[List[Dict],
     with PairPool(ctx.pairs_at_once, ctx.log) as pool:
         for k in range(n):
             if k in ctx.done:  # a resumed sweep's finished pair
+                if not keep:
+                    store.release(k)  # stored for an earlier pair: no later one needs it
                 continue
             record(pool.wait_for_room())
             if pool.stop_requested:

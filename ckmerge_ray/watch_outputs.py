@@ -17,9 +17,9 @@ from typing import Any, Callable, Dict, List, Optional
 from ckmerge_ray.pairs import pair_plots
 from ckmerge_ray.plots import draw_plots
 from ckmerge_ray.publish import publish_dir, recover_published
-from ckmerge_ray.results import (  # noqa: F401 (WATCH_FILE re-exported)
-    BEST_OVERALL_DIR, LATEST_DIR, PAIRS_DIR, SUMMARY_FILE, SWEEP_GAIN_PLOT, SWEEP_TABLE,
-    WATCH_FILE, write_json_atomic, write_table_atomic, writing,
+from ckmerge_ray.results import (
+    BEST_OVERALL_DIR, LATEST_DIR, SUMMARY_FILE, SWEEP_TABLE, WATCH_FILE, write_json_atomic,
+    write_table_atomic, writing,
 )
 from ckmerge_ray.rundir import claim_series_dir
 
@@ -31,8 +31,7 @@ def claim_watch_dir(out: Path, record: Dict, run) -> List[Dict]:
     """Claim `out` for a watch defined by `record` (`rundir.claim_series_dir`; `run` is its
     `RunConfig`); returns the rows of the pairs done so far (resume) or []. A resume first
     finishes a publish of ``latest/`` or ``best_overall/`` that was killed midway."""
-    rows = claim_series_dir(out, WATCH_FILE, record, run, (PAIRS_DIR, SWEEP_GAIN_PLOT,
-                                                           LATEST_DIR, BEST_OVERALL_DIR))
+    rows = claim_series_dir(out, WATCH_FILE, record, run)
     if run.resume:
         for name in (LATEST_DIR, BEST_OVERALL_DIR):
             recover_published(out / name)

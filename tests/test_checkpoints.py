@@ -317,3 +317,13 @@ def test_a_trainer_run_saved_without_its_tokenizer_tunes_with_the_tokenizer_give
     assert (best / "tokenizer.json").read_bytes() == (trajectory[-1] / "tokenizer.json").read_bytes()
     run_json = json.loads((tmp_path / "tuned" / "run.json").read_text())
     assert run_json["checkpoint"]["tokenizer"] == str(trajectory[-1])  # a resume reads it again
+
+    from ckmerge_ray.inputs import tokenizer_dir
+    from ckmerge_ray.objectives.base import load_tokenizer
+
+    bare = tmp_path / "bare"  # tokenizer.json alone: AutoTokenizer also needs a config.json
+    bare.mkdir()
+    shutil.copy(trajectory[-1] / "tokenizer.json", bare)
+    staged = tokenizer_dir(load_checkpoint_info(pair[1]), str(bare))
+    assert staged != bare and (staged / "config.json").exists()
+    assert load_tokenizer(staged)("one trajectory")["input_ids"]

@@ -196,6 +196,12 @@ def test_ctrl_c_stops_every_pair_in_flight_and_a_sweep_resume_finishes_them(
     with pytest.raises(ConfigError, match="nothing to resume in .*: no sweep.json"):
         sweep_trajectory(trajectory, objective=f"loss:{heldout}", resume=True,
                          output_dir=str(tmp_path / "empty"))
+    old = tmp_path / "old"  # a sweep from before sweep.json: a table, nothing to match it to
+    old.mkdir()
+    (old / "sweep.parquet").touch()
+    with pytest.raises(ConfigError, match="without its sweep.json .* cannot be resumed as a "
+                                          "whole; pass overwrite=True"):
+        sweep_trajectory(trajectory, objective=f"loss:{heldout}", resume=True, output_dir=old)
 
     resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
@@ -263,3 +269,21 @@ def test_sigterm_stops_a_watch_with_pairs_in_flight_and_resume_redoes_nothing(
         now = _journal(run)
         assert all(now[name] == mtime for name, mtime in before[run].items())  # not redone
         assert len(now) == 5 == len(pq.read_table(run / "trials.parquet"))
+
+
+def test_overwriting_a_watch_with_a_sweep_removes_what_the_watch_published(tmp_path):
+    """`--overwrite` of a watch's directory by a sweep (or the reverse) removes what either
+    kind writes: a stale best_overall/ beside fresh sweep results could be served by mistake."""
+    from ckmerge_ray.config import RunConfig
+    from ckmerge_ray.rundir import claim_series_dir
+
+    out = tmp_path / "out"
+    for d in ("latest", "best_overall", "pairs/00-a-b"):
+        (out / d).mkdir(parents=True)
+    for f in ("watch.json", "sweep.parquet", "summary.json", "sweep_gain.png"):
+        (out / f).write_text("{}")
+    with pytest.raises(ConfigError, match=r"already holds a sweep or watch \(watch.json, "
+                                          r"sweep.parquet\)"):
+        claim_series_dir(out, "sweep.json", {"k": 1}, RunConfig())
+    assert claim_series_dir(out, "sweep.json", {"k": 1}, RunConfig(overwrite=True)) == []
+    assert sorted(p.name for p in out.iterdir()) == ["sweep.json"]
