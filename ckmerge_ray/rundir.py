@@ -125,14 +125,12 @@ def claim_series_dir(out: Path, definition: str, record: Dict, run,
     sweep or watch without overwrite or resume (with overwrite, what either kind writes is
     removed), for a resume with nothing to resume, and for one with different arguments,
     naming each. ``prepare=False`` only checks (an early refusal, before expensive work):
-    nothing is written, and the record is not compared yet."""
+    nothing is written or removed."""
     check_not_a_file(out)
     kind = Path(definition).stem
     if run.resume:
         if not (out / definition).exists():
             raise ConfigError(_nothing_to_resume(out, definition, kind))
-        if not prepare:
-            return []
         stored = json.loads((out / definition).read_text())
         diffs = [f"{k}={v!r} (the {kind} has {stored.get(k)!r})" for k, v in record.items()
                  if jsonable(v) != stored.get(k)]

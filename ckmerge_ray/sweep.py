@@ -146,6 +146,7 @@ def sweep_trajectory(
     ctx = check_sweep(checkpoints, objective, objective_options, resources, tune_options,
                       heatmap_lambda, include_final=include_final, **settings)
     set_window(ctx, window, family)
+    claim_series_dir(ctx.out, SWEEP_RECORD, sweep_record(ctx), ctx.run, prepare=False)
     started = time.perf_counter()
     with ray_session(ctx.log), continue_with(f"{AGAIN} ({ctx.out})"):
         sizes = [i.nbytes for i in ctx.infos]

@@ -140,7 +140,8 @@ def watch_trajectory(
             signum = getattr(e, "signum", None) or (
                 signal.SIGTERM if str(e) == "SIGTERM" else signal.SIGINT)
             raise RunInterrupted(f"watch stopped by {signal.Signals(signum).name}; "
-                                 f"{len(w.rows)} pair(s) in {out / SWEEP_TABLE}: {AGAIN} "
+                                 + (f"{len(w.rows)} pair(s) in {out / SWEEP_TABLE}" if w.rows
+                                    else "no pair had finished") + f": {AGAIN} "
                                  "(Python: resume=True)", signum) from None
     log_pairs(w.rows, log)
     with writing(f"the pairs' table {out / SWEEP_TABLE}", out, AGAIN):

@@ -55,7 +55,7 @@ class WatchOutputs:
         """Publish pair ``row["pair"]``'s best model (when `result`, its `TuneResult`, is not
         None) and write the table with its row; returns the seconds publishing took.
         Raises OutputError (a full disk: the pair's own run is whole, resume re-records it)."""
-        with writing(f"pair {row['pair']}'s results in {self.out}", self.out, AGAIN):
+        with writing(f"pair {row['pair'] + 1}'s results in {self.out}", self.out, AGAIN):
             publish_s = self.publish(row, result) if result is not None else 0.0
             self.rows.append(row)
             self.rows.sort(key=lambda r: r["pair"])
@@ -67,17 +67,17 @@ class WatchOutputs:
         t0 = time.perf_counter()
         best = Path(result.best_model_path) if result.best_model_path else None
         if best is None or not best.is_dir():
-            self.log(f"pair {row['pair']} has no best/ to publish")
+            self.log(f"pair {row['pair'] + 1} has no best/ to publish")  # 1-based, as logged
             return 0.0
         newest = max((r["pair"] for r in self.rows if r["status"] == "ok"), default=-1)
         if row["pair"] > newest:  # pairs in flight together may finish out of order
             publish_dir(best, self.out / LATEST_DIR)
-            self.log(f"latest/ <- pair {row['pair']} (λ={row['best_lambda']:.4f}, score "
+            self.log(f"latest/ <- pair {row['pair'] + 1} (λ={row['best_lambda']:.4f}, score "
                      f"{row['best_score']:.6g})")
         leader = self.best_row()
         if leader is None or _better(row["best_score"], leader["best_score"], self.mode):
             publish_dir(best, self.out / BEST_OVERALL_DIR)
-            self.log(f"best_overall/ <- pair {row['pair']}")
+            self.log(f"best_overall/ <- pair {row['pair'] + 1}")
         return time.perf_counter() - t0
 
     def best_row(self) -> Optional[Dict]:
