@@ -115,6 +115,7 @@ def readme_cli_commands():
 FOREIGN_FLAGS = {
     "--mmlu": "examples/tune_on_lmeval.py",
     "--quick": "benchmarks/*.py",
+    "--checkout": "benchmarks/group_sigterm.py",
     "--dashboard-host": "ray start",
     "--object-spilling-directory": "ray start",
     "--shm-size": "docker run",
