@@ -25,14 +25,6 @@ from pathlib import Path
 from common import ROOT, headline, machine, write_section
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
 def measure(ckpts, heldout: Path, out: Path, checkout: Path, after: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
     env["PYTHONPATH"] = str(checkout)
@@ -54,12 +46,14 @@ def measure(ckpts, heldout: Path, out: Path, checkout: Path, after: int) -> dict
     log, _ = proc.communicate(timeout=300)
     seconds = time.monotonic() - t0
     time.sleep(2.0)
-    survivors = _group_alive(proc.pid)
+    survivors = subprocess.run(["ps", "-o", "pid=,comm=", "-g", str(proc.pid)],
+                               capture_output=True, text=True).stdout.split()
     if survivors:
         os.killpg(proc.pid, signal.SIGKILL)
     noted = "interrupted" in json.loads((out / "run.json").read_text())
     return {"exit": proc.returncode, "seconds": seconds, "noted": noted,
-            "survivors": survivors, "log": [l for l in log.splitlines() if "ckmerge-ray:" in l]}
+            "survivors": " ".join(survivors[1::2]) or "none",
+            "log": [line for line in log.splitlines() if "ckmerge-ray:" in line]}
 
 
 def main(argv=None) -> None:
@@ -85,7 +79,7 @@ def main(argv=None) -> None:
 (a 2-layer Llama pair, 20 trials, one at a time), SIGTERM to its whole process group once
 {args.after} trials are recorded, as Slurm's `scancel` or systemd's stop send it.
 
-| checkout | exit code | seconds to exit | run.json notes the interruption | a process outlived it |
+| checkout | exit code | seconds to exit | run.json notes the interruption | processes that outlived it |
 | --- | ---: | ---: | --- | --- |
 | this one | {r['exit']} | {r['seconds']:.1f} | {r['noted']} | {r['survivors']} |
 
